@@ -1,0 +1,153 @@
+"""`avatar bench render`: rasteriser speed and memory on a person-shaped scene, as JSON.
+
+Forward frames per second (averaged over a turntable of views) and forward+backward seconds are
+measured on the automatically chosen backend. The pure-torch reference renders the first view of
+the same scene in the same run, forward and forward+backward, and the ratios compare it with the
+fast backend's median time on that same view, so they hold however busy the machine is.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from render import rasterize
+
+from .pipelines.render import OrbitConfig, orbit_cameras
+from .scenes import person_scene
+
+
+@dataclass(frozen=True)
+class RenderBenchConfig:
+    gaussians: int = 50_000
+    """Gaussians in the person-shaped scene."""
+    size: int = 512
+    """Forward image size (square)."""
+    frames: int = 30
+    """Forward frames timed (views around the person)."""
+    backward_size: int = 256
+    """Image size for the forward+backward timing."""
+    backward_steps: int = 10
+    """Forward+backward iterations timed."""
+    reference: bool = True
+    """Also time the pure-torch reference on one view, forward and forward+backward (seconds)."""
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _versus_reference(scene, cam, small_cam, bg, target, sync) -> dict:
+    """Like-for-like ratios: the same view rendered by both, forward and forward+backward."""
+
+    def forward(backend):
+        with torch.no_grad():
+            return rasterize(scene, cam, background=bg, backend=backend)
+
+    def step(backend):
+        params = scene.clone().requires_grad_()
+        out = rasterize(params, small_cam, background=bg, backend=backend)
+        ((out.rgb - target).abs().mean() + out.alpha.mean()).backward()
+
+    fast_fwd = _median_time(lambda: forward("auto"), 5, sync)
+    fast_step = _median_time(lambda: step("auto"), 5, sync)
+    ref_fwd = _median_time(lambda: forward("reference"), 1, sync)
+    ref_step = _median_time(lambda: step("reference"), 1, sync)
+    diff = (forward("reference").rgb - forward("auto").rgb).abs().max().item()
+    return {
+        "reference_forward_s": round(ref_fwd, 3),
+        "speedup_vs_reference": round(ref_fwd / fast_fwd, 1),
+        "reference_forward_backward_s": round(ref_step, 3),
+        "speedup_vs_reference_forward_backward": round(ref_step / fast_step, 1),
+        "max_abs_diff_vs_reference": float(f"{diff:.2e}"),
+    }
+
+
+def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
+    scene = person_scene(cfg.gaussians, sh_degree=1).to(device)
+    cams = orbit_cameras(scene, OrbitConfig(orbit=cfg.frames, size=cfg.size, fill=0.6))
+    bg = torch.ones(3, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        first = rasterize(scene, cams[0], background=bg)  # includes one-off kernel compilation
+    warmup_s = time.perf_counter() - t0
+
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        for i in range(len(cams)):
+            rasterize(scene, cams[i], background=bg)
+        sync()
+        fwd_s = (time.perf_counter() - t0) / len(cams)
+
+    small = orbit_cameras(scene, OrbitConfig(orbit=cfg.backward_steps, size=cfg.backward_size))
+    params = scene.clone().requires_grad_()
+    target = torch.rand(1, cfg.backward_size, cfg.backward_size, 3, device=device)
+    (rasterize(params, small[0], background=bg).rgb - target).abs().mean().backward()  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for i in range(len(small)):
+        out = rasterize(params, small[i], background=bg)
+        loss = (out.rgb - target).abs().mean() + out.alpha.mean()
+        loss.backward()
+    sync()
+    fwdbwd_s = (time.perf_counter() - t0) / len(small)
+    peak_mb = _peak_rss_mb()
+
+    visible = first.radii[0][(first.radii[0] > 0).any(-1)].max(-1).values.float()
+    result = {
+        "benchmark": "render",
+        "backend": first.backend,
+        "device": _cpu_name() if device == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "gaussians": cfg.gaussians,
+        "size": cfg.size,
+        "forward_fps": round(1.0 / fwd_s, 2),
+        "forward_ms": round(fwd_s * 1000, 2),
+        "forward_backward_s": round(fwdbwd_s, 4),
+        "backward_size": cfg.backward_size,
+        "peak_rss_mb": round(peak_mb, 1),
+        "warmup_s": round(warmup_s, 2),
+        "coverage": round((first.alpha[0] > 0.5).float().mean().item(), 3),
+        "footprint_px_p5_p50_p95": [
+            round(v, 1)
+            for v in torch.quantile(
+                visible, torch.tensor([0.05, 0.5, 0.95], device=visible.device)
+            ).tolist()
+        ],  # fmt: skip
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+    }
+    if cfg.reference:
+        result.update(_versus_reference(scene, cams[0], small[0], bg, target, sync))
+    return result

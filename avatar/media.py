@@ -1,0 +1,109 @@
+"""Writing images, frame folders and MP4 videos, always atomically.
+
+Every writer works on a temporary sibling of the destination and renames it into place only when
+everything was written, so an interrupted run (Ctrl-C, a crash, a full disk) never leaves a
+half-written file or folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import AvatarError, OutputExistsError
+
+VIDEO_SUFFIXES = (".mp4",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[H, W, 3] float in [0, 1] -> [H, W, 3] uint8."""
+    return (image.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+    if not path.parent.exists():
+        raise AvatarError(f"{path}: the folder {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path (same suffix); move it onto `path` on success only."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, image, extension=Path(path).suffix)
+
+
+def write_frames(path: str | os.PathLike, frames: Iterable[np.ndarray]) -> int:
+    """Write frames as `frame_00000.png`, ... into a new folder `path`. Returns the count."""
+    import imageio.v3 as iio
+
+    count = 0
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        for count, frame in enumerate(frames, start=1):
+            iio.imwrite(tmp / f"frame_{count - 1:05d}.png", frame)
+    return count
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: Iterable[np.ndarray],  # each [H, W, 3] uint8, all the same size
+    fps: float = 25.0,
+    audio_path: str | os.PathLike | None = None,
+) -> int:
+    """Encode frames to H.264 MP4 (yuv420p, plays everywhere), optionally muxing an audio track
+    as AAC, cut to the shorter stream. Returns the frame count."""
+    import imageio_ffmpeg
+
+    count = 0
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for frame in frames:
+                h, w = frame.shape[:2]
+                if h % 2 or w % 2:  # yuv420p needs even sizes: repeat the last row / column
+                    frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                if writer is None:
+                    extra = {}
+                    if audio_path is not None:
+                        extra = dict(audio_path=str(audio_path), audio_codec="aac",
+                                     output_params=["-shortest"])  # fmt: skip
+                    writer = imageio_ffmpeg.write_frames(
+                        str(tmp), (frame.shape[1], frame.shape[0]), fps=fps, codec="libx264",
+                        pix_fmt_out="yuv420p", macro_block_size=1, quality=7,
+                        ffmpeg_log_level="error", **extra,
+                    )  # fmt: skip
+                    writer.send(None)
+                writer.send(np.ascontiguousarray(frame))
+                count += 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if count == 0:
+            raise AvatarError(f"{path}: no frames to write")
+    return count

@@ -1,0 +1,1 @@
+"""Pipelines behind the CLI: render now; create, drive and finetune arrive with their issues."""

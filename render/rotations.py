@@ -1,0 +1,71 @@
+"""Quaternion <-> rotation-matrix conversions (wxyz, see CONVENTIONS.md)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def quat_to_rotmat(quats: Tensor) -> Tensor:  # [..., 4] wxyz (any norm) -> [..., 3, 3]
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*quats.shape[:-1], 3, 3)  # fmt: skip
+
+
+def rotmat_to_quat(rot: Tensor) -> Tensor:  # [..., 3, 3] -> [..., 4] wxyz, w >= 0
+    """Shepperd's method: pick the best-conditioned of the four candidate formulas per matrix."""
+    m = rot
+    tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    cands = torch.stack(
+        [
+            torch.stack(
+                [
+                    1 + tr,
+                    m[..., 2, 1] - m[..., 1, 2],
+                    m[..., 0, 2] - m[..., 2, 0],
+                    m[..., 1, 0] - m[..., 0, 1],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    m[..., 2, 1] - m[..., 1, 2],
+                    1 + 2 * m[..., 0, 0] - tr,
+                    m[..., 0, 1] + m[..., 1, 0],
+                    m[..., 0, 2] + m[..., 2, 0],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    m[..., 0, 2] - m[..., 2, 0],
+                    m[..., 0, 1] + m[..., 1, 0],
+                    1 + 2 * m[..., 1, 1] - tr,
+                    m[..., 1, 2] + m[..., 2, 1],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    m[..., 1, 0] - m[..., 0, 1],
+                    m[..., 0, 2] + m[..., 2, 0],
+                    m[..., 1, 2] + m[..., 2, 1],
+                    1 + 2 * m[..., 2, 2] - tr,
+                ],
+                -1,
+            ),
+        ],
+        dim=-2,
+    )  # [..., 4 candidates, 4]; candidate i has component i = 4 q_i^2 (largest is stable)
+    diag = torch.stack([1 + tr, 1 + 2 * m[..., 0, 0] - tr, 1 + 2 * m[..., 1, 1] - tr,
+                        1 + 2 * m[..., 2, 2] - tr], -1)  # fmt: skip
+    best = diag.argmax(-1, keepdim=True)
+    q = torch.gather(cands, -2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, 4)).squeeze(-2)
+    q = torch.nn.functional.normalize(q, dim=-1)
+    return torch.where(q[..., :1] < 0, -q, q)

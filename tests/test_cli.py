@@ -1,0 +1,109 @@
+"""The `avatar` command as a user runs it: real processes, real files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+
+from avatar.scenes import person_scene
+from render import save_ply
+
+
+def run_avatar(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "avatar", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def person_ply(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scene") / "person.ply"
+    save_ply(person_scene(4000, sh_degree=1), path)
+    return path
+
+
+def test_render_orbit_mp4(person_ply, tmp_path):
+    out = tmp_path / "orbit.mp4"
+    res = run_avatar("render", str(person_ply), "-o", str(out), "--orbit", "8", "--size", "96")
+    assert res.returncode == 0, res.stderr
+    assert "render" in res.stderr  # the progress bar
+    frames = [f for f in iio.get_reader(out)]
+    assert len(frames) == 8 and frames[0].shape == (96, 96, 3)
+    for f in frames:  # a person in the middle of a white frame, not an empty image
+        dark = (f.astype(int).sum(-1) < 600).mean()
+        assert 0.02 < dark < 0.5
+    front, back = frames[0].astype(float), frames[4].astype(float)
+    assert np.abs(front - back).mean() > 1.0  # the turntable turns
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_render_png_and_frame_folder(person_ply, tmp_path):
+    res = run_avatar("render", str(person_ply), "-o", str(tmp_path / "one.png"), "--size", "64",
+                     "--background", "black")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    img = iio.imread(tmp_path / "one.png")
+    assert img.shape == (64, 64, 3) and img[0, 0].sum() == 0 and img.max() > 100
+    res = run_avatar("render", str(person_ply), "-o", str(tmp_path / "frames"), "--orbit", "3",
+                     "--size", "32", "--elevation", "30")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [
+        "frame_00000.png", "frame_00001.png", "frame_00002.png"]  # fmt: skip
+
+
+def test_render_splat_input(person_ply, tmp_path):
+    from render import load_splats, save_splat
+
+    save_splat(load_splats(person_ply), tmp_path / "p.splat")
+    res = run_avatar(
+        "render", str(tmp_path / "p.splat"), "-o", str(tmp_path / "p.png"), "--size", "48"
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_render_bad_inputs_exit_2_without_traceback(person_ply, tmp_path):
+    (tmp_path / "broken.ply").write_bytes(b"ply\nformat binary_little_endian 1.0\n")
+    (tmp_path / "empty.ply").write_bytes(b"")
+    cases = [
+        (["render", str(tmp_path / "nope.ply"), "-o", str(tmp_path / "x.mp4")], "no such file"),
+        (["render", str(tmp_path / "broken.ply"), "-o", str(tmp_path / "x.mp4")], "end_header"),
+        (["render", str(tmp_path / "empty.ply"), "-o", str(tmp_path / "x.mp4")], "empty"),
+        (["render", str(person_ply), "-o", str(tmp_path / "x.gif")], "unknown output type"),
+        (["render", str(person_ply), "-o", str(tmp_path / "no/dir/x.mp4")], "does not exist"),
+        (["render", str(person_ply), "-o", str(tmp_path / "x.mp4"), "--size", "0"], "at least 1"),
+    ]
+    for args, message in cases:
+        res = run_avatar(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not list(tmp_path.glob("x.*")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_render_refuses_to_overwrite_without_force(person_ply, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    res = run_avatar("render", str(person_ply), "-o", str(out), "--size", "32")
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert out.read_bytes() == b"precious"
+    res = run_avatar("render", str(person_ply), "-o", str(out), "--size", "32", "--force")
+    assert res.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_render_prints_json():
+    res = run_avatar("bench", "render", "--gaussians", "3000", "--size", "64", "--frames", "3",
+                     "--backward-size", "32", "--backward-steps", "2", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    for key in ("forward_fps", "forward_backward_s", "peak_rss_mb", "speedup_vs_reference"):
+        assert result[key] > 0, key
+    assert result["backend"] == "native" and result["max_abs_diff_vs_reference"] < 0.05
+
+
+def test_demo_writes_a_video_and_a_scene(tmp_path):
+    res = run_avatar("demo", "-o", str(tmp_path / "demo"), "--frames", "4", "--size", "64")
+    assert res.returncode == 0, res.stderr
+    assert len([f for f in iio.get_reader(tmp_path / "demo" / "orbit.mp4")]) == 4
+    assert (tmp_path / "demo" / "person.ply").stat().st_size > 1000
