@@ -8,7 +8,6 @@ so all backends share one colour path. gsplat clamps alpha at 0.999 in its kerne
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .cameras import Cameras
@@ -26,8 +25,6 @@ def rasterize_gsplat(
 
     from .rasterize import RenderOutput
 
-    if cfg.tile_size != 16:
-        raise ValueError("the gsplat backend is used with 16-px tiles")
     dim = colors.shape[-1]
     render, alpha, meta = rasterization(
         means=gaussians.means,
@@ -44,7 +41,7 @@ def rasterize_gsplat(
         eps2d=cfg.eps2d,
         tile_size=cfg.tile_size,
         render_mode="RGB+ED",
-        backgrounds=torch.cat([background, torch.zeros_like(background[:, :1])], dim=-1),
+        backgrounds=background,  # gsplat appends the depth channel's zero itself in RGB+ED
         packed=False,
         rasterize_mode="classic",
     )

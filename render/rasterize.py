@@ -39,6 +39,14 @@ class RasterConfig:
     t_min: float = 1e-4
     """A pixel stops before the Gaussian that would bring its transmittance to this or below."""
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.tile_size <= 32:
+            raise ValueError(f"tile_size must be in 1..32, got {self.tile_size}")
+        if not 1 / 255 < self.alpha_max < 1:
+            raise ValueError(f"alpha_max must be in (1/255, 1), got {self.alpha_max}")
+        if not (0 < self.near < self.far and self.eps2d >= 0 and 0 <= self.t_min < 1):
+            raise ValueError(f"invalid raster settings: {self}")
+
 
 @dataclass
 class RenderOutput:

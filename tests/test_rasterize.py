@@ -121,3 +121,9 @@ def test_gsplat_matches_reference_on_cuda():
     for name in ("means", "quats", "log_scales", "opacity_logits", "sh"):
         a, b = getattr(gpu, name).grad.cpu(), getattr(ref, name).grad
         assert ((a - b).norm() / b.norm()) < 1e-2, name
+
+
+def test_raster_config_is_validated():
+    for bad in (dict(tile_size=64), dict(alpha_max=1.0), dict(near=0.0), dict(eps2d=-1.0)):
+        with pytest.raises(ValueError):
+            RasterConfig(**bad)

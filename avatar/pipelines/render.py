@@ -62,6 +62,11 @@ def render_frames(
     """Render one camera at a time (bounded memory) and yield uint8 frames [H, W, 3]."""
     bg = torch.tensor(background, dtype=gaussians.dtype, device=gaussians.device)
     bar = tqdm(total=len(cameras), unit="frame", desc="render", disable=not progress)
+    if progress and gaussians.device.type == "cpu":
+        from render import _native
+
+        if not _native.kernels_cached():
+            bar.write("compiling the CPU rendering kernels (first run only, about 10 s)")
     with torch.no_grad(), bar:
         for i in range(len(cameras)):
             out = rasterize(gaussians, cameras[i], background=bg, config=config)

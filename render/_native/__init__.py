@@ -8,6 +8,7 @@ pays the compile time.
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -19,6 +20,15 @@ from . import projection as _p
 from . import sh as _sh
 
 TILE_CHUNK = 4  # tiles handed to a thread at a time: busy tiles cluster on the subject
+
+
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds the compositing kernel; if not, the first render
+    compiles the CPU kernels (about 10 s). Reads a numba internal, so it answers True when unsure."""
+    try:
+        return os.path.exists(_c.composite_fwd._cache._cache_file._index_path)
+    except AttributeError:
+        return True
 
 
 def _np(t: Tensor):

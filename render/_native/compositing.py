@@ -115,6 +115,22 @@ def bin_tiles(means2d, radii, depths, width, height, tile):
     return offsets, flatten_ids
 
 
+@nb.njit(fastmath=True, cache=True)
+def _gaussian_in_tile(means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph):
+    """One Gaussian's 2D parameters, its sigma cut-off (beyond it alpha < 1/255 for sure, so the
+    exp is skipped) and the pixels of the tile whose centres lie in its box (inclusive ranges)."""
+    mx, my = means2d[ci, gi, 0], means2d[ci, gi, 1]
+    ca, cb, cc = conics[ci, gi, 0], conics[ci, gi, 1], conics[ci, gi, 2]
+    op = opacities[gi]
+    rx, ry = radii[ci, gi, 0], radii[ci, gi, 1]
+    sigma_cut = np.log(op / ALPHA_MIN) + SIGMA_MARGIN
+    px_lo = max(x0, int(np.ceil(mx - rx - HALF)))
+    px_hi = min(x0 + pw - 1, int(np.floor(mx + rx - HALF)))
+    py_lo = max(y0, int(np.ceil(my - ry - HALF)))
+    py_hi = min(y0 + ph - 1, int(np.floor(my + ry - HALF)))
+    return mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_offsets,
                   flatten_ids, width, height, tile, alpha_max, t_min,
@@ -134,25 +150,15 @@ def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_of
         trans = np.ones(ph * pw, np.float32)
         acc = np.zeros((ph * pw, dim), np.float32)
         last = np.full(ph * pw, -1, np.int64)
-        done = np.zeros(ph * pw, np.bool_)
-        done_rows = np.zeros(ph, np.int64)  # bit x of row y: pixel saturated
+        done_rows = np.zeros(ph, np.int64)  # bit x of row y: that pixel is saturated
         ndone = 0
         for k in range(tile_offsets[tid], tile_offsets[tid + 1]):
-            g = flatten_ids[k]
-            gi = g - ci * n
-            mx, my = means2d[ci, gi, 0], means2d[ci, gi, 1]
-            ca, cb, cc = conics[ci, gi, 0], conics[ci, gi, 1], conics[ci, gi, 2]
-            op = opacities[gi]
-            rx, ry = radii[ci, gi, 0], radii[ci, gi, 1]
-            # beyond sigma_cut, alpha = op * exp(-sigma) < 1/255 for sure: skip the exp
-            sigma_cut = np.log(op / ALPHA_MIN) + SIGMA_MARGIN
+            gi = flatten_ids[k] - ci * n
+            mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
+                means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
+            )
             c0, c1 = colors[ci, gi, 0], colors[ci, gi, 1 % dim]
             c2, c3 = colors[ci, gi, 2 % dim], colors[ci, gi, 3 % dim]
-            # pixels whose centre lies inside the Gaussian's box, clipped to the tile
-            px_lo = max(x0, int(np.ceil(mx - rx - HALF)))
-            px_hi = min(x0 + pw - 1, int(np.floor(mx + rx - HALF)))
-            py_lo = max(y0, int(np.ceil(my - ry - HALF)))
-            py_hi = min(y0 + ph - 1, int(np.floor(my + ry - HALF)))
             if px_hi < px_lo:
                 continue
             span = ((1 << (px_hi - px_lo + 1)) - 1) << (px_lo - x0)
@@ -162,9 +168,9 @@ def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_of
                 dy = my - (np.float32(py) + HALF)
                 row = (py - y0) * pw - x0
                 for px in range(px_lo, px_hi + 1):
-                    p = row + px
-                    if done[p]:
+                    if (done_rows[py - y0] >> (px - x0)) & 1:
                         continue
+                    p = row + px
                     dx = mx - (np.float32(px) + HALF)
                     sigma = HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
                     if sigma < 0 or sigma > sigma_cut:
@@ -174,7 +180,6 @@ def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_of
                         continue
                     next_t = trans[p] * (ONE - alpha)
                     if next_t <= t_min:
-                        done[p] = True
                         done_rows[py - y0] |= 1 << (px - x0)
                         ndone += 1
                         continue
@@ -243,18 +248,10 @@ def composite_bwd(means2d, conics, colors, opacities, background, radii, tile_of
                 v_bg[p] = t_final[p] * (v_alpha[ci, y0 + py, x0 + px] - bg_dot)
         g_col = np.empty(dim, np.float32)
         for k in range(kmax, start - 1, -1):
-            g = flatten_ids[k]
-            gi = g - ci * n
-            mx, my = means2d[ci, gi, 0], means2d[ci, gi, 1]
-            ca, cb, cc = conics[ci, gi, 0], conics[ci, gi, 1], conics[ci, gi, 2]
-            op = opacities[gi]
-            rx, ry = radii[ci, gi, 0], radii[ci, gi, 1]
-            # beyond sigma_cut, alpha = op * exp(-sigma) < 1/255 for sure: skip the exp
-            sigma_cut = np.log(op / ALPHA_MIN) + SIGMA_MARGIN
-            px_lo = max(x0, int(np.ceil(mx - rx - HALF)))
-            px_hi = min(x0 + pw - 1, int(np.floor(mx + rx - HALF)))
-            py_lo = max(y0, int(np.ceil(my - ry - HALF)))
-            py_hi = min(y0 + ph - 1, int(np.floor(my + ry - HALF)))
+            gi = flatten_ids[k] - ci * n
+            mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
+                means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
+            )
             g_mx = g_my = g_a = g_b = g_c = g_op = np.float32(0.0)
             g_col[:] = 0
             for py in range(py_lo, py_hi + 1):
