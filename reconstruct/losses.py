@@ -1,0 +1,76 @@
+"""Image losses and metrics shared by refinement, distillation and evaluation.
+
+Images are channels-last [..., H, W, C] floats in [0, 1]; masks are [..., H, W, 1] in [0, 1].
+SSIM uses the standard 11-px Gaussian window (sigma 1.5) with C1 = 0.01², C2 = 0.03².
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _window(size: int, sigma: float, dtype, device) -> Tensor:
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _blur(x: Tensor, g: Tensor) -> Tensor:  # x [B, C, H, W], separable Gaussian, same size
+    c = x.shape[1]
+    pad = g.numel() // 2
+    x = F.conv2d(
+        F.pad(x, (pad, pad, 0, 0), mode="replicate"),
+        g.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+        groups=c,
+    )
+    return F.conv2d(
+        F.pad(x, (0, 0, pad, pad), mode="replicate"),
+        g.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+        groups=c,
+    )
+
+
+def ssim_map(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Per-pixel SSIM [..., H, W, 1] (averaged over channels) of two [..., H, W, C] images."""
+    lead, (h, w, c) = a.shape[:-3], a.shape[-3:]
+    x = a.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+    y = b.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+    g = _window(window, sigma, a.dtype, a.device)
+    mx, my = _blur(x, g), _blur(y, g)
+    vx = _blur(x * x, g) - mx * mx
+    vy = _blur(y * y, g) - my * my
+    cov = _blur(x * y, g) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(1, keepdim=True).permute(0, 2, 3, 1).reshape(*lead, h, w, 1)
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean()
+    weight = mask.expand_as(x)
+    return (x * weight).sum() / weight.sum().clamp_min(1e-8)
+
+
+def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean SSIM, inside `mask` when given."""
+    return _masked_mean(ssim_map(a, b), mask)
+
+
+def loss_l1(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    return _masked_mean((a - b).abs(), mask)
+
+
+def loss_dssim(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Structural dissimilarity (1 - SSIM) / 2."""
+    return (1 - ssim(a, b, mask)) / 2
+
+
+def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
+    """PSNR in dB over [0, 1] images, inside `mask` when given."""
+    mse = _masked_mean((a - b) ** 2, mask).item()
+    return float("inf") if mse == 0 else -10 * math.log10(mse)
