@@ -1,0 +1,245 @@
+"""Fitting the body template to one photo: camera, global pose, body and hand pose, phenotype.
+
+The photo's camera is a pinhole at the origin looking down -Z (+Y up), with an assumed vertical
+field of view; the person is placed in front of it, facing it. Everything is found by Adam on
+  loss = keypoints (robust, visibility-weighted, body + hands)
+       + silhouette (the template's vertices splatted through `render.rasterize` vs the mask)
+       + priors (small bone rotations, phenotype near average),
+coarse to fine: first root rotation and translation from the torso, then everything.
+Work happens in a crop around the person, scaled to `FitConfig.size` pixels on its long side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from deform.templates import MEDIAPIPE_BODY, MEDIAPIPE_HAND, BodyTemplate
+from render import Cameras, Gaussians, look_at, rasterize
+
+from .parsing import PersonParse
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    fov_deg: float = 40.0
+    """Assumed vertical field of view of the photo (typical phone and portrait lenses: 35-50)."""
+    size: int = 384
+    """Long side of the working crop, pixels."""
+    steps_global: int = 60
+    """Adam steps on root rotation and translation alone."""
+    steps: int = 220
+    """Adam steps on everything."""
+    lambda_keypoints: float = 1.0
+    lambda_silhouette: float = 2.0
+    lambda_pose: float = 2e-3
+    lambda_shape: float = 2e-2
+    silhouette_size: int = 160
+    """Long side of the silhouette render, pixels."""
+
+
+@dataclass
+class Crop:
+    """The working window: crop pixel = (photo pixel - (x0, y0)) * scale."""
+
+    x0: float
+    y0: float
+    scale: float
+    width: int
+    height: int
+
+    def to_crop(self, pts: np.ndarray) -> np.ndarray:
+        return (pts - np.array([self.x0, self.y0], np.float32)) * self.scale
+
+
+@dataclass
+class FitResult:
+    shape: Tensor  # [S] phenotype
+    pose: Tensor  # [J, 3] axis-angle per bone
+    translation: Tensor  # [3]
+    camera: Cameras  # the working crop's camera (1 view)
+    crop: Crop
+    keypoint_error: float  # mean error of visible body keypoints, fraction of person height
+    silhouette_iou: float
+
+
+def person_crop(
+    parse: PersonParse, image_hw: tuple[int, int], size: int, margin: float = 0.08
+) -> Crop:
+    h, w = image_hw
+    x0, y0, x1, y1 = parse.bbox
+    pad = margin * max(x1 - x0, y1 - y0)
+    x0, y0 = max(0.0, x0 - pad), max(0.0, y0 - pad)
+    x1, y1 = min(float(w), x1 + pad), min(float(h), y1 + pad)
+    scale = size / max(x1 - x0, y1 - y0)
+    return Crop(x0, y0, scale, max(8, round((x1 - x0) * scale)), max(8, round((y1 - y0) * scale)))
+
+
+def photo_camera(image_hw: tuple[int, int], crop: Crop, fov_deg: float) -> Cameras:
+    """Camera at the origin looking down -Z, +Y up, intrinsics of the photo mapped into the crop."""
+    h, w = image_hw
+    f = 0.5 * h / math.tan(math.radians(fov_deg) / 2) * crop.scale
+    K = torch.tensor([[f, 0, (w / 2 - crop.x0) * crop.scale], [0, f, (h / 2 - crop.y0) * crop.scale],
+                      [0, 0, 1.0]])  # fmt: skip
+    view = look_at(torch.zeros(1, 3), torch.tensor([[0.0, 0.0, -1.0]]))
+    return Cameras(view, K[None], crop.width, crop.height)
+
+
+def project(cam: Cameras, pts: Tensor) -> Tensor:  # [B, L, 3] -> [B, L, 2] pixels (1 camera)
+    view, K = cam.viewmats[0], cam.Ks[0]
+    p = pts @ view[:3, :3].T + view[:3, 3]
+    z = p[..., 2:].clamp_min(1e-3)
+    return torch.stack(
+        [K[0, 0] * p[..., 0] / z[..., 0] + K[0, 2], K[1, 1] * p[..., 1] / z[..., 0] + K[1, 2]], -1
+    )
+
+
+def _geman_mcclure(sq: Tensor, sigma: float) -> Tensor:
+    return sq / (sq + sigma * sigma)
+
+
+class _Targets:
+    """2D targets in crop pixels with weights, in the template's landmark order."""
+
+    def __init__(self, template: BodyTemplate, parse: PersonParse, crop: Crop) -> None:
+        body = crop.to_crop(parse.body[:, :2])
+        order = [MEDIAPIPE_BODY.index(n) for n in template.body_landmarks]
+        self.body = torch.from_numpy(body[order])
+        vis = np.clip((parse.body[order, 2] - 0.3) / 0.5, 0, 1)  # trust above ~0.8 visibility
+        inside = (
+            (body[order] >= 0).all(1)
+            & (body[order, 0] < crop.width)
+            & (body[order, 1] < crop.height)
+        )
+        self.body_w = torch.from_numpy((vis * inside).astype(np.float32))
+        self.hands = {}
+        for side in ("left", "right"):
+            pts = parse.hands.get(side)
+            if pts is not None:
+                assert len(pts) == len(MEDIAPIPE_HAND)
+                self.hands[side] = torch.from_numpy(crop.to_crop(pts).astype(np.float32))
+        ys = body[order][vis > 0.5, 1]
+        self.person_px = float(ys.max() - ys.min()) if len(ys) > 1 else float(crop.height)
+
+
+def _silhouette(template: BodyTemplate, vertices: Tensor, cam: Cameras, keep: Tensor) -> Tensor:
+    """Alpha [H, W] of the posed template, splatted as small Gaussians."""
+    pts = vertices[keep]
+    n = len(pts)
+    g = Gaussians(pts, torch.cat([torch.ones(n, 1), torch.zeros(n, 3)], 1),
+                  torch.full((n, 3), math.log(0.012)), torch.full((n,), 3.0),
+                  features=torch.ones(n, 1))  # fmt: skip
+    return rasterize(g, cam).alpha[0, ..., 0]
+
+
+def fit_template(
+    template: BodyTemplate,
+    parse: PersonParse,
+    image_hw: tuple[int, int],
+    config: FitConfig | None = None,
+    progress: bool = True,
+) -> FitResult:
+    cfg = config or FitConfig()
+    crop = person_crop(parse, image_hw, cfg.size)
+    cam = photo_camera(image_hw, crop, cfg.fov_deg)
+    tgt = _Targets(template, parse, crop)
+    names = list(template.body_landmarks)
+
+    # silhouette target at low resolution, and the camera for it
+    s = cfg.silhouette_size / max(crop.width, crop.height)
+    sil_cam = Cameras(cam.viewmats, cam.Ks * torch.tensor([s, s, 1.0])[:, None],
+                      max(4, round(crop.width * s)), max(4, round(crop.height * s)))  # fmt: skip
+    import cv2
+
+    big = cv2.warpAffine(parse.mask, np.array([[crop.scale * s, 0, -crop.x0 * crop.scale * s],
+                                              [0, crop.scale * s, -crop.y0 * crop.scale * s]], np.float32),
+                         (sil_cam.width, sil_cam.height), flags=cv2.INTER_AREA)  # fmt: skip
+    mask = torch.from_numpy(big)
+    keep = ~template.part_masks()["hidden"]
+
+    # initial placement from the torso: depth from its pixel length, position from its centre
+    shape0 = template.default_shape()
+    rest = template(shape0[None])
+    lm = template.landmarks(rest, template.body_landmarks)[0]
+    torso_ids = [
+        names.index(n) for n in ("left_shoulder", "right_shoulder", "left_hip", "right_hip")
+    ]
+    torso3d = lm[torso_ids]
+    torso2d = tgt.body[torso_ids]
+    len3d = ((torso3d[0] + torso3d[1]) / 2 - (torso3d[2] + torso3d[3]) / 2).norm()
+    len2d = ((torso2d[0] + torso2d[1]) / 2 - (torso2d[2] + torso2d[3]) / 2).norm().clamp_min(4.0)
+    f = cam.Ks[0, 0, 0]
+    depth = (f * len3d / len2d).item()
+    centre2d = torso2d.mean(0)
+    centre3d = torch.stack([(centre2d[0] - cam.Ks[0, 0, 2]) * depth / f,
+                            -(centre2d[1] - cam.Ks[0, 1, 2]) * depth / f, torch.tensor(-depth)])  # fmt: skip
+    translation = (centre3d - torso3d.mean(0)).clone().requires_grad_()
+    root = torch.zeros(3, requires_grad=True)
+    body_pose = torch.zeros(template.num_bones - 1, 3, requires_grad=True)
+    shape_logit = torch.logit(shape0.clamp(0.02, 0.98)).clone().requires_grad_()
+
+    def evaluate(use_all: bool):
+        shape = torch.sigmoid(shape_logit)
+        pose = torch.cat([root[None], body_pose if use_all else body_pose.detach() * 0], 0)
+        out = template(shape[None], pose=pose[None], translation=translation[None])
+        pts = project(cam, template.landmarks(out, template.body_landmarks))[0]
+        sigma = 0.05 * tgt.person_px
+        w = tgt.body_w if use_all else tgt.body_w * torch.tensor([n in ("left_shoulder", "right_shoulder",
+                                                                      "left_hip", "right_hip") for n in names])  # fmt: skip
+        loss_kp = (
+            w * _geman_mcclure(((pts - tgt.body) ** 2).sum(-1), sigma)
+        ).sum() / w.sum().clamp_min(1)
+        if use_all:
+            for side, target in tgt.hands.items():
+                hp = project(cam, template.landmarks(out, template.hand_landmarks[side]))[0]
+                loss_kp = (
+                    loss_kp + 0.5 * _geman_mcclure(((hp - target) ** 2).sum(-1), 0.5 * sigma).mean()
+                )
+        return out, pts, loss_kp, shape
+
+    opt = torch.optim.Adam([root, translation], lr=0.03)
+    bar = tqdm(total=cfg.steps_global + cfg.steps, desc="fit", unit="step", disable=not progress)
+    for _ in range(cfg.steps_global):
+        _, _, loss_kp, _ = evaluate(False)
+        opt.zero_grad()
+        loss_kp.backward()
+        opt.step()
+        bar.update(1)
+
+    opt = torch.optim.Adam([{"params": [root, translation], "lr": 0.01},
+                            {"params": [body_pose], "lr": 0.02},
+                            {"params": [shape_logit], "lr": 0.03}])  # fmt: skip
+    for step in range(cfg.steps):
+        out, _, loss_kp, shape = evaluate(True)
+        loss = cfg.lambda_keypoints * loss_kp
+        if step >= cfg.steps // 3:  # silhouette once the pose is roughly right
+            alpha = _silhouette(template, out.vertices[0], sil_cam, keep)
+            loss = loss + cfg.lambda_silhouette * ((alpha - mask) ** 2).mean()
+        loss = (
+            loss
+            + cfg.lambda_pose * (body_pose**2).sum()
+            + cfg.lambda_shape * ((shape - shape0) ** 2).sum()
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(kp=f"{loss_kp.item():.3f}")
+    bar.close()
+
+    with torch.no_grad():
+        out, pts, _, shape = evaluate(True)
+        alpha = _silhouette(template, out.vertices[0], sil_cam, keep)
+        vis = tgt.body_w > 0.5
+        err = ((pts - tgt.body).norm(dim=-1)[vis].mean() / tgt.person_px).item()
+        inter = ((alpha > 0.5) & (mask > 0.5)).sum().item()
+        union = ((alpha > 0.5) | (mask > 0.5)).sum().item()
+    pose = torch.cat([root[None], body_pose], 0).detach()
+    return FitResult(
+        shape.detach(), pose, translation.detach(), cam, crop, err, inter / max(union, 1)
+    )
