@@ -151,3 +151,27 @@ def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
     if cfg.reference:
         result.update(_versus_reference(scene, cams[0], small[0], bg, target, sync))
     return result
+
+
+def bench_create(photo: str | None, cfg) -> dict:
+    """Stage timings, quality and peak memory of `avatar create` (default: the demo photo)."""
+    from .pipelines.create import create_avatar
+    from .scenes import demo_photo
+
+    photo = photo or demo_photo()
+    avatar, times = create_avatar(photo, cfg, progress=False)
+    return {
+        "benchmark": "create",
+        "photo": photo,
+        "device": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "total_s": round(times.total_s, 1),
+        "parse_s": round(times.parse_s, 2),
+        "fit_s": round(times.fit_s, 1),
+        "sample_s": round(times.sample_s, 2),
+        "refine_s": round(times.refine_s, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        **avatar.meta["quality"],
+        "gaussians": len(avatar.gaussians),
+        "config": asdict(cfg),
+    }

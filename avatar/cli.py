@@ -51,25 +51,94 @@ def _resolve_device(name: str) -> str:
 # ---- subcommands -------------------------------------------------------------------------------
 
 
+def _view(text: str) -> float | str:
+    """--view: "input" (the photo's camera), "front" (yaw 0) or "yaw=DEG"."""
+    if text in ("input", "front"):
+        return text if text == "input" else 0.0
+    if text.startswith("yaw="):
+        try:
+            return float(text[4:])
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r}: use input, front or yaw=DEG")
+
+
+def _scaled(camera, size: int):
+    """The input-view camera resized so its long side is `size` pixels."""
+    import torch
+
+    from render import Cameras
+
+    s = size / max(camera.width, camera.height)
+    Ks = camera.Ks * torch.tensor([s, s, 1.0])[:, None]
+    return Cameras(
+        camera.viewmats, Ks, max(2, round(camera.width * s)), max(2, round(camera.height * s))
+    )
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from render.io import SplatFileError, load_splats
 
+    from .asset import Avatar, is_avatar_path
     from .media import check_output
     from .pipelines.render import OrbitConfig, orbit_cameras, render_frames, save_frames
 
     out = Path(args.output)
     check_output(out, args.force)
-    try:
-        scene = load_splats(args.scene)
-    except SplatFileError as exc:
-        raise AvatarError(str(exc)) from None
-    scene = scene.to(_resolve_device(args.device))
+    device = _resolve_device(args.device)
     cfg = config_from_args(OrbitConfig, args)
     if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
         cfg = OrbitConfig(**{**cfg.__dict__, "orbit": 1})
-    cams = orbit_cameras(scene, cfg)
+    if isinstance(args.view, float):
+        cfg = OrbitConfig(**{**cfg.__dict__, "yaw": args.view})
+    if is_avatar_path(args.scene):
+        from deform.templates import load_template
+
+        from .pipelines.create import posed_gaussians
+
+        avatar = Avatar.load(args.scene)
+        template = load_template(avatar.template)
+        if args.view == "input":
+            if args.pose == "rest":
+                raise AvatarError("--view input shows the photo's pose; drop --pose rest")
+            scene = posed_gaussians(avatar, template, "photo").to(device)
+            cams = _scaled(avatar.camera, cfg.size).to(device)
+        else:
+            scene = posed_gaussians(
+                avatar, template, "body" if args.pose == "photo" else "rest"
+            ).to(device)
+            cams = orbit_cameras(scene, cfg)
+    else:
+        if args.view == "input":
+            raise AvatarError(
+                f"{args.scene}: --view input needs an avatar (a plain scene has no photo)"
+            )
+        try:
+            scene = load_splats(args.scene).to(device)
+        except SplatFileError as exc:
+            raise AvatarError(str(exc)) from None
+        cams = orbit_cameras(scene, cfg)
     count = save_frames(out, render_frames(scene, cams, args.background), args.fps)
-    print(f"wrote {out} ({count} frame{'s' if count != 1 else ''}, {cfg.size}x{cfg.size})")
+    print(f"wrote {out} ({count} frame{'s' if count != 1 else ''}, {cams.width}x{cams.height})")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .pipelines.create import CreateConfig, create_avatar
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise AvatarError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise AvatarError(f"{out}: the folder {out.parent} does not exist")
+    avatar, times = create_avatar(args.photo, config_from_args(CreateConfig, args))
+    avatar.save(out, force=args.force)
+    q = avatar.meta["quality"]
+    print(f"wrote {out} ({len(avatar.gaussians)} Gaussians) in {times.total_s:.0f} s; input view: "
+          f"masked PSNR {q['input_masked_psnr_db']} dB, SSIM {q['input_masked_ssim']}")  # fmt: skip
+    print(
+        f"look at it: avatar render {out} --view input -o input.png; avatar render {out} -o orbit.mp4"
+    )
     return 0
 
 
@@ -86,25 +155,40 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from render.io import save_ply
+def cmd_bench_create(args: argparse.Namespace) -> int:
+    from .bench import bench_create
+    from .pipelines.create import CreateConfig
 
+    result = bench_create(args.photo, config_from_args(CreateConfig, args))
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .pipelines.create import CreateConfig, create_avatar, posed_gaussians
     from .pipelines.render import OrbitConfig, orbit_cameras, render_frames, save_frames
-    from .scenes import person_scene
+    from .scenes import demo_photo
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("demo: building the built-in person scene (stylised, 30k Gaussians)")
-    scene = person_scene(30_000, sh_degree=1)
-    ply = out_dir / "person.ply"
-    save_ply(scene, ply)
-    scene = scene.to(_resolve_device(args.device))
-    cfg = OrbitConfig(orbit=args.frames, size=args.size, elevation=8.0)
+    photo = demo_photo()
+    print(f"demo: creating an avatar from {photo}")
+    avatar, times = create_avatar(photo, config_from_args(CreateConfig, args))
+    path = out_dir / "demo.avatar"
+    avatar.save(path, force=True)
+    q = avatar.meta["quality"]
+    print(f"wrote {path} in {times.total_s:.0f} s (input view: masked PSNR "
+          f"{q['input_masked_psnr_db']} dB, SSIM {q['input_masked_ssim']})")  # fmt: skip
+    from deform.templates import load_template
+
+    scene = posed_gaussians(avatar, load_template(avatar.template), "body").to(
+        _resolve_device(args.device)
+    )
+    cfg = OrbitConfig(orbit=args.frames, size=args.size, elevation=5.0, fill=0.75)
     video = out_dir / "orbit.mp4"
     save_frames(video, render_frames(scene, orbit_cameras(scene, cfg)), fps=25)
-    print(f"wrote {ply} (open it in any 3DGS viewer)")
     print(f"wrote {video} ({args.frames} frames, {args.size}x{args.size}, 25 fps)")
-    print(f"render it again from the command line: avatar render {ply} -o orbit.mp4 --orbit 90")
+    print("next: avatar create YOUR_PHOTO.jpg -o me.avatar && avatar render me.avatar -o me.mp4")
     return 0
 
 
@@ -113,6 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import RenderBenchConfig
+    from .pipelines.create import CreateConfig
     from .pipelines.render import OrbitConfig
 
     parser = argparse.ArgumentParser(
@@ -123,15 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render a Gaussian scene (.ply/.splat) to video or images",
                        description="Turntable views of a Gaussian scene. The output kind follows "
                        "its name: .mp4 video, .png/.jpg single image, anything else a PNG folder.")  # fmt: skip
-    p.add_argument("scene", help="3DGS .ply or .splat file")
+    p.add_argument("scene", help="an avatar (folder or .zip), or a 3DGS .ply / .splat file")
     p.add_argument("-o", "--output", required=True, help="OUT.mp4, OUT.png or OUT_DIR")
     add_config_args(p, OrbitConfig)
     p.add_argument("--fps", type=float, default=25.0, help="video frame rate (default: 25)")
     p.add_argument("--background", type=_background, default="white",
                    help="white, black, grey or R,G,B in [0, 1] (default: white)")  # fmt: skip
+    p.add_argument("--view", type=_view, default="front",
+                   help="input (an avatar's photo camera), front, or yaw=DEG (default: front)")  # fmt: skip
+    p.add_argument("--pose", choices=("photo", "rest"), default="photo",
+                   help="an avatar's pose: the photo's, or the canonical rest pose")  # fmt: skip
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("create", help="create an avatar from one photo",
+                       description="Parse the person, fit the body template, bind Gaussians to it "
+                       "and fit their appearance to the photo. Writes an avatar folder (or .zip).")  # fmt: skip
+    p.add_argument("photo", help="a photo of one person (JPEG, PNG, ...); full body or half body")
+    p.add_argument("-o", "--output", required=True, help="OUT.avatar (a folder) or OUT.zip")
+    add_config_args(p, CreateConfig)
+    p.add_argument("--force", action="store_true", help="overwrite an existing avatar")
+    p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -140,20 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     b.set_defaults(func=cmd_bench_render)
+    b = bench.add_parser("create", help="time and quality of avatar create on one photo")
+    b.add_argument("--photo", help="the photo (default: the built-in demo photo)")
+    add_config_args(b, CreateConfig)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench_create)
 
     p = sub.add_parser("demo", help="the main job on built-in inputs")
     p.add_argument(
         "-o", "--output", default="avatar-demo", help="output folder (default: avatar-demo)"
     )
-    p.add_argument("--size", type=int, default=512, help="video size in pixels (default: 512)")
     p.add_argument("--frames", type=int, default=75, help="orbit frames (default: 75, 3 s)")
+    add_config_args(p, CreateConfig)  # --size sets both the working crop and the video
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
-    for name in ("size", "orbit", "frames", "gaussians", "backward_size", "backward_steps"):
+    for name in (
+        "size",
+        "orbit",
+        "frames",
+        "gaussians",
+        "backward_size",
+        "backward_steps",
+        "fit_steps",
+    ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise AvatarError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -39,11 +39,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path (same suffix); move it onto `path` on success only."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    old = path.with_name(f".{path.stem}.old-{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.is_dir() and tmp.is_dir():  # folders cannot be replaced in one step:
+            os.replace(path, old)  # move the old one aside first, so it is never lost
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Built-in Gaussian scenes: a stylised standing person, used by `avatar demo` and the benchmarks.
+"""Built-in inputs: a demo photo, and a stylised standing person (a Gaussian scene) used by the
+renderer's benchmark.
 
 The person is 1.8 m tall, stands on y = 0, faces +Z (CONVENTIONS.md) and is made of ellipsoidal
 body parts covered by flat, surface-aligned Gaussians (discs), as a reconstructed avatar is.
@@ -24,6 +25,14 @@ HAIR, SHOES, EYE, LIPS = (
     (0.05, 0.05, 0.06),
     (0.70, 0.30, 0.30),
 )
+
+
+def demo_photo() -> str:
+    """A real photo that an installed package ships: matplotlib's sample `grace_hopper.jpg`
+    (a public-domain US Navy portrait, head and shoulders; matplotlib comes with mediapipe)."""
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,15 @@ def skin_gaussians(
     bone_weights: Tensor,  # [N, K]
     transforms: Tensor,  # [J, 4, 4] one pose
 ) -> Gaussians:
-    """Pose Gaussians: means by LBS; orientations by the blended matrix's rotation. A blend of
-    rotations is close to a scaled rotation s R: dividing by s = det^(1/3) makes it a rotation
-    again before conversion (the Gaussian keeps its own scales)."""
-    blend = blend_transforms(bone_ids, bone_weights, transforms[None])[0]  # [N, 4, 4]
+    """Pose Gaussians by LBS (see `apply_blend`)."""
+    return apply_blend(gaussians, blend_transforms(bone_ids, bone_weights, transforms[None])[0])
+
+
+def apply_blend(gaussians: Gaussians, blend: Tensor) -> Gaussians:  # blend [N, 4, 4]
+    """Move Gaussians by per-Gaussian blended transforms: means by the full transform,
+    orientations by its rotation. A blend of rotations is close to a scaled rotation s R:
+    dividing by s = det^(1/3) makes it a rotation again before conversion (the Gaussian keeps
+    its own scales). Precompute `blend` once when the pose is fixed."""
     means = apply_transforms(gaussians.means, blend[None])[0]
     lin = blend[:, :3, :3]
     lin = lin / torch.linalg.det(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]

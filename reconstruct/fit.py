@@ -137,6 +137,29 @@ def _silhouette(template: BodyTemplate, vertices: Tensor, cam: Cameras, keep: Te
     return rasterize(g, cam).alpha[0, ..., 0]
 
 
+ARM_BONES = ("upperarm", "lowerarm", "wrist", "finger", "metacarpal")
+LEG_BONES = ("upperleg", "lowerleg", "foot", "toe")
+
+
+def _pose_prior_weights(
+    template: BodyTemplate, parse: PersonParse, unseen: float = 100.0
+) -> Tensor:
+    """Per-bone prior weights (root excluded): limbs whose end the photo does not show (a wrist
+    or ankle outside the frame or hidden) stay near rest instead of reaching for the silhouette."""
+    vis = parse.body[:, 2]
+    weights = torch.ones(template.num_bones - 1)
+    for j, name in enumerate(template.bone_names[1:]):
+        side = name.rsplit(".", 1)[-1] if "." in name else None
+        if side not in ("L", "R"):
+            continue
+        wrist, ankle = (15, 27) if side == "L" else (16, 28)  # MediaPipe: the person's left first
+        if name.startswith(ARM_BONES) and vis[wrist] < 0.5:
+            weights[j] = unseen
+        if name.startswith(LEG_BONES) and vis[ankle] < 0.5:
+            weights[j] = unseen
+    return weights
+
+
 def fit_template(
     template: BodyTemplate,
     parse: PersonParse,
@@ -171,13 +194,22 @@ def fit_template(
     ]
     torso3d = lm[torso_ids]
     torso2d = tgt.body[torso_ids]
-    len3d = ((torso3d[0] + torso3d[1]) / 2 - (torso3d[2] + torso3d[3]) / 2).norm()
-    len2d = ((torso2d[0] + torso2d[1]) / 2 - (torso2d[2] + torso2d[3]) / 2).norm().clamp_min(4.0)
+    if (tgt.body_w[torso_ids[2:]] > 0.5).all():  # hips seen: the torso's length sets the depth
+        len3d = ((torso3d[0] + torso3d[1]) / 2 - (torso3d[2] + torso3d[3]) / 2).norm()
+        len2d = (
+            ((torso2d[0] + torso2d[1]) / 2 - (torso2d[2] + torso2d[3]) / 2).norm().clamp_min(4.0)
+        )
+    else:  # a portrait: the shoulders' width does
+        len3d = (torso3d[0] - torso3d[1]).norm()
+        len2d = (torso2d[0] - torso2d[1]).norm().clamp_min(4.0)
     f = cam.Ks[0, 0, 0]
     depth = (f * len3d / len2d).item()
-    centre2d = torso2d.mean(0)
+    seen = tgt.body_w[torso_ids] > 0.5
+    centre2d = torso2d[seen].mean(0) if seen.any() else torso2d.mean(0)
+    torso3d = torso3d[seen] if seen.any() else torso3d
     centre3d = torch.stack([(centre2d[0] - cam.Ks[0, 0, 2]) * depth / f,
                             -(centre2d[1] - cam.Ks[0, 1, 2]) * depth / f, torch.tensor(-depth)])  # fmt: skip
+    prior_w = _pose_prior_weights(template, parse)  # [J-1]
     translation = (centre3d - torso3d.mean(0)).clone().requires_grad_()
     root = torch.zeros(3, requires_grad=True)
     body_pose = torch.zeros(template.num_bones - 1, 3, requires_grad=True)
@@ -222,7 +254,7 @@ def fit_template(
             loss = loss + cfg.lambda_silhouette * ((alpha - mask) ** 2).mean()
         loss = (
             loss
-            + cfg.lambda_pose * (body_pose**2).sum()
+            + cfg.lambda_pose * (prior_w[:, None] * body_pose**2).sum()
             + cfg.lambda_shape * ((shape - shape0) ** 2).sum()
         )
         opt.zero_grad()

@@ -1,0 +1,135 @@
+"""The create pipeline: one photo -> an `Avatar` (parse, fit, sample, refine), and posing
+avatars for rendering."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from deform.skinning import apply_blend
+from deform.templates import BodyTemplate, load_template
+from reconstruct.canonical import sample_canonical
+from reconstruct.fit import FitConfig, fit_template
+from reconstruct.losses import psnr, ssim
+from reconstruct.parsing import NoPersonError, PersonParser
+from reconstruct.refine import RefineConfig, crop_image, posed_blend, refine_appearance
+from render import Gaussians, rasterize
+
+from .. import __version__
+from ..asset import Avatar
+from ..errors import AvatarError
+from ..photo import read_photo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CreateConfig:
+    gaussians: int = 50_000
+    """Canonical Gaussians on the template (at least a quarter on face and hands)."""
+    size: int = 512
+    """Long side of the working crop around the person, pixels."""
+    fit_steps: int = 220
+    """Template-fitting steps after the global alignment."""
+    refine_steps: int = 300
+    """Appearance-refinement steps."""
+    fov: float = 40.0
+    """Assumed vertical field of view of the photo, degrees."""
+    seed: int = 0
+    """Random seed (sampling)."""
+
+
+@dataclass
+class CreateTimings:
+    parse_s: float = 0.0
+    fit_s: float = 0.0
+    sample_s: float = 0.0
+    refine_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.parse_s + self.fit_s + self.sample_s + self.refine_s
+
+
+def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None, template: str = "anny",
+                  progress: bool = True) -> tuple[Avatar, CreateTimings]:  # fmt: skip
+    cfg = cfg or CreateConfig()
+    times = CreateTimings()
+    photo = read_photo(photo_path)
+    t0 = time.perf_counter()
+    with PersonParser() as parser:
+        try:
+            parse = parser(photo.rgb)
+        except NoPersonError:
+            raise AvatarError(f"{photo_path}: no person found in the photo") from None
+    if parse.num_people > 1:
+        log.warning("%s: %d people in the photo; using the largest", photo_path, parse.num_people)
+    times.parse_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tpl = load_template(template)
+    fit_cfg = FitConfig(fov_deg=cfg.fov, size=cfg.size, steps=cfg.fit_steps)
+    fit = fit_template(tpl, parse, photo.rgb.shape[:2], fit_cfg, progress=progress)
+    times.fit_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    canonical, binding = sample_canonical(tpl, fit.shape, cfg.gaussians, seed=cfg.seed)
+    with torch.no_grad():
+        posed = tpl(fit.shape[None], pose=fit.pose[None], translation=fit.translation[None])
+    image = crop_image(photo.rgb, fit.crop)
+    mask = crop_image(parse.mask, fit.crop)
+    times.sample_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    canonical = refine_appearance(canonical, binding, posed.transforms[0], fit.camera, image, mask,
+                                  RefineConfig(steps=cfg.refine_steps), progress=progress)  # fmt: skip
+    times.refine_s = time.perf_counter() - t0
+
+    with torch.no_grad():
+        out = rasterize(
+            apply_blend(canonical, posed_blend(binding, posed.transforms[0])), fit.camera, 1.0
+        )
+    m = mask[None, ..., None]
+    rendered = out.rgb * m + (1 - m)
+    quality = {
+        "input_masked_psnr_db": round(psnr(rendered, image[None], m), 2),
+        "input_masked_ssim": round(ssim(rendered, image[None], m).item(), 4),
+        "fit_keypoint_error": round(fit.keypoint_error, 4),
+        "fit_silhouette_iou": round(fit.silhouette_iou, 4),
+    }
+    provenance = {
+        "photo": Path(photo_path).name,
+        "photo_sha256": hashlib.sha256(Path(photo_path).read_bytes()).hexdigest(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gsavatar": __version__,
+        "settings": asdict(cfg),
+        "people_in_photo": parse.num_people,
+        "hands_found": {k: v is not None for k, v in parse.hands.items()},
+    }
+    avatar = Avatar(canonical, binding, template, fit.shape, fit.pose, fit.translation, fit.camera,
+                    {"provenance": provenance, "quality": quality})  # fmt: skip
+    return avatar, times
+
+
+def posed_gaussians(avatar: Avatar, template: BodyTemplate, frame: str = "photo") -> Gaussians:
+    """The avatar's Gaussians in the photo's pose.
+    frame "photo": where the photo saw them (use with `avatar.camera`);
+    frame "body": the same pose in the body's own upright frame (root rotation and translation
+    removed), for views around the person; frame "rest": the canonical Gaussians."""
+    if frame == "rest":
+        return avatar.gaussians
+    pose = avatar.photo_pose.clone()
+    translation = avatar.photo_translation
+    if frame == "body":
+        pose[0] = 0
+        translation = None
+    with torch.no_grad():
+        out = template(avatar.shape[None], pose=pose[None],
+                       translation=None if translation is None else translation[None])  # fmt: skip
+        return apply_blend(avatar.gaussians, posed_blend(avatar.binding, out.transforms[0]))

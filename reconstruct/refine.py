@@ -1,0 +1,209 @@
+"""Per-identity appearance: fit the canonical Gaussians' colours, opacities, scales and small
+offsets to the photo, rendered through `render.rasterize` in the fitted pose and camera.
+
+    loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask
+         + λ_silhouette |alpha - mask|²          everywhere (no floaters outside the person)
+         + λ_offset |Δμ|² + λ_scale relu(s - s_max)²
+         + λ_prior |c - c_prior|² on Gaussians the photo does not see
+
+Colours start from the photo itself: every posed Gaussian takes the pixel it projects to. Seen
+from the front, a Gaussian on the back projects onto its front counterpart: that is the
+front-to-back prior for the unseen side, taken from a blurred photo (the dominant local colour,
+not the print on a shirt's front); back-of-head Gaussians take the hair colour instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from deform.skinning import apply_blend, blend_transforms
+from render import Cameras, Gaussians, rasterize
+from render.sh import rgb_to_sh0
+
+from .canonical import PART_CODES, Binding
+from .losses import loss_dssim, loss_l1
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    steps: int = 300
+    """Adam steps."""
+    lambda_ssim: float = 0.2
+    lambda_silhouette: float = 1.0
+    lambda_offset: float = 30.0
+    lambda_scale: float = 1e4
+    lambda_prior: float = 0.05
+    max_scale: float = 0.03
+    """Largest standard deviation a Gaussian may grow to, metres."""
+    lr_color: float = 0.025
+    lr_opacity: float = 0.05
+    lr_scale: float = 0.01
+    lr_offset: float = 5e-4
+
+
+def posed_blend(binding: Binding, transforms: Tensor) -> Tensor:  # [J,4,4] -> [N,4,4]
+    return blend_transforms(binding.bone_ids, binding.bone_weights, transforms[None])[0]
+
+
+def _sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] px -> [N,C]
+    h, w = img.shape[:2]
+    grid = torch.stack([uv[:, 0] / w * 2 - 1, uv[:, 1] / h * 2 - 1], -1)[None, None]
+    out = F.grid_sample(
+        img.permute(2, 0, 1)[None], grid, align_corners=False, padding_mode="border"
+    )
+    return out[0, :, 0].T
+
+
+def _project(posed: Gaussians, cam: Cameras) -> Tensor:  # [N, 2] pixels
+    view, K = cam.viewmats[0], cam.Ks[0]
+    p = posed.means @ view[:3, :3].T + view[:3, 3]
+    return torch.stack(
+        [K[0, 0] * p[:, 0] / p[:, 2] + K[0, 2], K[1, 1] * p[:, 1] / p[:, 2] + K[1, 2]], -1
+    )
+
+
+def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03) -> Tensor:
+    """[N] bool: facing the camera and not hidden behind the rendered surface (depth [H, W])."""
+    from render.rotations import quat_to_rotmat
+
+    view = cam.viewmats[0]
+    p = posed.means @ view[:3, :3].T + view[:3, 3]
+    normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
+    facing = (normal * p).sum(-1) < 0  # the normal points back toward the camera
+    surface = _sample_image(depth[..., None], _project(posed, cam))[:, 0]
+    return facing & (p[:, 2] < surface + tolerance)
+
+
+def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
+    """Image [H,W,3] blurred inside the mask only (normalised convolution), sigma = frac x H."""
+    import cv2
+
+    sigma = max(1.0, frac * image.shape[0])
+    m = mask.numpy().astype(np.float32)
+    num = cv2.GaussianBlur(image.numpy() * m[..., None], (0, 0), sigma)
+    den = cv2.GaussianBlur(m, (0, 0), sigma)[..., None]
+    return torch.from_numpy(num / np.maximum(den, 1e-3))
+
+
+def color_prior(posed: Gaussians, canonical: Gaussians, binding: Binding, cam: Cameras,
+                image: Tensor, mask: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
+    """[N, 3] colour prior from the photo (see the module docstring)."""
+    uv = _project(posed, cam)
+    rgb = torch.where(
+        seen[:, None], _sample_image(image, uv), _sample_image(_masked_blur(image, mask), uv)
+    )
+    hair = _hair_color(image, mask, uv[binding.parts == PART_CODES["face"]])
+    if hair is not None:
+        rgb[_back_of_head(canonical, binding) & ~seen] = hair
+    return rgb.clamp(0, 1)
+
+
+def _hair_color(image: Tensor, mask: Tensor, face_uv: Tensor) -> Tensor | None:
+    """The colour just inside the top of the person mask, above the face."""
+    if len(face_uv) == 0:
+        return None
+    x = int(face_uv[:, 0].mean().clamp(0, image.shape[1] - 1))
+    rows = torch.nonzero(mask[:, max(0, x - 2) : x + 3].amax(1) > 0.5).flatten()
+    if len(rows) == 0:
+        return None
+    y = min(int(rows.min()) + max(2, int(0.02 * image.shape[0])), image.shape[0] - 1)
+    return image[y, x]
+
+
+def _back_of_head(canonical: Gaussians, binding: Binding) -> Tensor:
+    """Gaussians on the upper back half of the head (normals pointing back or up)."""
+    from render.rotations import quat_to_rotmat
+
+    normal = quat_to_rotmat(canonical.quats)[:, :, 2]
+    face_y = canonical.means[binding.parts == PART_CODES["face"], 1]
+    if len(face_y) == 0:
+        return torch.zeros(len(canonical), dtype=torch.bool)
+    chin, top = face_y.min(), face_y.max()
+    on_head = canonical.means[:, 1] > chin + 0.35 * (top - chin)
+    near = (
+        canonical.means[:, :2] - canonical.means[binding.parts == PART_CODES["face"], :2].mean(0)
+    ).norm(dim=-1) < 0.16
+    return on_head & near & ((normal[:, 2] < -0.2) | (normal[:, 1] > 0.6)) & (binding.parts == 0)
+
+
+def refine_appearance(
+    canonical: Gaussians,
+    binding: Binding,
+    transforms: Tensor,  # [J, 4, 4] the photo's pose
+    cam: Cameras,  # 1 view
+    image: Tensor,  # [H, W, 3] in [0, 1], the crop the camera sees
+    mask: Tensor,  # [H, W] in [0, 1]
+    config: RefineConfig | None = None,
+    progress: bool = True,
+) -> Gaussians:
+    """Returns the refined canonical Gaussians (same count and binding)."""
+    cfg = config or RefineConfig()
+    blend = posed_blend(binding, transforms).detach()
+    with torch.no_grad():
+        posed0 = apply_blend(canonical, blend)
+        seen = visible_in(posed0, cam, rasterize(posed0, cam).depth[0, ..., 0])
+        prior = color_prior(posed0, canonical, binding, cam, image, mask, seen)
+    sh = canonical.sh.clone()
+    sh[:, 0] = rgb_to_sh0(prior)
+    offsets = torch.zeros_like(canonical.means, requires_grad=True)
+    params = {
+        "sh": sh.requires_grad_(),
+        "opacity_logits": canonical.opacity_logits.clone().requires_grad_(),
+        "log_scales": canonical.log_scales.clone().requires_grad_(),
+    }
+    opt = torch.optim.Adam([
+        {"params": [params["sh"]], "lr": cfg.lr_color},
+        {"params": [params["opacity_logits"]], "lr": cfg.lr_opacity},
+        {"params": [params["log_scales"]], "lr": cfg.lr_scale},
+        {"params": [offsets], "lr": cfg.lr_offset},
+    ])  # fmt: skip
+    target, m = image[None], mask[None, ..., None]
+    bar = tqdm(range(cfg.steps), desc="appearance", unit="step", disable=not progress)
+    for step in bar:
+        g = canonical.replace(means=canonical.means + offsets, **params)
+        out = rasterize(apply_blend(g, blend), cam, background=1.0)
+        rgb = out.rgb * m + (1 - m)  # compare inside the mask only
+        loss_img = (1 - cfg.lambda_ssim) * loss_l1(rgb, target, m) + cfg.lambda_ssim * loss_dssim(
+            rgb, target, m
+        )
+        loss = (
+            loss_img
+            + cfg.lambda_silhouette * ((out.alpha - m) ** 2).mean()
+            + cfg.lambda_offset * (offsets**2).sum(-1).mean()
+            + cfg.lambda_scale * F.relu(params["log_scales"].exp() - cfg.max_scale).pow(2).mean()
+        )
+        if not seen.all():  # colours of Gaussians the photo does not see stay near their prior
+            drift = (params["sh"][~seen, 0] - rgb_to_sh0(prior[~seen])) ** 2
+            loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(l1=f"{loss_l1(rgb, target, m).item():.4f}")
+    with torch.no_grad():
+        return canonical.replace(
+            means=canonical.means + offsets, **{k: v.detach() for k, v in params.items()}
+        )
+
+
+def crop_image(rgb: np.ndarray, crop) -> Tensor:
+    """The photo (uint8 or float, [H, W] or [H, W, C]) resampled into the working crop as a
+    float tensor: area-averaged downscale, then the sub-pixel shift."""
+    import cv2
+
+    arr = rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 else 1.0)
+    h, w = arr.shape[:2]
+    small = cv2.resize(arr, (max(1, round(w * crop.scale)), max(1, round(h * crop.scale))),
+                       interpolation=cv2.INTER_AREA if crop.scale < 1 else cv2.INTER_LINEAR)  # fmt: skip
+    sx, sy = small.shape[1] / w, small.shape[0] / h  # the exact scale after rounding
+    m = np.array([[crop.scale / sx, 0, -crop.x0 * crop.scale], [0, crop.scale / sy, -crop.y0 * crop.scale]],
+                 np.float32)  # fmt: skip
+    out = cv2.warpAffine(small, m, (crop.width, crop.height), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+    return torch.from_numpy(out)

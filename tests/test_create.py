@@ -1,0 +1,142 @@
+"""`avatar create` end to end, the avatar asset's files, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from .helpers import SHARED_DATA
+
+pytest.importorskip("anny", reason="create needs the Anny template")
+pytest.importorskip("mediapipe", reason="create needs person parsing")
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"test photos not found in {SHARED_DATA}"
+)
+SMALL = ["--gaussians", "8000", "--size", "256", "--fit-steps", "80", "--refine-steps", "60"]
+
+
+def run_avatar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "avatar", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def small_avatar(tmp_path_factory):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"test photos not found in {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("create") / "me.avatar"
+    res = run_avatar(
+        "create", str(SHARED_DATA / "person_sweater_fullbody.png"), "-o", str(out), *SMALL
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_create_writes_a_complete_avatar(small_avatar):
+    names = sorted(p.name for p in small_avatar.iterdir())
+    assert names == ["avatar.json", "binding.safetensors", "deformer.safetensors", "gaussians.ply"]
+    doc = json.loads((small_avatar / "avatar.json").read_text())
+    assert doc["format"] == "gsavatar" and doc["counts"]["gaussians"] == 8000
+    assert doc["quality"]["input_masked_psnr_db"] > 22  # small settings; defaults reach more
+    from avatar.asset import Avatar
+
+    avatar = Avatar.load(small_avatar)
+    parts = avatar.binding.parts
+    assert ((parts >= 1) & (parts <= 5)).float().mean() > 0.25  # face and hands
+    assert avatar.binding.bone_weights.sum(-1).allclose(
+        avatar.gaussians.means.new_ones(8000), atol=1e-5
+    )
+
+
+def test_render_avatar_views(small_avatar, tmp_path):
+    res = run_avatar("render", str(small_avatar), "--view", "input", "-o", str(tmp_path / "in.png"))
+    assert res.returncode == 0, res.stderr
+    img = iio.imread(tmp_path / "in.png")
+    photo = np.asarray(Image.open(SHARED_DATA / "person_sweater_fullbody.png").convert("RGB"))
+    assert (
+        img.shape[0] == 512 and abs(img.shape[1] / img.shape[0] - 0.4) < 0.15
+    )  # the photo's framing
+    dark = img.sum(-1) < 300  # the navy sweater and black trousers are there
+    assert 0.1 < dark.mean() < 0.6 and photo.shape[0] > 0
+    for view in ("yaw=45", "yaw=-45", "yaw=180"):
+        res = run_avatar(
+            "render", str(small_avatar), "--view", view, "-o", str(tmp_path / f"{view}.png")
+        )
+        assert res.returncode == 0, res.stderr
+        side = iio.imread(tmp_path / f"{view}.png")
+        assert 0.01 < (side.sum(-1) < 600).mean() < 0.5  # a body, not an empty frame
+    res = run_avatar("render", str(small_avatar), "--pose", "rest", "--orbit", "3", "--size", "64",
+                     "-o", str(tmp_path / "rest.mp4"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+
+def test_avatar_zip_round_trip_and_overwrite_rules(small_avatar, tmp_path):
+    from avatar.asset import Avatar
+    from avatar.errors import AvatarError
+
+    avatar = Avatar.load(small_avatar)
+    avatar.save(tmp_path / "me.zip")
+    again = Avatar.load(tmp_path / "me.zip")
+    assert (again.gaussians.means == avatar.gaussians.means).all()
+    assert (again.binding.bone_ids == avatar.binding.bone_ids).all()
+    with pytest.raises(AvatarError, match="--force"):
+        avatar.save(tmp_path / "me.zip")
+    avatar.save(tmp_path / "me.zip", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.zip"]
+
+
+def test_broken_avatars_give_clear_errors(small_avatar, tmp_path):
+    import shutil
+
+    from avatar.asset import Avatar, AvatarFileError
+
+    broken = tmp_path / "broken.avatar"
+    shutil.copytree(small_avatar, broken)
+    (broken / "binding.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AvatarFileError, match="unreadable"):
+        Avatar.load(broken)
+    (broken / "binding.safetensors").unlink()
+    with pytest.raises(AvatarFileError, match="missing binding.safetensors"):
+        Avatar.load(broken)
+    (tmp_path / "fake.zip").write_bytes(b"PK not really")
+    with pytest.raises(AvatarFileError, match="not an avatar"):
+        Avatar.load(tmp_path / "fake.zip")
+    res = run_avatar("render", str(broken), "-o", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_create_bad_inputs(tmp_path):
+    Image.fromarray(np.full((300, 200, 3), 180, np.uint8)).save(tmp_path / "wall.png")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    (tmp_path / "empty.png").write_bytes(b"")
+    cases = [
+        (tmp_path / "wall.png", "no person"),
+        (tmp_path / "notes.jpg", "not an image"),
+        (tmp_path / "empty.png", "empty"),
+        (tmp_path / "missing.png", "no such file"),
+    ]
+    for photo, message in cases:
+        out = tmp_path / "out.avatar"
+        res = run_avatar("create", str(photo), "-o", str(out), *SMALL)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert message in res.stderr and "Traceback" not in res.stderr
+        assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@needs_data
+def test_existing_avatar_is_not_overwritten(small_avatar, tmp_path):
+    out = tmp_path / "keep.avatar"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    res = run_avatar(
+        "create", str(SHARED_DATA / "person_sweater_fullbody.png"), "-o", str(out), *SMALL
+    )
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert (out / "mine.txt").read_text() == "precious"
