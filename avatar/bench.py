@@ -154,13 +154,16 @@ def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
 
 
 def bench_create(photo: str | None, cfg) -> dict:
-    """Stage timings, quality and peak memory of `avatar create` (default: the demo photo)."""
+    """Stage timings, quality and peak memory of `avatar create` (default: the demo photo), and
+    the issue's view checks: MediaPipe on the input-view render (are the photo's hands found?),
+    on renders from yaw +-45 (shoulders and hips visible at >= 0.5?), and holes in the back view
+    (share of the closed silhouette with alpha < 0.5)."""
     from .pipelines.create import create_avatar
     from .scenes import demo_photo
 
     photo = photo or demo_photo()
     avatar, times = create_avatar(photo, cfg, progress=False)
-    return {
+    result = {
         "benchmark": "create",
         "photo": photo,
         "device": _cpu_name(),
@@ -173,5 +176,49 @@ def bench_create(photo: str | None, cfg) -> dict:
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         **avatar.meta["quality"],
         "gaussians": len(avatar.gaussians),
-        "config": asdict(cfg),
     }
+    result.update(view_checks(avatar))
+    result["config"] = asdict(cfg)
+    return result
+
+
+def view_checks(avatar) -> dict:
+    import cv2
+    import numpy as np
+
+    from deform.templates import load_template
+    from reconstruct.parsing import NoPersonError, PersonParser
+
+    from .media import to_uint8
+    from .pipelines.create import posed_gaussians
+    from .pipelines.render import OrbitConfig, orbit_cameras
+
+    template = load_template(avatar.template)
+    checks: dict = {}
+    with torch.no_grad(), PersonParser() as parser:
+        front = rasterize(posed_gaussians(avatar, template, "photo"), avatar.camera, background=1.0)
+        photo_hands = avatar.meta["provenance"]["hands_found"]
+        try:
+            seen = parser(to_uint8(front.rgb[0])).hands
+            checks["hands_in_input_render"] = {
+                k: seen[k] is not None for k in photo_hands if photo_hands[k]
+            }
+        except NoPersonError:
+            checks["hands_in_input_render"] = "no person found in the input-view render"
+        body = posed_gaussians(avatar, template, "body")
+        for yaw in (45.0, -45.0):
+            cam = orbit_cameras(body, OrbitConfig(orbit=1, size=512, yaw=yaw, fill=0.75))
+            img = to_uint8(rasterize(body, cam, background=1.0).rgb[0])
+            try:
+                vis = parser(img).body[[11, 12, 23, 24], 2]
+                checks[f"yaw{yaw:+.0f}_shoulder_hip_visibility"] = [round(float(v), 3) for v in vis]
+            except NoPersonError:
+                checks[f"yaw{yaw:+.0f}_shoulder_hip_visibility"] = "no person found"
+        cam = orbit_cameras(body, OrbitConfig(orbit=1, size=512, yaw=180.0, fill=0.75))
+        alpha = rasterize(body, cam).alpha[0, ..., 0].numpy()
+    solid = (alpha > 0.5).astype(np.uint8)
+    closed = cv2.morphologyEx(solid, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    checks["back_view_hole_fraction"] = round(
+        float((closed & (1 - solid)).sum() / max(closed.sum(), 1)), 4
+    )
+    return checks

@@ -74,3 +74,17 @@ def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
     """PSNR in dB over [0, 1] images, inside `mask` when given."""
     mse = _masked_mean((a - b) ** 2, mask).item()
     return float("inf") if mse == 0 else -10 * math.log10(mse)
+
+
+def on_white(image: Tensor, mask: Tensor) -> Tensor:
+    """The photo composited on white by the (soft) mask: what a perfect render would show."""
+    return image * mask + (1 - mask)
+
+
+def masked_quality(render: Tensor, image: Tensor, mask: Tensor) -> tuple[float, float]:
+    """(PSNR dB, SSIM) of a render on a white background against the photo, over the person:
+    PSNR compares the pixels where mask > 0.5 directly; SSIM compares the render with the photo
+    composited on the same white background (so windows at the outline see the same
+    surroundings) and is averaged where mask > 0.5."""
+    inside = (mask > 0.5).to(render.dtype)
+    return psnr(render, image, inside), ssim(render, on_white(image, inside), inside).item()

@@ -27,7 +27,7 @@ from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0
 
 from .canonical import PART_CODES, Binding
-from .losses import loss_dssim, loss_l1
+from .losses import loss_dssim, loss_l1, on_white
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,16 @@ def refine_appearance(
         {"params": [offsets], "lr": cfg.lr_offset},
     ])  # fmt: skip
     target, m = image[None], mask[None, ..., None]
+    target_on_white = on_white(target, m)
     bar = tqdm(range(cfg.steps), desc="appearance", unit="step", disable=not progress)
     for step in bar:
         g = canonical.replace(means=canonical.means + offsets, **params)
         out = rasterize(apply_blend(g, blend), cam, background=1.0)
-        rgb = out.rgb * m + (1 - m)  # compare inside the mask only
-        loss_img = (1 - cfg.lambda_ssim) * loss_l1(rgb, target, m) + cfg.lambda_ssim * loss_dssim(
-            rgb, target, m
-        )
+        # the render on white against the photo inside the person, and against the photo on
+        # white for SSIM (its windows at the outline must see the same surroundings)
+        loss_img = (1 - cfg.lambda_ssim) * loss_l1(
+            out.rgb, target, m
+        ) + cfg.lambda_ssim * loss_dssim(out.rgb, target_on_white, m)
         loss = (
             loss_img
             + cfg.lambda_silhouette * ((out.alpha - m) ** 2).mean()
@@ -185,7 +187,7 @@ def refine_appearance(
         loss.backward()
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(l1=f"{loss_l1(rgb, target, m).item():.4f}")
+            bar.set_postfix(loss=f"{loss_img.item():.4f}")
     with torch.no_grad():
         return canonical.replace(
             means=canonical.means + offsets, **{k: v.detach() for k, v in params.items()}

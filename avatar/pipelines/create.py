@@ -16,7 +16,7 @@ from deform.skinning import apply_blend
 from deform.templates import BodyTemplate, load_template
 from reconstruct.canonical import sample_canonical
 from reconstruct.fit import FitConfig, fit_template
-from reconstruct.losses import psnr, ssim
+from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
 from reconstruct.refine import RefineConfig, crop_image, posed_blend, refine_appearance
 from render import Gaussians, rasterize
@@ -95,11 +95,10 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None, templ
         out = rasterize(
             apply_blend(canonical, posed_blend(binding, posed.transforms[0])), fit.camera, 1.0
         )
-    m = mask[None, ..., None]
-    rendered = out.rgb * m + (1 - m)
+    input_psnr, input_ssim = masked_quality(out.rgb, image[None], mask[None, ..., None])
     quality = {
-        "input_masked_psnr_db": round(psnr(rendered, image[None], m), 2),
-        "input_masked_ssim": round(ssim(rendered, image[None], m).item(), 4),
+        "input_masked_psnr_db": round(input_psnr, 2),
+        "input_masked_ssim": round(input_ssim, 4),
         "fit_keypoint_error": round(fit.keypoint_error, 4),
         "fit_silhouette_iou": round(fit.silhouette_iou, 4),
     }
