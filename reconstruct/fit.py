@@ -213,10 +213,13 @@ def fit_template(
     translation = (centre3d - torso3d.mean(0)).clone().requires_grad_()
     root = torch.zeros(3, requires_grad=True)
     body_pose = torch.zeros(template.num_bones - 1, 3, requires_grad=True)
-    shape_logit = torch.logit(shape0.clamp(0.02, 0.98)).clone().requires_grad_()
+    lo, hi = template.shape_range
+    shape_logit = (
+        torch.logit(((shape0 - lo) / (hi - lo)).clamp(0.02, 0.98)).clone().requires_grad_()
+    )
 
     def evaluate(use_all: bool):
-        shape = torch.sigmoid(shape_logit)
+        shape = lo + (hi - lo) * torch.sigmoid(shape_logit)  # bounded to the template's range
         pose = torch.cat([root[None], body_pose if use_all else body_pose.detach() * 0], 0)
         out = template(shape[None], pose=pose[None], translation=translation[None])
         pts = project(cam, template.landmarks(out, template.body_landmarks))[0]

@@ -43,6 +43,8 @@ class CreateConfig:
     """Assumed vertical field of view of the photo, degrees."""
     seed: int = 0
     """Random seed (sampling)."""
+    body: str = "anny"
+    """Body template: anny, or smplx:PATH to your licensed SMPLX_NEUTRAL.npz (or its folder)."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class CreateTimings:
         return self.parse_s + self.fit_s + self.sample_s + self.refine_s
 
 
-def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None, template: str = "anny",
+def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
                   progress: bool = True) -> tuple[Avatar, CreateTimings]:  # fmt: skip
     cfg = cfg or CreateConfig()
     times = CreateTimings()
@@ -73,7 +75,10 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None, templ
     times.parse_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tpl = load_template(template)
+    try:
+        tpl = load_template(cfg.body)
+    except ValueError as exc:
+        raise AvatarError(f"--body {cfg.body}: {exc}") from None
     fit_cfg = FitConfig(fov_deg=cfg.fov, size=cfg.size, steps=cfg.fit_steps)
     fit = fit_template(tpl, parse, photo.rgb.shape[:2], fit_cfg, progress=progress)
     times.fit_s = time.perf_counter() - t0
@@ -111,7 +116,7 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None, templ
         "people_in_photo": parse.num_people,
         "hands_found": {k: v is not None for k, v in parse.hands.items()},
     }
-    avatar = Avatar(canonical, binding, template, fit.shape, fit.pose, fit.translation, fit.camera,
+    avatar = Avatar(canonical, binding, cfg.body, fit.shape, fit.pose, fit.translation, fit.camera,
                     {"provenance": provenance, "quality": quality})  # fmt: skip
     return avatar, times
 

@@ -13,11 +13,13 @@ __all__ = [
 
 
 def load_template(name: str) -> BodyTemplate:
-    """ "anny" (default). SMPL-X ("smplx:PATH") is designed in but not available yet."""
+    """`anny` (the default), or `smplx:PATH` with PATH the user's SMPLX_NEUTRAL.npz or its folder."""
     if name == "anny":
         from .anny import AnnyTemplate
 
         return AnnyTemplate()
     if name.startswith("smplx:"):
-        raise ValueError(f"{name}: the SMPL-X template is not available in this version; use anny")
-    raise ValueError(f"unknown body template {name!r}; use 'anny'")
+        from .smplx_body import SMPLXTemplate
+
+        return SMPLXTemplate(name.split(":", 1)[1])
+    raise ValueError(f"unknown body template {name!r}; use anny or smplx:PATH")

@@ -51,6 +51,7 @@ class BodyTemplate(nn.Module):
     """Base class: subclasses fill the buffers and implement `forward`."""
 
     name: str
+    shape_range: tuple[float, float] = (0.0, 1.0)  # bounds of each shape parameter
     bone_names: list[str]
     shape_names: list[str]
     expression_names: list[str]
