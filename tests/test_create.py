@@ -140,3 +140,18 @@ def test_existing_avatar_is_not_overwritten(small_avatar, tmp_path):
     )
     assert res.returncode == 2 and "--force" in res.stderr
     assert (out / "mine.txt").read_text() == "precious"
+
+
+@needs_data
+def test_several_people_warn_and_use_the_largest(tmp_path):
+    person = np.asarray(Image.open(SHARED_DATA / "person_sweater_fullbody.png").convert("RGB"))
+    small = np.asarray(Image.fromarray(person).resize((480, 640)))
+    canvas = np.full((960, 1300, 3), 255, np.uint8)
+    canvas[:, :720] = person
+    canvas[300:940, 780:1260] = small
+    Image.fromarray(canvas).save(tmp_path / "two.png")
+    out = tmp_path / "two.avatar"
+    res = run_avatar("create", str(tmp_path / "two.png"), "-o", str(out), *SMALL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 people in the photo; using the largest" in res.stderr
+    assert json.loads((out / "avatar.json").read_text())["provenance"]["people_in_photo"] == 2
