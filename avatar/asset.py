@@ -26,7 +26,7 @@ from render import Cameras, Gaussians
 from render.io import SplatFileError, load_ply, save_ply
 
 from .errors import AvatarError
-from .media import atomic_path
+from .media import atomic_path, check_output
 
 FORMAT = "gsavatar"
 VERSION = 1
@@ -52,10 +52,7 @@ class Avatar:
     # ---- writing -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
         path = Path(path)
-        if path.exists() and not force:
-            raise AvatarError(f"{path} already exists; pass --force to overwrite it")
-        if not path.parent.is_dir():
-            raise AvatarError(f"{path}: the folder {path.parent} does not exist")
+        check_output(path, force)
         if path.suffix.lower() == ".zip":
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
                 self._write_folder(Path(tmp_dir) / "avatar")

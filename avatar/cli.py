@@ -124,13 +124,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from .media import check_output
     from .pipelines.create import CreateConfig, create_avatar
 
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise AvatarError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise AvatarError(f"{out}: the folder {out.parent} does not exist")
+    check_output(out, args.force)  # before minutes of work, not after
     avatar, times = create_avatar(args.photo, config_from_args(CreateConfig, args))
     avatar.save(out, force=args.force)
     q = avatar.meta["quality"]

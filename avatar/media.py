@@ -7,14 +7,14 @@ half-written file or folder behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from render.io import atomic_path
 
 from .errors import AvatarError, OutputExistsError
 
@@ -32,27 +32,6 @@ def check_output(path: Path, force: bool) -> None:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
     if not path.parent.exists():
         raise AvatarError(f"{path}: the folder {path.parent} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path (same suffix); move it onto `path` on success only."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    old = path.with_name(f".{path.stem}.old-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():  # folders cannot be replaced in one step:
-            os.replace(path, old)  # move the old one aside first, so it is never lost
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:

@@ -90,15 +90,6 @@ def photo_camera(image_hw: tuple[int, int], crop: Crop, fov_deg: float) -> Camer
     return Cameras(view, K[None], crop.width, crop.height)
 
 
-def project(cam: Cameras, pts: Tensor) -> Tensor:  # [B, L, 3] -> [B, L, 2] pixels (1 camera)
-    view, K = cam.viewmats[0], cam.Ks[0]
-    p = pts @ view[:3, :3].T + view[:3, 3]
-    z = p[..., 2:].clamp_min(1e-3)
-    return torch.stack(
-        [K[0, 0] * p[..., 0] / z[..., 0] + K[0, 2], K[1, 1] * p[..., 1] / z[..., 0] + K[1, 2]], -1
-    )
-
-
 def _geman_mcclure(sq: Tensor, sigma: float) -> Tensor:
     return sq / (sq + sigma * sigma)
 
@@ -222,7 +213,7 @@ def fit_template(
         shape = lo + (hi - lo) * torch.sigmoid(shape_logit)  # bounded to the template's range
         pose = torch.cat([root[None], body_pose if use_all else body_pose.detach() * 0], 0)
         out = template(shape[None], pose=pose[None], translation=translation[None])
-        pts = project(cam, template.landmarks(out, template.body_landmarks))[0]
+        pts = cam.project(template.landmarks(out, template.body_landmarks)[0])[0]
         sigma = 0.05 * tgt.person_px
         w = tgt.body_w if use_all else tgt.body_w * torch.tensor([n in ("left_shoulder", "right_shoulder",
                                                                       "left_hip", "right_hip") for n in names])  # fmt: skip
@@ -231,7 +222,7 @@ def fit_template(
         ).sum() / w.sum().clamp_min(1)
         if use_all:
             for side, target in tgt.hands.items():
-                hp = project(cam, template.landmarks(out, template.hand_landmarks[side]))[0]
+                hp = cam.project(template.landmarks(out, template.hand_landmarks[side])[0])[0]
                 loss_kp = (
                     loss_kp + 0.5 * _geman_mcclure(((hp - target) ** 2).sum(-1), 0.5 * sigma).mean()
                 )

@@ -60,14 +60,6 @@ def _sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] p
     return out[0, :, 0].T
 
 
-def _project(posed: Gaussians, cam: Cameras) -> Tensor:  # [N, 2] pixels
-    view, K = cam.viewmats[0], cam.Ks[0]
-    p = posed.means @ view[:3, :3].T + view[:3, 3]
-    return torch.stack(
-        [K[0, 0] * p[:, 0] / p[:, 2] + K[0, 2], K[1, 1] * p[:, 1] / p[:, 2] + K[1, 2]], -1
-    )
-
-
 def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03) -> Tensor:
     """[N] bool: facing the camera and not hidden behind the rendered surface (depth [H, W])."""
     from render.rotations import quat_to_rotmat
@@ -76,7 +68,7 @@ def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
     p = posed.means @ view[:3, :3].T + view[:3, 3]
     normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
     facing = (normal * p).sum(-1) < 0  # the normal points back toward the camera
-    surface = _sample_image(depth[..., None], _project(posed, cam))[:, 0]
+    surface = _sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0]
     return facing & (p[:, 2] < surface + tolerance)
 
 
@@ -94,7 +86,7 @@ def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
 def color_prior(posed: Gaussians, canonical: Gaussians, binding: Binding, cam: Cameras,
                 image: Tensor, mask: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
     """[N, 3] colour prior from the photo (see the module docstring)."""
-    uv = _project(posed, cam)
+    uv = cam.project(posed.means)[0]
     rgb = torch.where(
         seen[:, None], _sample_image(image, uv), _sample_image(_masked_blur(image, mask), uv)
     )

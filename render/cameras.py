@@ -50,6 +50,14 @@ class Cameras:
         rot, t = self.viewmats[:, :3, :3], self.viewmats[:, :3, 3]
         return -(rot.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1)
 
+    def project(self, points: Tensor) -> Tensor:  # [P, 3] world -> [C, P, 2] pixels
+        """Pinhole projection of world points into every camera (depth clamped at 1 mm)."""
+        cam = points @ self.viewmats[:, :3, :3].transpose(1, 2) + self.viewmats[:, None, :3, 3]
+        z = cam[..., 2].clamp_min(1e-3)
+        x = self.Ks[:, None, 0, 0] * cam[..., 0] / z + self.Ks[:, None, 0, 2]
+        y = self.Ks[:, None, 1, 1] * cam[..., 1] / z + self.Ks[:, None, 1, 2]
+        return torch.stack([x, y], dim=-1)
+
     @staticmethod
     def cat(items: list[Cameras]) -> Cameras:
         w, h = items[0].width, items[0].height

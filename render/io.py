@@ -12,7 +12,10 @@ opacity), rotation 4xu8 (wxyz, q*128+128). Lossy: SH degree 0 only, 8-bit colour
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +43,30 @@ class SplatFileError(ValueError):
         self.path = str(path)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path (same suffix); move it onto `path` on success only."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    old = path.with_name(f".{path.stem}.old-{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        yield tmp
+        if path.is_dir() and tmp.is_dir():  # folders cannot be replaced in one step:
+            os.replace(path, old)  # move the old one aside first, so it is never lost
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---- PLY ---------------------------------------------------------------------------------------

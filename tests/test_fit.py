@@ -16,7 +16,7 @@ pytest.importorskip("mediapipe", reason="fitting needs person parsing")
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"test photos not found in {SHARED_DATA}")
 def test_fit_full_body_photo():
     from deform.templates.anny import AnnyTemplate
-    from reconstruct.fit import FitConfig, fit_template, project
+    from reconstruct.fit import FitConfig, fit_template
     from reconstruct.parsing import PersonParser
 
     rgb = read_photo(SHARED_DATA / "person_sweater_fullbody.png").rgb
@@ -27,7 +27,7 @@ def test_fit_full_body_photo():
     assert fit.keypoint_error < 0.03  # mean visible-keypoint error, fraction of person height
     assert fit.silhouette_iou > 0.8
     out = tpl(fit.shape[None], pose=fit.pose[None], translation=fit.translation[None])
-    nose = project(fit.camera, tpl.landmarks(out, {"n": tpl.body_landmarks["nose"]}))[0, 0]
+    nose = fit.camera.project(tpl.landmarks(out, {"n": tpl.body_landmarks["nose"]})[0])[0, 0]
     target = torch.from_numpy(fit.crop.to_crop(parse.body[0:1, :2]))[0]
     assert (nose - target).norm() < 0.04 * fit.crop.height
     assert (fit.shape >= 0).all() and (fit.shape <= 1).all()

@@ -210,7 +210,7 @@ class AnnyTemplate(BodyTemplate):
             }
             assert tuple(hands[side]) == MEDIAPIPE_HAND
         # face points from the rest mesh: nose tip, mouth corners, ears, heels and toes
-        head_ids = torch.nonzero(self._head_region(v, joints)).flatten()
+        head_ids = torch.nonzero(self._masks["head"]).flatten()
         hv = v[head_ids]
         near_mid = hv[:, 0].abs() < 0.01
         body["nose"] = Landmark("vertex", int(head_ids[near_mid][hv[near_mid, 2].argmax()]))
@@ -218,7 +218,7 @@ class AnnyTemplate(BodyTemplate):
         band = (hv[:, 1] - eye_y).abs() < 0.02
         body["left_ear"] = Landmark("vertex", int(head_ids[band][hv[band, 0].argmax()]))
         body["right_ear"] = Landmark("vertex", int(head_ids[band][hv[band, 0].argmin()]))
-        lips = torch.nonzero(self._lips_region()).flatten()
+        lips = torch.nonzero(self._masks["lips"]).flatten()
         body["mouth_left"] = Landmark("vertex", int(lips[v[lips, 0].argmax()]))
         body["mouth_right"] = Landmark("vertex", int(lips[v[lips, 0].argmin()]))
         for side, suffix in (("left", "L"), ("right", "R")):
@@ -232,15 +232,6 @@ class AnnyTemplate(BodyTemplate):
 
     def _parent(self, j: int) -> int:
         return int(self._anny.bone_parents[j])
-
-    def _head_region(self, v: Tensor, joints: Tensor) -> Tensor:
-        return v[:, 1] > joints[self.bone_names.index("head"), 1] - 0.02
-
-    def _lips_region(self) -> Tensor:
-        m = self._anny
-        rows = {label: i for i, label in enumerate(m.blendshape_labels)}
-        return sum(m.blendshapes[rows["facial_action:" + a]].norm(dim=-1)
-                   for a in ("mouthRollUpper", "mouthRollLower")) > 3e-3  # fmt: skip
 
 
 def _axis_angle_to_rotmat(aa: Tensor, quat_to_rotmat) -> Tensor:  # [..., 3] -> [..., 3, 3]
