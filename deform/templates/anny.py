@@ -135,14 +135,13 @@ class AnnyTemplate(BodyTemplate):
             eye = torch.eye(4, dtype=rest.dtype, device=rest.device)  # pose ~1 cm off rest)
             heads = out["rest_bone_heads"] @ c.T
             transforms = eye.expand(batch, self.num_bones, 4, 4)
-            return TemplateOutput(rest, rest, transforms, heads, heads)
+            return TemplateOutput(rest, rest, transforms, heads)
         transforms = out["bone_poses"] @ torch.linalg.inv(out["rest_bone_poses"])
         c4 = torch.eye(4, dtype=c.dtype, device=c.device)
         c4[:3, :3] = c
         transforms = c4 @ transforms @ c4.T
         heads = out["bone_poses"][..., :3, 3] @ c.T
-        # Anny's rig gives no bone tails here; finger tips are vertex landmarks instead
-        return TemplateOutput(out["vertices"] @ c.T, rest, transforms, heads, heads)
+        return TemplateOutput(out["vertices"] @ c.T, rest, transforms, heads)
 
     # ---- semantics ---------------------------------------------------------------------------
     @functools.cached_property

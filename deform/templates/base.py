@@ -18,8 +18,7 @@ class TemplateOutput:
     vertices: Tensor  # [B, V, 3] posed
     rest_vertices: Tensor  # [B, V, 3] canonical (rest pose) with shape and expression applied
     transforms: Tensor  # [B, J, 4, 4] skinning transforms, canonical rest -> posed
-    joints: Tensor  # [B, J, 3] posed bone heads
-    joint_tails: Tensor  # [B, J, 3] posed bone tails (finger tips, head top, ...)
+    joints: Tensor  # [B, J, 3] posed bone heads (the joints)
 
 
 # MediaPipe's 33 body landmarks, in its order (the person's own left / right)
@@ -41,9 +40,9 @@ MEDIAPIPE_HAND = (
 
 @dataclass(frozen=True)
 class Landmark:
-    """Where a 2D keypoint sits on the template: a bone head, a bone tail, or a vertex."""
+    """Where a 2D keypoint sits on the template: a bone head (joint) or a vertex."""
 
-    kind: str  # "head" | "tail" | "vertex"
+    kind: str  # "head" | "vertex"
     index: int
 
 
@@ -92,8 +91,6 @@ class BodyTemplate(nn.Module):
         for lm in table.values():
             if lm.kind == "head":
                 cols.append(out.joints[:, lm.index])
-            elif lm.kind == "tail":
-                cols.append(out.joint_tails[:, lm.index])
             else:
                 cols.append(out.vertices[:, lm.index])
         return torch.stack(cols, dim=1)

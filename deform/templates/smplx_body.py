@@ -100,7 +100,7 @@ class SMPLXTemplate(BodyTemplate):
         joints = vertices2joints(m.J_regressor, v)  # [B, 55, 3]
         if pose is None and translation is None:
             eye = torch.eye(4).expand(batch, len(self.bone_names), 4, 4)
-            return TemplateOutput(v, v, eye, joints, joints)
+            return TemplateOutput(v, v, eye, joints)
         if pose is None:
             pose = shape.new_zeros(batch, len(self.bone_names), 3)
         rot = batch_rodrigues(pose.reshape(-1, 3).float()).reshape(batch, -1, 3, 3)
@@ -115,7 +115,7 @@ class SMPLXTemplate(BodyTemplate):
         )
         vp = v + pose_offsets
         verts = (blend[..., :3, :3] @ vp[..., None])[..., 0] + blend[..., :3, 3]
-        return TemplateOutput(verts, v, transforms, posed_joints, posed_joints)
+        return TemplateOutput(verts, v, transforms, posed_joints)
 
     def part_masks(self) -> dict[str, Tensor]:
         with torch.no_grad():
