@@ -87,9 +87,9 @@ def color_prior(posed: Gaussians, canonical: Gaussians, binding: Binding, cam: C
                 image: Tensor, mask: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
     """[N, 3] colour prior from the photo (see the module docstring)."""
     uv = cam.project(posed.means)[0]
-    rgb = torch.where(
-        seen[:, None], _sample_image(image, uv), _sample_image(_masked_blur(image, mask), uv)
-    )
+    blurred = _masked_blur(image, mask)
+    person = torch.where(mask[..., None] > 0.5, image, blurred)  # no background at the outline
+    rgb = torch.where(seen[:, None], _sample_image(person, uv), _sample_image(blurred, uv))
     hair = _hair_color(image, mask, uv[binding.parts == PART_CODES["face"]])
     if hair is not None:
         rgb[_back_of_head(canonical, binding) & ~seen] = hair
@@ -109,7 +109,8 @@ def _hair_color(image: Tensor, mask: Tensor, face_uv: Tensor) -> Tensor | None:
 
 
 def _back_of_head(canonical: Gaussians, binding: Binding) -> Tensor:
-    """Gaussians on the upper back half of the head (normals pointing back or up)."""
+    """Gaussians where hair usually is: on the head above the eyes (or anywhere on its back
+    half), facing away from the front."""
     from render.rotations import quat_to_rotmat
 
     normal = quat_to_rotmat(canonical.quats)[:, :, 2]
@@ -121,7 +122,10 @@ def _back_of_head(canonical: Gaussians, binding: Binding) -> Tensor:
     near = (
         canonical.means[:, :2] - canonical.means[binding.parts == PART_CODES["face"], :2].mean(0)
     ).norm(dim=-1) < 0.16
-    return on_head & near & ((normal[:, 2] < -0.2) | (normal[:, 1] > 0.6)) & (binding.parts == 0)
+    above_eyes = canonical.means[:, 1] > chin + 0.55 * (top - chin)
+    back = normal[:, 2] < -0.2
+    sides_or_top = (normal[:, 2] < 0.3) & above_eyes
+    return on_head & near & (back | sides_or_top | (normal[:, 1] > 0.6)) & (binding.parts == 0)
 
 
 def refine_appearance(
@@ -155,7 +159,8 @@ def refine_appearance(
         {"params": [params["log_scales"]], "lr": cfg.lr_scale},
         {"params": [offsets], "lr": cfg.lr_offset},
     ])  # fmt: skip
-    target, m = image[None], mask[None, ..., None]
+    target, soft = image[None], mask[None, ..., None]
+    m = (soft > 0.5).to(soft.dtype)  # photometric terms: outline pixels mix in the background
     target_on_white = on_white(target, m)
     bar = tqdm(range(cfg.steps), desc="appearance", unit="step", disable=not progress)
     for step in bar:
@@ -168,7 +173,7 @@ def refine_appearance(
         ) + cfg.lambda_ssim * loss_dssim(out.rgb, target_on_white, m)
         loss = (
             loss_img
-            + cfg.lambda_silhouette * ((out.alpha - m) ** 2).mean()
+            + cfg.lambda_silhouette * ((out.alpha - soft) ** 2).mean()
             + cfg.lambda_offset * (offsets**2).sum(-1).mean()
             + cfg.lambda_scale * F.relu(params["log_scales"].exp() - cfg.max_scale).pow(2).mean()
         )
