@@ -1,0 +1,71 @@
+"""Audio loading for the speech front-end: anything FFmpeg decodes (WAV, FLAC, MP3, OGG, M4A,
+the audio track of a video ...), at any sample rate, mono or stereo -> float32 mono at 16 kHz.
+
+Decoding and resampling go through PyAV (FFmpeg's own resampler), chunk by chunk, so long files
+never hold more than their 16 kHz samples in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz, every audio model in the project works at this rate
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # [S] float32 in [-1, 1], mono
+    sample_rate: int  # of `samples`
+    source_rate: int  # of the file
+    source_channels: int
+    path: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Audio:
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: the file is empty")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as exc:
+        raise AudioError(
+            f"{path}: not an audio file FFmpeg can read ({exc.strerror or exc})"
+        ) from None
+    with container:
+        if not container.streams.audio:
+            raise AudioError(f"{path}: the file has no audio track")
+        stream = container.streams.audio[0]
+        source_rate = stream.codec_context.sample_rate or 0
+        channels = stream.codec_context.channels or 0
+        # keep the channels through the resampler and average them here: FFmpeg's own
+        # downmix sums stereo at 1/sqrt(2) each, which clips loud recordings
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=sample_rate)
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+        except av.error.FFmpegError as exc:
+            raise AudioError(f"{path}: the audio data is corrupt ({exc.strerror or exc})") from None
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if len(samples) == 0:
+        raise AudioError(f"{path}: the audio track holds no samples")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: the audio holds NaN or infinite samples")
+    return Audio(np.clip(samples, -1.0, 1.0), sample_rate, source_rate, channels, str(path))
