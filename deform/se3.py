@@ -1,4 +1,4 @@
-"""SE(3) maths as pure functions: twists, the exponential map, composition.
+"""SE(3) maths as pure functions: twists, the exponential map, moving points.
 
 A twist is xi = (omega, v) in R^6: rotation vector first, then translation (CONVENTIONS.md).
 exp(xi^) = [[R, V v], [0, 1]] with
@@ -46,10 +46,6 @@ def exp(xi: Tensor) -> Tensor:  # [..., 6] twist (omega, v) -> [..., 4, 4] rigid
     bottom = torch.zeros(*xi.shape[:-1], 1, 4, dtype=xi.dtype, device=xi.device)
     bottom[..., 0, 3] = 1
     return torch.cat([top, bottom], dim=-2)
-
-
-def compose(a: Tensor, b: Tensor) -> Tensor:  # [..., 4, 4] x [..., 4, 4]: apply b, then a
-    return a @ b
 
 
 def transform_points(

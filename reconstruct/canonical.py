@@ -43,9 +43,6 @@ class Binding:
     bone_weights: Tensor  # [N, K], rows sum to 1
     parts: Tensor  # [N] uint8, PART_CODES
 
-    def __getitem__(self, index) -> Binding:
-        return Binding(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -55,5 +55,5 @@ def test_composition_and_points():
     assert torch.allclose(
         p[0, :2] - t[:2, 3], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-12
     )
-    back = se3.compose(se3.exp(-xi)[0], t)
+    back = se3.exp(-xi)[0] @ t  # composing with the inverse twist gives the identity
     assert torch.allclose(back, torch.eye(4, dtype=torch.float64), atol=1e-12)
