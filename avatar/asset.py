@@ -3,8 +3,9 @@
     avatar.json           format version, template and its fitted shape, the photo's camera,
                           counts, provenance and quality figures
     gaussians.ply         the canonical (rest-pose) Gaussians, standard 3DGS layout
-    binding.safetensors   how each Gaussian hangs on the template, and the photo's pose
-    deformer.safetensors  the motion weights (empty until the deformer is trained)
+    binding.safetensors   how each Gaussian hangs on the template and on the deformer's
+                          particles, and the photo's pose
+    deformer.safetensors  the avatar's own motion weights (empty: the shipped default is used)
 
 Writes are atomic: everything goes to a temporary sibling that is renamed into place.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deform.particles import Particles
 from reconstruct.canonical import Binding
 from render import Cameras, Gaussians
 from render.io import SplatFileError, load_ply, save_ply
@@ -47,7 +49,8 @@ class Avatar:
     photo_translation: Tensor  # [3]
     camera: Cameras  # the input view (1 camera)
     meta: dict = field(default_factory=dict)  # provenance and quality figures
-    deformer: dict[str, Tensor] = field(default_factory=dict)
+    deformer: dict[str, Tensor] = field(default_factory=dict)  # fine-tuned motion weights
+    particles: Particles | None = None  # the deformer's particles (computed when absent)
 
     # ---- writing -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
@@ -74,6 +77,8 @@ class Avatar:
             "photo.translation": self.photo_translation.float().contiguous(),
             "template.shape": self.shape.float().contiguous(),
         })  # fmt: skip
+        if self.particles is not None:
+            tensors.update(self.particles.tensors("particle."))
         save_file(tensors, str(folder / "binding.safetensors"))
         save_file({k: v.contiguous() for k, v in self.deformer.items()}, str(folder / "deformer.safetensors"),
                   metadata={"trained": str(bool(self.deformer))})  # fmt: skip
@@ -145,12 +150,14 @@ class Avatar:
                              int(cam["width"]), int(cam["height"]))  # fmt: skip
             avatar = Avatar(gaussians, binding, doc["template"]["name"], tensors["template.shape"],
                             tensors["photo.pose"], tensors["photo.translation"], camera,
-                            {k: v for k, v in doc.items() if k in ("provenance", "quality")}, deformer)  # fmt: skip
+                            {k: v for k, v in doc.items() if k in ("provenance", "quality")}, deformer,
+                            Particles.from_tensors(tensors, "particle.") if "particle.rest" in tensors else None)  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise AvatarFileError(f"{label}: incomplete or inconsistent avatar ({exc!r})") from None
         n = len(gaussians)
         if (
             any(t.shape[0] != n for t in binding.tensors().values())
+            or (avatar.particles is not None and len(avatar.particles.ids) != n)
             or doc["counts"]["gaussians"] != n
         ):
             raise AvatarFileError(

@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -222,3 +223,103 @@ def view_checks(avatar) -> dict:
         float((closed & (1 - solid)).sum() / max(closed.sum(), 1)), 4
     )
     return checks
+
+
+# ---- avatar bench drive ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriveBenchConfig:
+    avatar: str = ""
+    """The avatar to drive (default: one created from the demo photo first, not timed)."""
+    audio: str = ""
+    """Speech to drive with (default: the built-in demo clip), looped or cut to --seconds."""
+    seconds: float = 10.0
+    """Length of the timed clip."""
+    long_seconds: float = 60.0
+    """Length of the second clip for the memory comparison (0: skip it; 600 for 10 minutes)."""
+    size: int = 512
+    """Video size."""
+    framing: str = "full"
+    """full, upper or face."""
+
+
+def _drive_worker(avatar_path: str, audio_path: str, size: int, framing: str, queue) -> None:
+    import tempfile
+
+    from .asset import Avatar
+    from .pipelines.drive import DriveConfig, drive_avatar
+
+    avatar = Avatar.load(avatar_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = drive_avatar(avatar, audio_path, Path(tmp) / "bench.mp4",
+                               DriveConfig(size=size, framing=framing), progress=False)  # fmt: skip
+        wall = time.perf_counter() - t0
+    queue.put({"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), **summary})
+
+
+def _timed_drive(avatar_path: str, audio_path: str, cfg: DriveBenchConfig) -> dict:
+    """One drive in a fresh process, so its peak memory is its own."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_drive_worker, args=(avatar_path, audio_path, cfg.size, cfg.framing, queue)
+    )
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _speech_of_length(source: str, seconds: float, path: Path) -> None:
+    import numpy as np
+
+    from deform.audio import SAMPLE_RATE, load_audio
+
+    from .media import write_wav
+
+    samples = load_audio(source).samples
+    n = int(round(seconds * SAMPLE_RATE))
+    write_wav(path, np.resize(samples, n), SAMPLE_RATE)
+
+
+def bench_drive(cfg: DriveBenchConfig) -> dict:
+    import tempfile
+
+    from .scenes import demo_photo, demo_speech
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        avatar_path = cfg.avatar
+        if not avatar_path:
+            from .pipelines.create import create_avatar
+
+            avatar, _ = create_avatar(demo_photo(), progress=False)
+            avatar_path = str(tmp / "bench.avatar")
+            avatar.save(avatar_path)
+        source = cfg.audio or str(demo_speech())
+        _speech_of_length(source, cfg.seconds, tmp / "short.wav")
+        short = _timed_drive(avatar_path, str(tmp / "short.wav"), cfg)
+        result = {
+            "audio_s": short["audio_s"],
+            "frames": short["frames"],
+            "size": cfg.size,
+            "framing": cfg.framing,
+            "wall_s": round(short["wall_s"], 2),
+            "realtime_factor": round(short["wall_s"] / short["audio_s"], 3),
+            "fps": round(short["frames"] / short["wall_s"], 2),
+            "peak_rss_mb": round(short["peak_rss_mb"], 1),
+        }
+        if cfg.long_seconds > 0:
+            _speech_of_length(source, cfg.long_seconds, tmp / "long.wav")
+            long = _timed_drive(avatar_path, str(tmp / "long.wav"), cfg)
+            result.update({
+                "long_audio_s": long["audio_s"],
+                "long_wall_s": round(long["wall_s"], 2),
+                "long_peak_rss_mb": round(long["peak_rss_mb"], 1),
+                "memory_ratio_long_vs_short": round(long["peak_rss_mb"] / short["peak_rss_mb"], 3),
+            })  # fmt: skip
+    result.update({"audio": cfg.audio or "built-in demo clip", "threads": torch.get_num_threads(),
+                   "cpu": _cpu_name(), "python": platform.python_version()})  # fmt: skip
+    return result

@@ -60,7 +60,7 @@ def write_video(
     audio_path: str | os.PathLike | None = None,
 ) -> int:
     """Encode frames to H.264 MP4 (yuv420p, plays everywhere), optionally muxing an audio track
-    as AAC, cut to the shorter stream. Returns the frame count."""
+    as AAC (whole; give as many frames as the audio lasts). Returns the frame count."""
     import imageio_ffmpeg
 
     count = 0
@@ -74,8 +74,9 @@ def write_video(
                 if writer is None:
                     extra = {}
                     if audio_path is not None:
-                        extra = dict(audio_path=str(audio_path), audio_codec="aac",
-                                     output_params=["-shortest"])  # fmt: skip
+                        # no -shortest: with piped frames FFmpeg cuts the video early; the
+                        # caller makes the frame count match the audio instead
+                        extra = dict(audio_path=str(audio_path), audio_codec="aac")
                     writer = imageio_ffmpeg.write_frames(
                         str(tmp), (frame.shape[1], frame.shape[0]), fps=fps, codec="libx264",
                         pix_fmt_out="yuv420p", macro_block_size=1, quality=7,
@@ -90,3 +91,15 @@ def write_video(
         if count == 0:
             raise AvatarError(f"{path}: no frames to write")
     return count
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> None:
+    """16-bit PCM mono WAV, atomically."""
+    import wave
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())

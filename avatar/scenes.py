@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,12 @@ def demo_photo() -> str:
     import matplotlib.cbook
 
     return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def demo_speech() -> Path:
+    """The built-in speech clip (8.9 s, English): synthesised by the project with espeak-ng
+    (`python -m distill.make_demo_speech`), shipped in the package; no third-party recording."""
+    return Path(__file__).parent / "data" / "demo_speech.flac"
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,22 @@ def rotmat_to_quat(rot: Tensor) -> Tensor:  # [..., 3, 3] -> [..., 4] wxyz, w >=
     q = torch.gather(cands, -2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, 4)).squeeze(-2)
     q = torch.nn.functional.normalize(q, dim=-1)
     return torch.where(q[..., :1] < 0, -q, q)
+
+
+def axis_angle_to_rotmat(aa: Tensor) -> Tensor:  # [..., 3] -> [..., 3, 3]
+    """Via a quaternion with a Taylor-safe half-angle sine (finite gradients at zero)."""
+    theta2 = (aa * aa).sum(-1, keepdim=True)
+    theta = torch.sqrt(theta2.clamp_min(1e-24))
+    small = theta2 < 1e-8
+    half_sinc = torch.where(small, 0.5 - theta2 / 48, torch.sin(theta / 2) / theta)
+    w = torch.where(small, 1 - theta2 / 8, torch.cos(theta / 2))
+    return quat_to_rotmat(torch.cat([w, aa * half_sinc], dim=-1))
+
+
+def rotmat_to_axis_angle(rot: Tensor) -> Tensor:  # [..., 3, 3] -> [..., 3], angle in [0, pi]
+    q = rotmat_to_quat(rot)
+    q = q * torch.where(q[..., :1] < 0, -1.0, 1.0)
+    s = q[..., 1:].norm(dim=-1, keepdim=True)
+    angle = 2 * torch.atan2(s, q[..., :1])
+    scale = torch.where(s > 1e-8, angle / s.clamp_min(1e-8), 2.0 / q[..., :1].clamp_min(1e-8))
+    return q[..., 1:] * scale

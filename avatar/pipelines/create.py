@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from deform.particles import template_particles
 from deform.skinning import apply_blend
 from deform.templates import BodyTemplate, load_template
-from reconstruct.canonical import sample_canonical
+from reconstruct.canonical import PART_CODES, sample_canonical
 from reconstruct.fit import FitConfig, fit_template
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
@@ -95,6 +96,7 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     canonical = refine_appearance(canonical, binding, posed.transforms[0], fit.camera, image, mask,
                                   RefineConfig(steps=cfg.refine_steps), progress=progress)  # fmt: skip
     times.refine_s = time.perf_counter() - t0
+    canonical = _dark_mouth(canonical, binding)
 
     with torch.no_grad():
         out = rasterize(
@@ -116,9 +118,29 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
         "people_in_photo": parse.num_people,
         "hands_found": {k: v is not None for k, v in parse.hands.items()},
     }
+    particles = None
+    if tpl.name == "anny":  # speech driving needs ARKit facial actions
+        particles = template_particles(tpl, fit.shape, PART_CODES, binding.face_ids, binding.bary,
+                                       seed=cfg.seed)  # fmt: skip
     avatar = Avatar(canonical, binding, cfg.body, fit.shape, fit.pose, fit.translation, fit.camera,
-                    {"provenance": provenance, "quality": quality})  # fmt: skip
+                    {"provenance": provenance, "quality": quality}, particles=particles)  # fmt: skip
     return avatar, times
+
+
+MOUTH_RGB = (0.32, 0.1, 0.1)  # inside of the mouth: never seen in a closed-mouth photo
+
+
+def _dark_mouth(gaussians: Gaussians, binding) -> Gaussians:
+    """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open."""
+    from render.sh import rgb_to_sh0
+
+    inside = binding.parts == PART_CODES["mouth"]
+    if gaussians.sh is None or not inside.any():
+        return gaussians
+    sh = gaussians.sh.detach().clone()
+    sh[inside] = 0
+    sh[inside, 0] = rgb_to_sh0(torch.tensor(MOUTH_RGB))
+    return gaussians.replace(sh=sh)
 
 
 def posed_gaussians(avatar: Avatar, template: BodyTemplate, frame: str = "photo") -> Gaussians:

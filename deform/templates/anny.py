@@ -105,9 +105,9 @@ class AnnyTemplate(BodyTemplate):
         return torch.tensor([DEFAULT_SHAPE[n] for n in self.shape_names])
 
     def _to_anny_pose(self, pose: Tensor, translation: Tensor | None) -> Tensor:  # -> [B,J,4,4]
-        from render.rotations import quat_to_rotmat
+        from render.rotations import axis_angle_to_rotmat
 
-        rot = _axis_angle_to_rotmat(pose, quat_to_rotmat)  # canonical axes
+        rot = axis_angle_to_rotmat(pose)  # canonical axes
         c = self.to_canonical.to(pose)
         out = torch.eye(4, dtype=pose.dtype, device=pose.device).repeat(*pose.shape[:2], 1, 1)
         out[..., :3, :3] = c.T @ rot @ c
@@ -231,13 +231,3 @@ class AnnyTemplate(BodyTemplate):
 
     def _parent(self, j: int) -> int:
         return int(self._anny.bone_parents[j])
-
-
-def _axis_angle_to_rotmat(aa: Tensor, quat_to_rotmat) -> Tensor:  # [..., 3] -> [..., 3, 3]
-    """Via a quaternion with a Taylor-safe half-angle sine (finite gradients at zero)."""
-    theta2 = (aa * aa).sum(-1, keepdim=True)
-    theta = torch.sqrt(theta2.clamp_min(1e-24))
-    small = theta2 < 1e-8
-    half_sinc = torch.where(small, 0.5 - theta2 / 48, torch.sin(theta / 2) / theta)
-    w = torch.where(small, 1 - theta2 / 8, torch.cos(theta / 2))
-    return quat_to_rotmat(torch.cat([w, aa * half_sinc], dim=-1))

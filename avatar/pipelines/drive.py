@@ -1,0 +1,211 @@
+"""The drive pipeline: an avatar + speech -> a talking video, streamed frame by frame.
+
+Audio is decoded once (16 kHz mono, 64 KB per second of speech); everything after that works in
+chunks of `CHUNK` frames: the deformer continues from its state (particle transforms, the
+template head's recurrent state, the last driving tokens), the template is posed for the chunk,
+and each frame is rasterised and handed to the encoder. Memory does not grow with the length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deform.audio import AudioError, load_audio
+from deform.controls import BLINK_ACTIONS, TEMPLATE_ACTIONS, action_index, blinks
+from deform.deformer import SpeechDeformer, load_deformer
+from deform.particles import Particles, template_particles
+from deform.rig import SpeechRig
+from deform.templates import load_template
+from reconstruct.canonical import PART_CODES
+from render import Cameras, fit_to_points, rasterize
+from render.sh import sh0_to_rgb
+
+from ..asset import Avatar
+from ..errors import AvatarError
+from ..media import to_uint8, write_video
+from .render import scene_points
+
+log = logging.getLogger(__name__)
+CHUNK = 25  # frames per deformer step
+FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # fill of the frame
+
+
+@dataclass(frozen=True)
+class DriveConfig:
+    size: int = 512
+    """Square video size in pixels."""
+    fps: float = 25.0
+    """Frames per second."""
+    view: str = "front"
+    """Camera: front, yaw=DEG (e.g. yaw=30), or orbit (one turn over the video)."""
+    framing: str = "full"
+    """full (whole body), upper (hips up) or face (close-up)."""
+    transcript: str = ""
+    """What is said (optional); the driving token mixes in its embedding."""
+    audio_encoder: str = ""
+    """A local wav2vec 2.0 directory to use instead of the built-in log-mel encoder."""
+    deformer: str = ""
+    """A deformer checkpoint (.safetensors) instead of the avatar's own or the shipped one."""
+    seed: int = 0
+    """Seed of the blinks."""
+
+
+def _yaws(view: str, num_frames: int) -> torch.Tensor:
+    if view == "front":
+        return torch.zeros(1, dtype=torch.float64)
+    if view == "orbit":
+        return torch.arange(num_frames, dtype=torch.float64) * 360.0 / max(num_frames, 1)
+    if view.startswith("yaw="):
+        try:
+            return torch.tensor([float(view[4:])], dtype=torch.float64)
+        except ValueError:
+            pass
+    raise AvatarError(f"--view {view!r}: use front, yaw=DEG or orbit")
+
+
+def framing_points(rig: SpeechRig, template, framing: str) -> torch.Tensor:
+    """Points that the camera frames, from the avatar in its base pose."""
+    e = len(template.expression_names)
+    t0 = rig.transforms(torch.zeros(1, rig.driven.numel(), 3))
+    posed = rig.pose(torch.zeros(e), t0[0])
+    if framing == "full":
+        return scene_points(posed)
+    joints = template(rig.shape[None], pose=rig.base_pose[None]).joints[0]
+    if framing == "upper":
+        hip = joints[template.bone_names.index("upperleg01.L"), 1]
+        keep = posed.means[:, 1] > hip
+        return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
+    if framing == "face":
+        head = joints[template.bone_names.index("head")]
+        near = (posed.means - head).norm(dim=-1) < 0.16
+        return scene_points(posed[near]) if near.sum() > 16 else scene_points(posed)
+    raise AvatarError(f"--framing {framing!r}: use full, upper or face")
+
+
+def avatar_particles(avatar: Avatar, template) -> Particles:
+    if avatar.particles is not None:
+        return avatar.particles
+    b = avatar.binding
+    return template_particles(template, avatar.shape, PART_CODES, b.face_ids, b.bary)
+
+
+def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
+    try:
+        if cfg.deformer:
+            return load_deformer(cfg.deformer, cfg.audio_encoder or None)
+        model = load_deformer(None, cfg.audio_encoder or None)
+        if avatar.deformer:  # the avatar's own fine-tuned weights
+            model.load_state_dict(avatar.deformer, strict=False)
+        return model
+    except (ValueError, OSError) as exc:
+        raise AvatarError(f"deformer: {exc}") from None
+
+
+class Driver:
+    """Everything drive needs for one avatar, built once; `frames` streams a clip."""
+
+    def __init__(self, avatar: Avatar, cfg: DriveConfig = DriveConfig()):
+        self.cfg = cfg
+        self.avatar = avatar
+        try:
+            self.template = load_template(avatar.template)
+        except ValueError as exc:
+            raise AvatarError(f"body template {avatar.template}: {exc}") from None
+        base = avatar.photo_pose.clone()
+        base[0] = 0  # the body frame: upright, facing +Z
+        b = avatar.binding
+        try:
+            self.rig = SpeechRig(self.template, avatar.shape, base, avatar.gaussians, b.face_ids,
+                                 b.bary, b.bone_ids, b.bone_weights,
+                                 avatar_particles(avatar, self.template))  # fmt: skip
+        except ValueError as exc:
+            raise AvatarError(str(exc)) from None
+        self.model = load_motion_model(avatar, cfg)
+        p = self.rig.particles
+        g = avatar.gaussians
+        rgb = (
+            sh0_to_rgb(g.sh[:, 0]).clamp(0, 1) if g.sh is not None else torch.full((len(g), 3), 0.5)
+        )
+        with torch.no_grad():
+            self.tokens = self.model.avatar_tokens(
+                g.means, b.parts, rgb, p.rest, p.parts, p.ids, p.weights
+            )
+        self.template_ids = action_index(self.template, TEMPLATE_ACTIONS)
+        self.blink_ids = action_index(self.template, BLINK_ACTIONS)
+
+    def cameras(self, num_frames: int) -> Cameras:
+        cfg = self.cfg
+        with torch.no_grad():
+            pts = framing_points(self.rig, self.template, cfg.framing)
+        return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
+                             FRAMINGS[cfg.framing])  # fmt: skip
+
+    def frames(
+        self, samples: np.ndarray, num_frames: int, progress: bool = True
+    ) -> Iterator[np.ndarray]:
+        cfg, rig, model = self.cfg, self.rig, self.model
+        cams = self.cameras(num_frames)
+        audio = torch.from_numpy(samples)
+        bg = torch.ones(3)
+        e = len(self.template.expression_names)
+        with torch.no_grad():
+            text = model.transcript_embedding(cfg.transcript)
+            state = model.start(self.tokens)
+            bar = tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress)
+            with bar:
+                for start in range(0, num_frames, CHUNK):
+                    n = min(CHUNK, num_frames - start)
+                    motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                    transforms = rig.transforms(motion.bones)
+                    actions = torch.zeros(n, e)
+                    actions[:, self.template_ids] = motion.actions
+                    blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+                    actions[:, self.blink_ids] = blink[:, None]
+                    for i in range(n):
+                        g = rig.pose(actions[i], transforms[i], motion.particles[i],
+                                     motion.offsets[i], motion.log_scales[i], motion.opacity[i],
+                                     motion.color[i])  # fmt: skip
+                        cam = cams[min(start + i, len(cams) - 1)]
+                        yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
+                        bar.update(1)
+
+
+def neutral_face(avatar: Avatar, size: int = 512) -> np.ndarray:
+    """The avatar's face close-up from the front, no motion: the identity reference."""
+    driver = Driver(avatar, DriveConfig(size=size, framing="face"))
+    e = len(driver.template.expression_names)
+    with torch.no_grad():
+        t0 = driver.rig.transforms(torch.zeros(1, driver.rig.driven.numel(), 3))[0]
+        g = driver.rig.pose(torch.zeros(e), t0)
+        return to_uint8(
+            rasterize(g, driver.cameras(1)[0], background=torch.ones(3)).rgb[0, ..., :3]
+        )
+
+
+def frame_count(duration_s: float, fps: float) -> int:
+    return max(1, int(round(duration_s * fps)))
+
+
+def drive_avatar(avatar: Avatar, audio_path: str | Path, out_path: str | Path,
+                 cfg: DriveConfig = DriveConfig(), progress: bool = True) -> dict:  # fmt: skip
+    """Write the talking video (H.264 + the input audio as AAC) atomically; returns a summary."""
+    try:
+        audio = load_audio(audio_path)
+    except AudioError as exc:
+        raise AvatarError(str(exc)) from None
+    if cfg.fps <= 0 or not math.isfinite(cfg.fps):
+        raise AvatarError(f"--fps {cfg.fps}: must be a positive number")
+    driver = Driver(avatar, cfg)
+    num = frame_count(audio.duration_s, cfg.fps)
+    frames = driver.frames(audio.samples, num, progress)
+    count = write_video(out_path, frames, fps=cfg.fps, audio_path=audio_path)
+    return {"frames": count, "fps": cfg.fps, "audio_s": round(audio.duration_s, 3),
+            "video_s": round(count / cfg.fps, 3)}  # fmt: skip

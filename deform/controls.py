@@ -1,0 +1,87 @@
+"""What speech drives on the template, and how a frame's controls become a template pose.
+
+A frame of motion is `Controls`: rotations for a few driven bones (head, neck, chest, arms,
+wrists), as axis-angle deltas applied in each bone's own rest frame on top of a base pose (the
+avatar's photo pose), and weights for the template's ARKit facial actions.
+
+The facial actions are split by scale. `TEMPLATE_ACTIONS` drive large motion (the jaw, brows,
+smiles) and are output by the deformer as template weights; `PARTICLE_ACTIONS` are the fine lip
+shapes (closures, rounding, spreading, rolls), whose motion the particles carry. Blinks are
+stochastic and audio-independent (`blinks`), shared by the teacher and the drive pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from render.rotations import axis_angle_to_rotmat, rotmat_to_axis_angle
+
+# Anny bones moved by speech: head and neck (nods, tilts, turns), the chest (breathing, leaning
+# into beats), the arms and wrists (beat gestures)
+DRIVEN_BONES = ("head", "neck02", "spine02", "clavicle.L", "clavicle.R", "upperarm01.L",
+                "upperarm01.R", "lowerarm01.L", "lowerarm01.R", "wrist.L", "wrist.R")  # fmt: skip
+DRIVEN_HEAD = 3  # the first three (head, neck, chest) move slowly
+TEMPLATE_ACTIONS = ("jawOpen", "browInnerUp", "mouthSmileLeft", "mouthSmileRight")
+PARTICLE_ACTIONS = ("mouthClose", "mouthPressLeft", "mouthPressRight", "mouthFunnel",
+                    "mouthPucker", "mouthStretchLeft", "mouthStretchRight", "mouthRollLower",
+                    "mouthRollUpper", "mouthLowerDownLeft", "mouthLowerDownRight",
+                    "mouthUpperUpLeft", "mouthUpperUpRight", "mouthShrugUpper")  # fmt: skip
+BLINK_ACTIONS = ("eyeBlinkLeft", "eyeBlinkRight")
+
+
+@dataclass
+class Controls:
+    """T frames of template controls."""
+
+    bones: Tensor  # [T, B, 3] axis-angle deltas of DRIVEN_BONES, in each bone's rest frame
+    actions: Tensor  # [T, E] weights of all the template's facial actions
+
+    def __len__(self) -> int:
+        return self.bones.shape[0]
+
+
+def check_template(template) -> None:
+    missing = [b for b in DRIVEN_BONES if b not in template.bone_names]
+    missing += [
+        a for a in TEMPLATE_ACTIONS + PARTICLE_ACTIONS if a not in template.expression_names
+    ]
+    if missing:
+        raise ValueError(f"the {template.name} template cannot be driven by speech: it has no "
+                         f"{', '.join(missing[:4])} ... (speech driving needs Anny's bones and "
+                         "ARKit facial actions)")  # fmt: skip
+
+
+def action_index(template, names: tuple[str, ...]) -> Tensor:
+    return torch.tensor([template.expression_names.index(n) for n in names])
+
+
+def compose_pose(base: Tensor, bone_ids: Tensor, deltas: Tensor) -> Tensor:
+    """Poses [T, J, 3]: `base` [J, 3] with R_j = R_base,j · exp(delta_j) on the driven bones."""
+    pose = base[None].repeat(deltas.shape[0], 1, 1)
+    rot = axis_angle_to_rotmat(base[bone_ids])[None] @ axis_angle_to_rotmat(deltas)
+    pose[:, bone_ids] = rotmat_to_axis_angle(rot)
+    return pose
+
+
+def blinks(num_frames: int, fps: float, seed: int = 0, start: int = 0) -> np.ndarray:
+    """Blink weights [T] in [0, 1] for frames start..start+num_frames-1: blinks about every
+    2-6 s (a seeded renewal process, the same for any chunking), each 0.25 s, closing faster
+    than it opens."""
+    rng = np.random.default_rng(seed)
+    times, t = [], 0.6 + rng.uniform(0, 1.5)
+    end = (start + num_frames) / fps + 1.0
+    while t < end:
+        times.append(t)
+        t += rng.uniform(2.0, 6.0)
+    frame_t = (start + np.arange(num_frames) + 0.5) / fps
+    w = np.zeros(num_frames)
+    for b in times:
+        dt = frame_t - b
+        close = np.clip(1 + dt / 0.08, 0, 1) * (dt < 0)  # 80 ms down
+        open_ = np.clip(1 - dt / 0.17, 0, 1) * (dt >= 0)  # 170 ms up
+        w = np.maximum(w, close + open_)
+    return w.astype(np.float32)

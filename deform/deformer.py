@@ -1,0 +1,329 @@
+"""The audio-driven deformer: speech -> template controls, particle twists, Gaussian residuals.
+
+Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
+
+    x_t   = PE(t) ⊕ A_t
+    γ_t   = σ(MLP_γ(x_t))                                      (1 when there is no transcript)
+    D_t   = γ_t · Proj_a(x_t) + (1 − γ_t) · Pool(Proj_z(Z))        Z: transcript tokens
+    K     = Proj_K([Q ∥ Q0]),  V = Proj_V([Q ∥ Q0])               per particle; static per avatar
+    H_t   = softmax((Proj_Q(D_t) + Proj_P(Q0)) Kᵀ / √d) V           M queries, one per particle
+    Δξ_mt = MLP_ξ(H_t[m] ⊕ D_t ⊕ s(T_m,t−1))  ∈ R⁶,   T_m,t = exp(Δξ̂_mt) · T_m,t−1
+    H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])                      per Gaussian n
+    Δp, Δs, Δα, Δc = heads(H^gau)
+    controls_t = Linear(GRU(D_≤t))                                template bones + large actions
+
+Q are the avatar's Gaussian query tokens (an MLP of each Gaussian's canonical position, part and
+colour), pooled per particle for the keys; Q0 the template's query tokens (an MLP of each
+particle's canonical position and part). Proj_Q acts on D_t; each particle adds its own template
+token so the M queries differ. s(T) = (vee(R − Rᵀ)/2, translation) tells MLP_ξ where the particle
+already is, so the recurrence can return to rest instead of drifting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .audio_features import make_audio_encoder
+from .controls import DRIVEN_BONES, DRIVEN_HEAD, TEMPLATE_ACTIONS
+from .se3 import exp as se3_exp
+
+NUM_PARTS = 7  # reconstruct.canonical.PART_CODES
+
+
+@dataclass(frozen=True)
+class DeformerConfig:
+    dim: int = 64  # driving token / attention width
+    audio_dim: int = 128
+    time_freqs: int = 16  # PE(t) frequencies, 0.25..12.5 Hz
+    text_dim: int = 64
+    heads: int = 4
+    gauss_dim: int = 32  # Gaussian-head width
+    window: int = 8  # driving tokens the Gaussian head attends over
+    twist_scale: float = 0.02  # Δξ per frame: radians and metres
+    offset_scale: float = 0.003  # Δp, metres
+    bone_smoothing: float = 0.1  # causal exponential smoothing of arm rotations (1: none)
+    head_smoothing: float = 0.1  # the same for head, neck and chest (slow, calm)
+    audio_encoder: str | None = None  # a wav2vec 2.0 directory, or None for log-mel
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def position_encoding(x: Tensor, freqs: int = 6) -> Tensor:  # [..., 3] metres -> [..., 3+6F]
+    bands = (2.0 ** torch.arange(freqs, dtype=x.dtype, device=x.device)) * math.pi
+    xb = x[..., None] * bands  # [..., 3, F]
+    return torch.cat([x, xb.sin().flatten(-2), xb.cos().flatten(-2)], -1)
+
+
+def time_encoding(t_seconds: Tensor, freqs: int) -> Tensor:  # [T] -> [T, 2F]
+    hz = torch.logspace(math.log10(0.25), math.log10(12.5), freqs, dtype=t_seconds.dtype)
+    ang = 2 * math.pi * t_seconds[:, None] * hz
+    return torch.cat([ang.sin(), ang.cos()], -1)
+
+
+def mlp(inp: int, hidden: int, out: int, zero_last: bool = False) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, out))
+    if zero_last:
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+    return net
+
+
+def state_feature(t: Tensor) -> Tensor:  # [..., 4, 4] -> [..., 6]: (vee(R - Rᵀ)/2, translation)
+    r = t[..., :3, :3]
+    skew = (r - r.transpose(-1, -2)) / 2
+    vee = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1)
+    return torch.cat([vee, t[..., :3, 3]], -1)
+
+
+@dataclass
+class AvatarTokens:
+    """Per-avatar quantities the deformer precomputes once."""
+
+    keys: Tensor  # [M, d]
+    values: Tensor  # [M, d]
+    particle_queries: Tensor  # [M, d]  Proj_P(Q0)
+    gauss_queries: Tensor  # [N, g]  per-Gaussian query tokens (projected)
+
+
+@dataclass
+class DeformerState:
+    """What carries from one streamed chunk to the next."""
+
+    transforms: Tensor  # [M, 4, 4] particle transforms T_{m, t-1}
+    hidden: Tensor | None  # GRU state of the template head
+    window: Tensor  # [W-1, d] previous driving tokens
+    frame: int  # next frame index
+    bones: Tensor | None = None  # [3B] last smoothed bone rotations
+
+
+@dataclass
+class Motion:
+    """The deformer's output for T frames."""
+
+    controls: Tensor  # [T, B*3 + A]: driven-bone deltas, then TEMPLATE_ACTIONS weights
+    particles: Tensor  # [T, M, 4, 4] particle transforms
+    offsets: Tensor  # [T, N, 3] Δp
+    log_scales: Tensor  # [T, N, 3] Δs
+    opacity: Tensor  # [T, N] Δα (logits)
+    color: Tensor  # [T, N, 3] Δc (rgb)
+    gate: Tensor  # [T] γ_t
+
+    @property
+    def bones(self) -> Tensor:  # [T, B, 3]
+        return self.controls[:, : 3 * len(DRIVEN_BONES)].reshape(len(self.controls), -1, 3)
+
+    @property
+    def actions(self) -> Tensor:  # [T, A] in [0, 1]
+        return self.controls[:, 3 * len(DRIVEN_BONES) :]
+
+
+class SpeechDeformer(nn.Module):
+    def __init__(self, cfg: DeformerConfig = DeformerConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d, g = cfg.dim, cfg.gauss_dim
+        self.audio = make_audio_encoder(cfg.audio_encoder, cfg.audio_dim)
+        x_dim = 2 * cfg.time_freqs + cfg.audio_dim
+        self.proj_a = nn.Linear(x_dim, d)
+        self.gate = mlp(x_dim, d, 1)
+        self.text = nn.Embedding(256, cfg.text_dim)  # UTF-8 bytes
+        self.proj_z = nn.Linear(cfg.text_dim, d)
+        # template head: bones and large facial actions, smooth in time
+        self.rnn = nn.GRU(d, d, batch_first=True)
+        self.n_controls = 3 * len(DRIVEN_BONES) + len(TEMPLATE_ACTIONS)
+        self.controls = nn.Linear(d, self.n_controls)
+        # query tokens
+        pe_dim = 3 + 6 * 6
+        self.gauss_token = mlp(pe_dim + NUM_PARTS + 3, d, d)  # Q
+        self.template_token = mlp(pe_dim + NUM_PARTS, d, d)  # Q0
+        # motion head
+        self.proj_k = nn.Linear(2 * d, d)
+        self.proj_v = nn.Linear(2 * d, d)
+        self.proj_q = nn.Linear(d, d)
+        self.proj_p = nn.Linear(d, d)
+        self.mlp_xi = mlp(2 * d + 6, d, 6, zero_last=True)
+        # Gaussian head
+        self.gq = nn.Linear(d, g)
+        self.gk = nn.Linear(d, g)
+        self.gv = nn.Linear(d, g)
+        self.g_hidden = nn.Sequential(nn.Linear(g, g), nn.GELU())
+        self.g_out = nn.ModuleDict({k: nn.Linear(g, n) for k, n in
+                                    (("p", 3), ("s", 3), ("a", 1), ("c", 3))})  # fmt: skip
+        for lin in self.g_out.values():
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ---- per avatar --------------------------------------------------------------------------
+    def avatar_tokens(
+        self,
+        means: Tensor,  # [N, 3] canonical
+        parts: Tensor,  # [N] part codes
+        colors: Tensor,  # [N, 3] rgb
+        particle_rest: Tensor,  # [M, 3]
+        particle_parts: Tensor,  # [M]
+        particle_ids: Tensor,  # [N, K]
+        particle_weights: Tensor,  # [N, K]
+    ) -> AvatarTokens:
+        onehot = nn.functional.one_hot(parts.long(), NUM_PARTS).to(means.dtype)
+        q = self.gauss_token(torch.cat([position_encoding(means), onehot, colors], -1))  # [N, d]
+        m = len(particle_rest)
+        # pool Gaussian tokens per particle by binding weight
+        w = particle_weights.reshape(-1)
+        pooled = torch.zeros(m, q.shape[1], dtype=q.dtype).index_add_(
+            0, particle_ids.reshape(-1), q.repeat_interleave(particle_ids.shape[1], 0) * w[:, None]
+        )
+        mass = torch.zeros(m, dtype=q.dtype).index_add_(0, particle_ids.reshape(-1), w)
+        pooled = pooled / mass.clamp_min(1e-6)[:, None]
+        p_onehot = nn.functional.one_hot(particle_parts.long(), NUM_PARTS).to(means.dtype)
+        q0 = self.template_token(torch.cat([position_encoding(particle_rest), p_onehot], -1))
+        kv_in = torch.cat([pooled, q0], -1)
+        return AvatarTokens(self.proj_k(kv_in), self.proj_v(kv_in), self.proj_p(q0), self.gq(q))
+
+    def start(self, tokens: AvatarTokens) -> DeformerState:
+        m = tokens.keys.shape[0]
+        eye = torch.eye(4, dtype=tokens.keys.dtype).expand(m, 4, 4).clone()
+        window = tokens.keys.new_zeros(self.cfg.window - 1, self.cfg.dim)
+        return DeformerState(eye, None, window, 0)
+
+    # ---- per chunk ---------------------------------------------------------------------------
+    def transcript_embedding(self, transcript: str | None) -> Tensor | None:
+        if not transcript or not transcript.strip():
+            return None
+        ids = torch.tensor(list(transcript.strip().encode("utf-8"))[:2048])
+        return self.proj_z(self.text(ids)).mean(0)  # Pool(Proj_z(Z)) [d]
+
+    def driving_tokens(
+        self, audio_tokens: Tensor, first_frame: int, fps: float, text: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """D_t [T, d] and γ_t [T] from audio tokens A_t [T, audio_dim]."""
+        t = (first_frame + torch.arange(len(audio_tokens), dtype=audio_tokens.dtype)) / fps
+        x = torch.cat([time_encoding(t, self.cfg.time_freqs), audio_tokens], -1)
+        if text is None:
+            gamma = torch.ones(len(x), dtype=x.dtype)
+            return self.proj_a(x), gamma
+        gamma = torch.sigmoid(self.gate(x))[:, 0]
+        return gamma[:, None] * self.proj_a(x) + (1 - gamma[:, None]) * text, gamma
+
+    def forward(
+        self,
+        samples: Tensor,  # [S] 16 kHz audio (the whole file, or enough around the chunk)
+        tokens: AvatarTokens,
+        state: DeformerState,
+        num_frames: int,
+        fps: float,
+        text: Tensor | None = None,
+        gaussian_ids: Tensor | None = None,  # evaluate the Gaussian head on these only
+    ) -> tuple[Motion, DeformerState]:
+        """The next `num_frames` frames after `state`; returns the motion and the new state."""
+        cfg = self.cfg
+        start = state.frame
+        audio = self.audio.encode(samples, start, start + num_frames, fps)
+        drive, gamma = self.driving_tokens(audio, start, fps, text)  # [T, d]
+
+        out, hidden = self.rnn(drive[None], state.hidden)
+        controls = self.controls(out[0])
+        n_bones = 3 * len(DRIVEN_BONES)
+        bones = controls[:, :n_bones]
+        if min(cfg.bone_smoothing, cfg.head_smoothing) < 1:  # causal: no jitter in the head
+            alpha = torch.full((n_bones,), cfg.bone_smoothing)
+            alpha[: 3 * DRIVEN_HEAD] = cfg.head_smoothing
+            prev, rows = state.bones if state.bones is not None else bones[0], []
+            for row in bones:
+                prev = prev + alpha * (row - prev)
+                rows.append(prev)
+            bones = torch.stack(rows)
+        controls = torch.cat([bones, torch.sigmoid(controls[:, n_bones:])], -1)
+
+        # motion head: all frames' attention at once, then the recurrence
+        heads, d = cfg.heads, cfg.dim
+        q = self.proj_q(drive)[:, None] + tokens.particle_queries[None]  # [T, M, d]
+
+        def heads_first(x: Tensor) -> Tensor:  # [..., L, d] -> [..., heads, L, d/heads]
+            return x.unflatten(-1, (heads, d // heads)).transpose(-3, -2)
+
+        h = nn.functional.scaled_dot_product_attention(
+            heads_first(q), heads_first(tokens.keys), heads_first(tokens.values)
+        )
+        h = h.transpose(-3, -2).flatten(-2)  # [T, M, d]
+        transforms, steps = state.transforms, []
+        for i in range(num_frames):
+            inp = torch.cat([h[i], drive[i].expand(len(h[i]), d), state_feature(transforms)], -1)
+            xi = self.mlp_xi(inp) * cfg.twist_scale
+            transforms = se3_exp(xi) @ transforms
+            steps.append(transforms)
+        particles = torch.stack(steps)
+
+        # Gaussian head over a causal window of driving tokens
+        window = torch.cat([state.window, drive], 0)  # [W-1+T, d]
+        win = window.unfold(0, cfg.window, 1).transpose(-1, -2)  # [T, W, d]
+        gq = tokens.gauss_queries if gaussian_ids is None else tokens.gauss_queries[gaussian_ids]
+        att = torch.softmax(
+            gq[None] @ self.gk(win).transpose(-1, -2) / math.sqrt(cfg.gauss_dim), -1
+        )
+        hg = self.g_hidden(att @ self.gv(win))  # [T, N, g]
+        res = {k: lin(hg) for k, lin in self.g_out.items()}
+        motion = Motion(
+            controls=controls,
+            particles=particles,
+            offsets=res["p"] * cfg.offset_scale,
+            log_scales=0.1 * torch.tanh(res["s"]),
+            opacity=res["a"][..., 0],
+            color=0.1 * torch.tanh(res["c"]),
+            gate=gamma,
+        )
+        new_state = DeformerState(
+            transforms, hidden, window[-(cfg.window - 1) :], start + num_frames, bones[-1]
+        )
+        return motion, new_state
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "speech_deformer.safetensors"
+
+
+def save_deformer(model: SpeechDeformer, path: str | Path, meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from render.io import atomic_path
+
+    meta = {"config": model.cfg.to_json(), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
+    state = {
+        k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("audio.model.")
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def load_deformer(
+    path: str | Path | None = None, audio_encoder: str | None = None
+) -> SpeechDeformer:
+    """A deformer from a safetensors checkpoint (the shipped default when `path` is None).
+    `audio_encoder` swaps in wav2vec 2.0 from a local directory (its adapter starts untrained
+    unless the checkpoint has one)."""
+    from safetensors import safe_open
+
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"{path}: no deformer checkpoint there")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = DeformerConfig(**json.loads(meta.get("config", "{}")))
+    if audio_encoder is not None:
+        cfg = DeformerConfig(**{**asdict(cfg), "audio_encoder": str(audio_encoder)})
+    model = SpeechDeformer(cfg)
+    if audio_encoder is not None:  # a different front-end: keep its own weights
+        state = {k: v for k, v in state.items() if not k.startswith("audio.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("audio.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the deformer ({missing[:3]} "
+                         f"missing, {unexpected[:3]} unexpected)")  # fmt: skip
+    return model.eval()

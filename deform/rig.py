@@ -1,0 +1,110 @@
+"""The speech rig: an avatar's canonical Gaussians posed by one frame of speech motion.
+
+For a frame, in this order:
+1. facial actions: each Gaussian follows the template's blendshapes at its triangle and
+   barycentric coordinates, x_c = μ + Σ_e w_e B_e(n);
+2. particles: the blended transform of the Gaussian's K particles, P_n = Σ_k w_nk T_m_k, moves
+   and turns it (local, high-frequency motion, in canonical space);
+3. the Gaussian head's residuals: Δp (canonical), Δs on log-scales (the covariance is rebuilt
+   from scales and rotation, so it stays positive definite), Δα on the opacity logit, Δc on the
+   colour;
+4. linear blend skinning with the frame's template pose (the base pose with the driven bones
+   turned by the speech controls).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from render import Gaussians
+from render.rotations import quat_to_rotmat, rotmat_to_quat
+from render.sh import SH_C0
+
+from .controls import DRIVEN_BONES, check_template, compose_pose
+from .particles import Particles
+from .skinning import blend_transforms
+from .surface import interpolate
+
+
+def expression_basis(template, shape: Tensor) -> Tensor:
+    """Per-vertex displacement of each facial action at weight 1 [E, V, 3], for this shape."""
+    e = len(template.expression_names)
+    with torch.no_grad():
+        base = template(shape[None].float()).rest_vertices
+        moved = template(shape[None].float().expand(e, -1), expression=torch.eye(e)).rest_vertices
+    return moved - base
+
+
+class SpeechRig:
+    def __init__(
+        self,
+        template,
+        shape: Tensor,  # [S]
+        base_pose: Tensor,  # [J, 3] the pose speech motion is added to
+        gaussians: Gaussians,  # canonical
+        face_ids: Tensor,  # [N]
+        bary: Tensor,  # [N, 3]
+        bone_ids: Tensor,  # [N, K]
+        bone_weights: Tensor,  # [N, K]
+        particles: Particles,
+    ):
+        check_template(template)
+        self.template = template
+        self.shape = shape.float()
+        self.base_pose = base_pose.float()
+        self.gaussians = gaussians
+        self.bone_ids, self.bone_weights = bone_ids, bone_weights
+        self.particles = particles
+        self.driven = torch.tensor([template.bone_names.index(b) for b in DRIVEN_BONES])
+        vert_basis = expression_basis(template, self.shape)  # [E, V, 3]
+        per_gauss = interpolate(
+            vert_basis.permute(1, 0, 2).flatten(1), template.faces, face_ids, bary
+        )
+        per_gauss = per_gauss.unflatten(1, (-1, 3))  # [N, E, 3]
+        self.moving = torch.nonzero(per_gauss.abs().amax((1, 2)) > 1e-6).flatten()  # [n]
+        self.basis = per_gauss[self.moving].permute(1, 0, 2).contiguous()  # [E, n, 3]
+
+    def expression_offsets(self, actions: Tensor) -> Tensor:  # [T, E] -> [T, N, 3]
+        out = actions.new_zeros(actions.shape[0], len(self.gaussians), 3)
+        out[:, self.moving] = torch.einsum("te,enc->tnc", actions, self.basis)
+        return out
+
+    def transforms(self, bones: Tensor) -> Tensor:  # [T, B, 3] deltas -> [T, J, 4, 4]
+        pose = compose_pose(self.base_pose, self.driven, bones.float())
+        shape = self.shape[None].expand(len(pose), -1)
+        return self.template(shape, pose=pose).transforms
+
+    def pose(
+        self,
+        actions: Tensor,  # [E] facial action weights
+        transforms: Tensor,  # [J, 4, 4] skinning transforms of the frame
+        particle_transforms: Tensor | None = None,  # [M, 4, 4]
+        offsets: Tensor | None = None,  # [N, 3] Δp
+        log_scales: Tensor | None = None,  # [N, 3] Δs
+        opacity: Tensor | None = None,  # [N] Δα
+        color: Tensor | None = None,  # [N, 3] Δc
+    ) -> Gaussians:
+        g = self.gaussians
+        means = g.means + self.expression_offsets(actions[None])[0]
+        lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None])[0]  # [N,4,4]
+        lin = lbs[:, :3, :3]
+        if particle_transforms is not None:
+            p = self.particles.blend(particle_transforms[None])[0]
+            means = (p[:, :3, :3] @ means[..., None])[..., 0] + p[:, :3, 3]
+            lin = lin @ p[:, :3, :3]
+        if offsets is not None:
+            means = means + offsets
+        means = (lbs[:, :3, :3] @ means[..., None])[..., 0] + lbs[:, :3, 3]
+        lin = lin / torch.linalg.det(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
+        quats = rotmat_to_quat(lin @ quat_to_rotmat(g.quats))
+        out = g.replace(means=means, quats=quats)
+        if log_scales is not None:
+            out = out.replace(log_scales=g.log_scales + log_scales)
+        if opacity is not None:
+            out = out.replace(opacity_logits=g.opacity_logits + opacity)
+        if color is not None and g.sh is not None:
+            sh = g.sh.clone()
+            sh[:, 0] = sh[:, 0] + color / SH_C0
+            out = out.replace(sh=sh)
+        return out

@@ -1,0 +1,161 @@
+"""The speech deformer: audio features, driving tokens, particles, streaming, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deform.audio_features import LOOKAHEAD_S, LogMel, LogMelEncoder, mel_centre_index
+from deform.deformer import (
+    DEFAULT_CHECKPOINT,
+    DeformerConfig,
+    SpeechDeformer,
+    load_deformer,
+    save_deformer,
+)
+from deform.particles import Particles, knn_weights
+
+FPS = 25.0
+
+
+def speechlike(seconds: float = 2.0, seed: int = 0) -> torch.Tensor:
+    """A buzz with a syllable-rate envelope (voiced-like) at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
+    buzz = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000) / k for k in range(1, 12))
+    env = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 2
+    return torch.from_numpy(
+        (0.2 * buzz * env + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
+    )
+
+
+def tokens_for(model: SpeechDeformer, n: int = 300, m: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m, (n, 4), generator=gen)
+    return model.avatar_tokens(
+        torch.randn(n, 3, generator=gen) * 0.3, torch.randint(0, 7, (n,), generator=gen),
+        torch.rand(n, 3, generator=gen), torch.randn(m, 3, generator=gen) * 0.3,
+        torch.randint(0, 7, (m,), generator=gen), ids, torch.full((n, 4), 0.25),
+    )  # fmt: skip
+
+
+def test_log_mel_chunks_equal_the_whole():
+    x = speechlike(1.0)
+    mel = LogMel()
+    whole = mel(x, -10, 120)
+    parts = torch.cat([mel(x, -10, 37), mel(x, 37, 90), mel(x, 90, 120)])
+    assert torch.allclose(whole, parts, atol=1e-5)
+
+
+def test_encoder_is_causal_with_the_stated_lookahead():
+    torch.manual_seed(0)
+    enc = LogMelEncoder()
+    x = speechlike(2.0)
+    t = 20  # frame 20 ends at 0.84 s; it may see up to its centre + LOOKAHEAD_S
+    base = enc.encode(x, 0, 40, FPS)
+    horizon = (t + 0.5) / FPS + LOOKAHEAD_S
+    y = x.clone()
+    y[int(horizon * 16000) + 1 :] = 0.5 * torch.randn(len(y) - int(horizon * 16000) - 1)
+    changed = enc.encode(y, 0, 40, FPS)
+    assert torch.allclose(base[: t + 1], changed[: t + 1], atol=1e-5)
+    assert not torch.allclose(base[t + 3 :], changed[t + 3 :], atol=1e-3)
+    # chunked tokens are the same tokens
+    assert torch.allclose(
+        base, torch.cat([enc.encode(x, 0, 13, FPS), enc.encode(x, 13, 40, FPS)]), atol=1e-5
+    )
+    assert mel_centre_index(torch.tensor([0, 1]), FPS).tolist() == [0, 4]
+
+
+def test_streaming_in_chunks_equals_one_pass():
+    torch.manual_seed(0)
+    model = SpeechDeformer(DeformerConfig(twist_scale=0.2)).eval()
+    for p in model.mlp_xi[-1].parameters():  # non-zero twists so the recurrence matters
+        torch.nn.init.normal_(p, std=0.1)
+    tokens = tokens_for(model)
+    x = speechlike(2.0)
+    with torch.no_grad():
+        one, _ = model(x, tokens, model.start(tokens), 30, FPS)
+        state = model.start(tokens)
+        a, state = model(x, tokens, state, 11, FPS)
+        b, state = model(x, tokens, state, 19, FPS)
+    assert state.frame == 30
+    for name in ("controls", "particles", "offsets", "log_scales", "opacity", "color"):
+        chunked = torch.cat([getattr(a, name), getattr(b, name)])
+        assert torch.allclose(getattr(one, name), chunked, atol=1e-4), name
+    r = one.particles[..., :3, :3]
+    eye = torch.eye(3).expand_as(r)
+    assert torch.allclose(r @ r.transpose(-1, -2), eye, atol=1e-4)  # still rigid after 30 steps
+    assert (one.particles[-1] - torch.eye(4)).abs().max() > 1e-3
+
+
+def test_gate_and_transcript():
+    torch.manual_seed(0)
+    model = SpeechDeformer().eval()
+    tokens = tokens_for(model)
+    x = speechlike(1.0)
+    with torch.no_grad():
+        plain, _ = model(x, tokens, model.start(tokens), 10, FPS)
+        text = model.transcript_embedding("hello there")
+        mixed, _ = model(x, tokens, model.start(tokens), 10, FPS, text)
+    assert torch.all(plain.gate == 1)  # audio only without a transcript
+    assert torch.all((mixed.gate > 0) & (mixed.gate < 1))
+    assert not torch.allclose(plain.controls, mixed.controls)
+    assert model.transcript_embedding("  ") is None
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = SpeechDeformer()
+    tokens = tokens_for(model)
+    motion, _ = model(
+        speechlike(1.0), tokens, model.start(tokens), 8, FPS, model.transcript_embedding("hi")
+    )
+    loss = (motion.controls.square().sum() + motion.particles.square().sum() + motion.offsets.sum()
+            + motion.log_scales.sum() + motion.opacity.sum() + motion.color.sum())  # fmt: skip
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    # zero-initialised output layers give zero gradients to what feeds them, but not None
+    assert not missing, missing
+
+
+def test_checkpoint_roundtrip_and_shipped_default(tmp_path):
+    torch.manual_seed(0)
+    model = SpeechDeformer().eval()
+    path = tmp_path / "d.safetensors"
+    save_deformer(model, path, {"note": "test"})
+    again = load_deformer(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert DEFAULT_CHECKPOINT.is_file(), "the package must ship a trained deformer"
+    shipped = load_deformer()
+    assert isinstance(shipped, SpeechDeformer)
+    with pytest.raises(ValueError, match="no deformer checkpoint"):
+        load_deformer(tmp_path / "missing.safetensors")
+
+
+def test_wav2vec2_encoder_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="wav2vec 2.0 needs transformers")
+    cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, conv_dim=(32, 32, 32, 32, 32, 32, 32))  # fmt: skip
+    transformers.Wav2Vec2Model(cfg).save_pretrained(tmp_path / "w2v")
+    model = load_deformer(None, audio_encoder=str(tmp_path / "w2v")).eval()
+    tokens = tokens_for(model)
+    with torch.no_grad():
+        motion, state = model(speechlike(1.0), tokens, model.start(tokens), 12, FPS)
+    assert motion.controls.shape[0] == 12 and torch.isfinite(motion.controls).all()
+    with pytest.raises(ValueError, match="not a wav2vec 2.0 model directory"):
+        load_deformer(None, audio_encoder=str(tmp_path))
+
+
+def test_particle_binding_weights():
+    pts = torch.rand(500, 3)
+    anchors = torch.rand(40, 3)
+    ids, w = knn_weights(pts, anchors, 4)
+    assert torch.allclose(w.sum(-1), torch.ones(500))
+    d = torch.cdist(pts, anchors)
+    assert torch.equal(ids[:, 0], d.argmin(-1))
+    p = Particles(anchors, torch.zeros(40, dtype=torch.uint8), ids, w)
+    eye = torch.eye(4).expand(1, 40, 4, 4)
+    assert torch.allclose(p.blend(eye), torch.eye(4).expand(1, 500, 4, 4))
