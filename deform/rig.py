@@ -75,6 +75,11 @@ class SpeechRig:
         shape = self.shape[None].expand(len(pose), -1)
         return self.template(shape, pose=pose).transforms
 
+    def still(self) -> Gaussians:
+        """The base pose with no speech motion (no facial action, no particle motion)."""
+        transforms = self.transforms(torch.zeros(1, self.driven.numel(), 3))[0]
+        return self.pose(torch.zeros(len(self.template.expression_names)), transforms)
+
     def pose(
         self,
         actions: Tensor,  # [E] facial action weights

@@ -73,9 +73,7 @@ def _yaws(view: str, num_frames: int) -> torch.Tensor:
 
 def framing_points(rig: SpeechRig, template, framing: str) -> torch.Tensor:
     """Points that the camera frames, from the avatar in its base pose."""
-    e = len(template.expression_names)
-    t0 = rig.transforms(torch.zeros(1, rig.driven.numel(), 3))
-    posed = rig.pose(torch.zeros(e), t0[0])
+    posed = rig.still()
     if framing == "full":
         return scene_points(posed)
     joints = template(rig.shape[None], pose=rig.base_pose[None]).joints[0]
@@ -181,10 +179,8 @@ class Driver:
 def neutral_face(avatar: Avatar, size: int = 512) -> np.ndarray:
     """The avatar's face close-up from the front, no motion: the identity reference."""
     driver = Driver(avatar, DriveConfig(size=size, framing="face"))
-    e = len(driver.template.expression_names)
     with torch.no_grad():
-        t0 = driver.rig.transforms(torch.zeros(1, driver.rig.driven.numel(), 3))[0]
-        g = driver.rig.pose(torch.zeros(e), t0)
+        g = driver.rig.still()
         return to_uint8(
             rasterize(g, driver.cameras(1)[0], background=torch.ones(3)).rgb[0, ..., :3]
         )
