@@ -323,3 +323,70 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
     result.update({"audio": cfg.audio or "built-in demo clip", "threads": torch.get_num_threads(),
                    "cpu": _cpu_name(), "python": platform.python_version()})  # fmt: skip
     return result
+
+
+# ---- avatar bench finetune -------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneBenchConfig:
+    avatar: str = ""
+    """The avatar (default: one created from the demo photo first, not timed)."""
+    audio: str = ""
+    """Speech to train on (default: the built-in demo clip)."""
+    size: int = 256
+    """Training render size."""
+    frames: int = 8
+    """Frames per training window."""
+    steps: int = 5
+    """Training steps timed (after one untimed warm-up step)."""
+
+
+def bench_finetune(cfg: FinetuneBenchConfig) -> dict:
+    """Seconds per distillation step (procedural teacher, all losses on) and, as the reference
+    in the same run, the same window rendered forward only (no gradients)."""
+    import numpy as np
+
+    from distill.finetune import FinetuneConfig
+    from distill.trainer import step_generators
+
+    from .asset import Avatar
+    from .pipelines.finetune import FinetuneOptions, build_objective
+    from .scenes import demo_photo, demo_speech
+
+    if cfg.avatar:
+        avatar = Avatar.load(cfg.avatar)
+    else:
+        from .pipelines.create import create_avatar
+
+        avatar, _ = create_avatar(demo_photo(), progress=False)
+    opts = FinetuneOptions(size=cfg.size)
+    obj = build_objective(
+        avatar, [cfg.audio or demo_speech()], opts, FinetuneConfig(frames=cfg.frames)
+    )
+    opt = torch.optim.Adam(obj.param_groups())
+    steps, renders = [], []
+    for step in range(cfg.steps + 1):
+        rng, gen = step_generators(0, 0, step)
+        t0 = time.perf_counter()
+        terms = obj(step, rng, gen)
+        opt.zero_grad()
+        sum(terms.values()).backward()
+        opt.step()
+        steps.append(time.perf_counter() - t0)
+        window = obj.scene.sample_window(step_generators(0, 0, step)[0], cfg.frames)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            obj.student(window, torch.zeros(window.num), None)
+        renders.append(time.perf_counter() - t0)
+    step_s, render_s = float(np.median(steps[1:])), float(np.median(renders[1:]))
+    return {
+        "size": cfg.size,
+        "frames": cfg.frames,
+        "gaussians": len(avatar.gaussians),
+        "terms": sorted(terms),
+        "seconds_per_step": round(step_s, 3),
+        "forward_only_s": round(render_s, 3),
+        "step_vs_forward": round(step_s / render_s, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+    }

@@ -157,6 +157,33 @@ def cmd_drive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from distill.finetune import FinetuneConfig
+
+    from .asset import Avatar
+    from .media import check_output
+    from .pipelines.finetune import FinetuneOptions, finetune_avatar
+
+    out = Path(args.output or args.avatar)
+    check_output(out, force=args.force or out == Path(args.avatar))
+    avatar = Avatar.load(args.avatar)
+    opts = config_from_args(FinetuneOptions, args)
+    summary = finetune_avatar(avatar, args.audio, out, opts, config_from_args(FinetuneConfig, args))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    avatar.save(out, force=True)
+    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["loss_last"].items()
+                     if k not in ("step", "seconds", "lr"))  # fmt: skip
+    print(
+        f"wrote {out}: {summary['steps']} steps with the {summary['teacher']} teacher in "
+        f"{summary['seconds']:.0f} s ({summary['seconds_per_step']} s/step); last: {last}"
+    )
+    print(f"drive it: avatar drive {out} speech.wav -o talk.mp4")
+    return 0
+
+
 def cmd_eval_sync(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_video
 
@@ -176,6 +203,14 @@ def cmd_bench_drive(args: argparse.Namespace) -> int:
 
     result = bench_drive(config_from_args(DriveBenchConfig, args))
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    from .bench import FinetuneBenchConfig, bench_finetune
+
+    result = bench_finetune(config_from_args(FinetuneBenchConfig, args))
+    print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
 
@@ -244,9 +279,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import DriveBenchConfig, RenderBenchConfig
+    from distill.finetune import FinetuneConfig
+
+    from .bench import DriveBenchConfig, FinetuneBenchConfig, RenderBenchConfig
     from .pipelines.create import CreateConfig
     from .pipelines.drive import DriveConfig
+    from .pipelines.finetune import FinetuneOptions
     from .pipelines.render import OrbitConfig
 
     parser = argparse.ArgumentParser(
@@ -297,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench_drive)
 
+    b = bench.add_parser("finetune", help="seconds per distillation step (256x256, 8 frames)")
+    add_config_args(b, FinetuneBenchConfig)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench_finetune)
+
     p = sub.add_parser("drive", help="a talking video of an avatar from speech",
                        description="Drive an avatar with speech (WAV, FLAC, MP3, OGG, any rate): "
                        "lips, blinks, head and arm motion. Writes an H.264 MP4 with the audio "
@@ -307,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, DriveConfig)
     p.add_argument("--force", action="store_true", help="overwrite an existing video")
     p.set_defaults(func=cmd_drive)
+
+    p = sub.add_parser("finetune", help="distil a teacher into an avatar's motion weights",
+                       description="Per-identity fine-tuning: the avatar driven by the given "
+                       "speech is rendered and compared with a teacher (frames, keypoints, "
+                       "LPIPS, ARAP, and score distillation with a diffusers teacher). "
+                       "A transcript a.txt beside a.wav is used for forced alignment. "
+                       "Multi-GPU: torchrun --nproc_per_node=K -m avatar finetune ...")  # fmt: skip
+    p.add_argument("avatar", help="an avatar from avatar create (folder or .zip)")
+    p.add_argument("--audio", nargs="+", required=True, help="speech files to train on")
+    p.add_argument("-o", "--output", help="the fine-tuned avatar (default: update in place)")
+    add_config_args(p, FinetuneOptions)
+    add_config_args(p, FinetuneConfig)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="measure a talking video")
     ev = p.add_subparsers(dest="eval", required=True, metavar="WHAT")

@@ -1,0 +1,229 @@
+"""Teachers: one interface, the avatar (a `DistillScene`) + a speech window + a camera -> teacher
+frames, and teacher keypoints where available.
+
+    teacher = make_teacher("procedural")          # or "diffusers:PATH"
+    teacher.prepare(scene)                         # once: controls per clip, model loading, ...
+    clip = teacher(scene, window)                  # TeacherClip for one training window
+
+- `ProceduralTeacher` (default, offline, CPU): `distill.teacher.teach` turns each clip's audio
+  (force-aligned to its transcript when there is one) into template controls; the template
+  posed by them and rendered with the avatar's own Gaussians gives the frames, and the keypoint
+  Gaussians projected into the camera give exact keypoints.
+- `DiffusersTeacher`: a local diffusers video model conditioned on the avatar's reference render
+  (`distill.diffusion_teacher`); it synthesises weak-supervision frames, MediaPipe face-mesh
+  detections on them are its keypoints, and it scores our renders for video score distillation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deform.controls import Controls
+from render import Cameras, Gaussians
+
+from .scene import DistillScene, Window
+from .teacher import TeacherConfig, phones_for, teach
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherClip:
+    frames: Tensor | None  # [T, H, W, 3] in [0, 1]
+    keypoints: Tensor | None  # [T, P, 2] pixels
+    keypoint_ids: Tensor | None  # [P] the avatar's Gaussians they correspond to
+    keypoint_hand: Tensor | None  # [P] bool
+    visible: Tensor | None = None  # [T, P] bool: keypoints the teacher actually has
+    controls: Controls | None = None  # template controls, when the teacher has them
+
+
+class Teacher(Protocol):
+    name: str
+
+    def prepare(self, scene: DistillScene) -> None: ...
+
+    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip: ...
+
+    def score_loss(
+        self, frames: Tensor, window: Window, generator: torch.Generator
+    ) -> Tensor | None:
+        """Video score distillation on our frames [T, H, W, 3], or None without a score model."""
+        ...
+
+
+class ProceduralTeacher:
+    name = "procedural"
+
+    def __init__(self, cfg: TeacherConfig | None = None):
+        self.cfg = cfg or TeacherConfig()
+        self.controls: list[Controls] = []
+
+    def prepare(self, scene: DistillScene) -> None:
+        self.controls = []
+        for i, clip in enumerate(scene.clips):
+            phones = phones_for(clip.samples, clip.transcript)
+            cfg = TeacherConfig(scene.fps, self.cfg.seed + i, self.cfg.head_amplitude,
+                                self.cfg.gesture_amplitude)  # fmt: skip
+            self.controls.append(
+                teach(scene.rig.template, clip.samples, clip.num_frames, phones, cfg)
+            )
+
+    def window_controls(self, window: Window) -> Controls:
+        c = self.controls[window.clip]
+        s = slice(window.start, window.start + window.num)
+        return Controls(c.bones[s], c.actions[s])
+
+    @torch.no_grad()
+    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip:
+        controls = self.window_controls(window)
+        posed = scene.pose_controls(controls)
+        kpts = scene.keypoints(posed, window.camera)
+        w, h = scene.size
+        inside = (kpts[..., 0] >= 0) & (kpts[..., 0] < w) & (kpts[..., 1] >= 0) & (kpts[..., 1] < h)
+        return TeacherClip(
+            frames=scene.render(posed, window.camera),
+            keypoints=kpts,
+            keypoint_ids=scene.keypoint_ids,
+            keypoint_hand=scene.keypoint_hand,
+            visible=inside,  # keypoints outside the frame are not seen, so not compared
+            controls=controls,
+        )
+
+    def score_loss(self, frames: Tensor, window: Window, generator: torch.Generator) -> None:
+        return None
+
+
+# MediaPipe face-mesh landmarks the diffusion teacher's keypoints use: lip contour (outer and
+# inner), eye corners and lids, brows, nose tip, chin and jaw sides
+FACE_LANDMARKS = (61, 291, 0, 17, 37, 267, 84, 314, 13, 14, 78, 308, 33, 133, 159, 145, 362, 263,
+                  386, 374, 70, 105, 300, 334, 1, 152, 234, 454)  # fmt: skip
+
+
+def face_landmarks(frames: np.ndarray) -> np.ndarray:
+    """MediaPipe face mesh on RGB frames [T, H, W, 3] uint8 -> [T, L, 2] pixels of
+    `FACE_LANDMARKS`, NaN where no face is found."""
+    from reconstruct.parsing import _quiet_stderr
+
+    with _quiet_stderr():
+        import mediapipe as mp
+
+        mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                               refine_landmarks=True)  # fmt: skip
+    out = np.full((len(frames), len(FACE_LANDMARKS), 2), np.nan)
+    try:
+        for i, rgb in enumerate(frames):
+            with _quiet_stderr():
+                found = mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
+            if found:
+                h, w = rgb.shape[:2]
+                lm = found[0].landmark
+                out[i] = [(lm[j].x * w, lm[j].y * h) for j in FACE_LANDMARKS]
+    finally:
+        with _quiet_stderr():
+            mesh.close()
+    return out
+
+
+def bind_landmarks(points: Tensor, posed: Gaussians, camera: Cameras, candidates: Tensor) -> Tensor:
+    """The Gaussian under each image point [L, 2]: among `candidates` projecting within 3 px
+    (else the nearest), the one closest to the camera. Returns Gaussian ids [L]."""
+    uv = camera.project(posed.means[candidates])[0]  # [n, 2]
+    view = camera.viewmats[0]
+    depth = posed.means[candidates] @ view[2, :3] + view[2, 3]  # [n]
+    d = torch.cdist(points.float(), uv.float())  # [L, n]
+    near = d < 3.0
+    score = torch.where(near, depth[None].expand_as(d), d + 1e3)
+    return candidates[score.argmin(1)]
+
+
+class DiffusersTeacher:
+    """A local diffusers video model as teacher (`--teacher diffusers:PATH`).
+
+    Frames: a clip sampled from the avatar's still render in the window's camera (cached per
+    window, so each weak-supervision clip is synthesised once). Keypoints: MediaPipe face mesh
+    on those frames, bound to the avatar's Gaussians by detecting the same landmarks on the still
+    render. Score: `distill.score.score_distillation_loss` on our frames, conditioned on the same
+    reference render. The hands have no keypoints from this teacher (MediaPipe's hand labels are
+    unreliable on generated frames); the image and score terms still cover them.
+    """
+
+    name = "diffusers"
+
+    def __init__(self, path: Path, seed: int = 0, steps: int = 25, guidance: float = 1.0,
+                 tau_range: tuple[float, float] = (0.02, 0.98)):  # fmt: skip
+        from .diffusion_teacher import DiffusionTeacher
+
+        self.model = DiffusionTeacher.load(path)
+        self.seed, self.steps, self.guidance, self.tau_range = seed, steps, guidance, tau_range
+        self.clips: dict[tuple[int, int, int, int], TeacherClip] = {}
+
+    def prepare(self, scene: DistillScene) -> None:
+        from reconstruct.canonical import PART_CODES
+
+        with torch.no_grad():
+            still = scene.rig.still()
+            self.references = [scene.render([still], cam)[0] for cam in scene.cameras]
+        face = torch.isin(scene.parts.long(), torch.tensor([PART_CODES[p] for p in
+                                                            ("face", "lips", "eyelids")]))  # fmt: skip
+        candidates = torch.nonzero(face).flatten()
+        self.landmark_ids = []
+        for ref, cam in zip(self.references, scene.cameras, strict=True):
+            found = face_landmarks(as_numpy_uint8(ref[None]))[0]
+            ok = ~np.isnan(found[:, 0])
+            ids = torch.full((len(FACE_LANDMARKS),), -1, dtype=torch.long)
+            if ok.any() and len(candidates):
+                pts = torch.from_numpy(found[ok])
+                ids[torch.from_numpy(ok)] = bind_landmarks(pts, still, cam, candidates)
+            self.landmark_ids.append(ids)
+        self.conditions = [None] * len(scene.cameras)
+
+    @torch.no_grad()
+    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip:
+        key = (window.clip, window.start, window.num, window.view)
+        if key not in self.clips:
+            frames = self.model.sample(self.references[window.view], window.num, self.steps,
+                                       seed=self.seed + hash(key) % 100003)  # fmt: skip
+            ids = self.landmark_ids[window.view]
+            found = torch.from_numpy(face_landmarks(as_numpy_uint8(frames))).float()
+            bound = ids >= 0
+            self.clips[key] = TeacherClip(
+                frames=frames,
+                keypoints=torch.nan_to_num(found[:, bound]),
+                keypoint_ids=ids[bound],
+                keypoint_hand=torch.zeros(int(bound.sum()), dtype=torch.bool),
+                visible=~torch.isnan(found[:, bound, 0]),
+            )
+        return self.clips[key]
+
+    def score_loss(self, frames: Tensor, window: Window, generator: torch.Generator) -> Tensor:
+        from .score import score_distillation_loss
+
+        m = self.model
+        if self.conditions[window.view] is None:
+            self.conditions[window.view] = m.condition(self.references[window.view], seed=self.seed)
+        cond = self.conditions[window.view]
+        return score_distillation_loss(
+            m.encode(frames), m.predict, m.schedule, prediction_type=m.prediction_type,
+            tau_range=self.tau_range, guidance_scale=self.guidance, cond=cond,
+            uncond=m.uncondition(cond) if self.guidance != 1.0 else None, generator=generator,
+        )  # fmt: skip
+
+
+def make_teacher(spec: str, seed: int = 0) -> Teacher:
+    """`procedural` or `diffusers:PATH` (a local diffusers model directory)."""
+    if spec == "procedural":
+        return ProceduralTeacher(TeacherConfig(seed=seed))
+    if spec.startswith("diffusers:"):
+        return DiffusersTeacher(Path(spec.split(":", 1)[1]), seed=seed)
+    raise ValueError(f"--teacher {spec!r}: use procedural or diffusers:PATH")
+
+
+def as_numpy_uint8(frames: Tensor) -> np.ndarray:  # [T, H, W, 3] in [0, 1] -> uint8
+    return (frames.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()

@@ -1,0 +1,236 @@
+"""Distillation: loss weights and terms, the trainer (checkpoints, exact resume, metrics, DDP) and
+`avatar finetune` end to end with the procedural teacher."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill.losses import ArapGraph, Weight, loss_arap, loss_keypoints
+from distill.trainer import TrainConfig, load_checkpoint_info, train
+from render.rotations import axis_angle_to_rotmat
+
+from .helpers import template_avatar
+from .test_deformer import speechlike
+from .test_drive import run_avatar, write_wav
+
+
+def test_weight_schedules():
+    assert Weight.parse("0.5")(1000) == 0.5
+    ramp = Weight.parse("0@0,1@100")
+    assert [ramp(s) for s in (0, 50, 100, 500)] == [0.0, 0.5, 1.0, 1.0]
+    assert Weight.parse("1@10,0@20")(0) == 1.0
+    with pytest.raises(ValueError, match="use 0.5"):
+        Weight.parse("fast")
+
+
+def test_keypoint_loss_is_robust_and_masks_hands_and_invisible_points():
+    ours = torch.zeros(2, 4, 2)
+    teacher = torch.zeros(2, 4, 2)
+    hand = torch.tensor([False, False, True, True])
+    assert loss_keypoints(ours, teacher, hand) == 0
+    teacher[:, 0] = torch.tensor([3.0, 4.0])  # a face keypoint 5 px off
+    face_only = loss_keypoints(ours, teacher, hand, delta=2.0)
+    assert face_only == pytest.approx((math.sqrt(25 + 4) - 2) / 2, rel=1e-5)
+    teacher[:, 2] = torch.tensor([300.0, 400.0])  # an outlier on a hand: linear, not quadratic
+    both = loss_keypoints(ours, teacher, hand, lambda_hand=0.5, delta=2.0)
+    assert both - face_only == pytest.approx(0.5 * (math.sqrt(500**2 + 4) - 2) / 2, rel=1e-5)
+    visible = torch.ones(2, 4, dtype=torch.bool)
+    visible[:, 2] = False
+    assert loss_keypoints(ours, teacher, hand, visible, 0.5, 2.0) == pytest.approx(float(face_only))
+
+
+def test_centred_keypoints_ignore_a_head_offset_but_not_the_mouth_shape():
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.rand(3, 6, 2, generator=gen) * 100
+    hand = torch.tensor([False] * 4 + [True] * 2)
+    shifted = ours.clone()
+    shifted[:, :4] += torch.tensor([7.0, -3.0])  # the whole face moved: head offset
+    assert loss_keypoints(ours, shifted, hand, centred=True) < 1e-5
+    assert loss_keypoints(ours, shifted, hand) > 1
+    opened = ours.clone()
+    opened[:, 1, 1] += 6.0  # one lip keypoint moved: a different mouth shape
+    assert loss_keypoints(ours, opened, hand, centred=True) > 0.5
+
+
+def test_arap_is_zero_for_rigid_motion_only():
+    gen = torch.Generator().manual_seed(0)
+    rest = torch.rand(64, 3, generator=gen)
+    graph = ArapGraph.build(rest, k=6)
+    r = axis_angle_to_rotmat(torch.tensor([[0.3, -0.5, 0.2]]))[0]
+    moved = (rest @ r.T + torch.tensor([0.1, 0.2, -0.3]))[None]
+    rots = r.expand(1, 64, 3, 3)
+    assert loss_arap(graph, moved, rots) < 1e-10
+    stretched = moved.clone()
+    stretched[..., 0] *= 1.2
+    assert loss_arap(graph, stretched, rots) > 1e-4
+
+
+class Toy(nn.Module):
+    """A regression objective with the trainer's interface; randomness from the step's rng."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, step, rng, gen):
+        x = torch.from_numpy(rng.standard_normal((16, 3))).float()
+        noise = torch.randn(16, 2, generator=gen) * 0.01
+        y = x @ torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]]) + noise
+        return {"mse": ((self.lin(x) - y) ** 2).mean(), "l2": 1e-3 * self.lin.weight.pow(2).sum()}
+
+
+def _toy_run(work, steps, resume=False):
+    torch.manual_seed(0)
+    toy = Toy()
+    cfg = TrainConfig(steps=steps, checkpoint_every=3, seed=1, warmup=2)
+    result = train(toy, [{"params": list(toy.parameters()), "lr": 0.3}], cfg, work, resume,
+                   progress=False)  # fmt: skip
+    return toy, result
+
+
+def test_trainer_checkpoints_and_resume_match_an_uninterrupted_run(tmp_path):
+    full, result = _toy_run(tmp_path / "full", 8)
+    assert result.history[-1]["mse"] < 0.5 * result.history[0]["mse"]
+    # a run killed after step 6 (its last checkpoint), resumed to 8
+    _toy_run(tmp_path / "cut", 6)
+    info = load_checkpoint_info(tmp_path / "cut")
+    assert info["step"] == 6 and (tmp_path / "cut" / info["tensors"]).is_file()
+    assert len(list((tmp_path / "cut").glob("checkpoint-*.safetensors"))) == 1  # old ones pruned
+    resumed, _ = _toy_run(tmp_path / "cut", 8, resume=True)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("full", "cut")]
+    assert [r["step"] for r in rows[1]] == [str(s) for s in range(1, 9)]
+    assert [r["mse"] for r in rows[0]] == [r["mse"] for r in rows[1]]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _toy_run(tmp_path / "none", 2, resume=True)
+
+
+pytest.importorskip("anny", reason="finetune needs the Anny template")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finetune")
+    template_avatar(2000).save(folder / "t.avatar")
+    write_wav(folder / "a.wav", speechlike(1.2).numpy())
+    return folder
+
+
+def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
+    """A one-camera, one-window scene (the same window every step) with one loss term on."""
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from avatar.pipelines.finetune import load_clips, training_cameras
+    from distill.finetune import FinetuneConfig, FinetuneObjective
+    from distill.scene import DistillScene
+    from distill.teachers import make_teacher
+
+    avatar = Avatar.load(tiny / "t.avatar")
+    driver = Driver(avatar, DriveConfig(size=64, framing="face"))
+    clips = load_clips([tiny / "a.wav"], 25.0)
+    clips[0].samples = clips[0].samples[: int(16000 * frames / 25)]
+    clips[0].num_frames = frames
+    cams = training_cameras(driver, 64)[:1]
+    scene = DistillScene(driver.rig, avatar.binding.parts, clips, cams, 25.0)
+    teach = make_teacher(teacher)
+    teach.prepare(scene)
+    lambdas = {f"lambda_{k}": "0" for k in ("vsd", "kpt", "img", "reg")}
+    lambdas[f"lambda_{only}"] = "1"
+    cfg = FinetuneConfig(frames=frames, lr=2e-3, lr_gaussians=0.0, arap_gaussians=256, **lambdas)
+    return FinetuneObjective(driver.model, scene, teach, cfg)
+
+
+@pytest.mark.parametrize("term", ["img", "kpt", "reg"])
+def test_each_loss_decreases_when_optimised_alone(tiny, term):
+    obj = _objective(tiny, term)
+    opt = torch.optim.Adam(obj.param_groups())
+    values = []
+    for step in range(6):
+        terms = obj(step, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        assert set(terms) == {term}
+        values.append(float(terms[term].detach()))
+        opt.zero_grad()
+        terms[term].backward()
+        opt.step()
+    assert values[0] > 0 and min(values[3:]) < values[0], values
+
+
+def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
+    from avatar.asset import Avatar
+    from deform.deformer import load_deformer
+
+    args = ["finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--steps", "2",
+            "--size", "64", "--frames", "3", "--checkpoint-every", "1", "--arap-gaussians", "256",
+            "-o", str(tmp_path / "tuned.avatar")]  # fmt: skip
+    r = run_avatar(*args)
+    assert r.returncode == 0, r.stderr
+    assert "2 steps with the procedural teacher" in r.stdout
+    tuned = Avatar.load(tmp_path / "tuned.avatar")
+    shipped = load_deformer().state_dict()
+    assert set(tuned.deformer) == set(shipped)
+    assert any(not torch.equal(tuned.deformer[k], v) for k, v in shipped.items())
+    assert tuned.meta["provenance"]["finetune"]["steps"] == 2
+    work = tmp_path / "tuned.avatar.train"
+    assert load_checkpoint_info(work)["step"] == 2
+    rows = list(csv.DictReader(open(work / "metrics.csv")))
+    assert {"img", "kpt", "reg", "total"} <= set(rows[0])
+    # resume to 3 steps from the work directory
+    r = run_avatar(*args[:-1], str(tmp_path / "more.avatar"), "--work", str(work), "--resume",
+                   "--steps", "3")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint_info(work)["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--teacher", "magic"], "use procedural or diffusers:PATH"),
+        (["--teacher", "diffusers:/nonexistent/model"], "teacher"),
+        (["--steps", "0"], "at least 1"),
+        (["--lambda-img", "lots"], "use 0.5"),
+    ],
+)
+def test_finetune_bad_arguments(tiny, tmp_path, extra, message):
+    out = tmp_path / "x.avatar"
+    r = run_avatar("finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--size",
+                   "64", "-o", str(out), *extra)  # fmt: skip
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_finetune_bad_audio_and_avatar(tiny, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    out = tmp_path / "x.avatar"
+    r = run_avatar("finetune", str(tiny / "t.avatar"), "--audio", str(bad), "-o", str(out))
+    assert r.returncode != 0 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
+    r = run_avatar("finetune", str(tmp_path / "none.avatar"), "--audio", str(tiny / "a.wav"))
+    assert r.returncode != 0 and "no such avatar" in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_finetune_under_torchrun_ddp_on_cpu(tiny, tmp_path):
+    """Two Gloo processes: the same command as on K GPUs, one output written by rank 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node=2", "--master_port=29517", "-m", "avatar", "finetune",
+           str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--steps", "2", "--size", "64",
+           "--frames", "3", "--arap-gaussians", "256", "-o", str(tmp_path / "ddp.avatar")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1
+    assert load_checkpoint_info(tmp_path / "ddp.avatar.train")["step"] == 2
