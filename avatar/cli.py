@@ -398,6 +398,8 @@ def _check_sizes(args: argparse.Namespace) -> None:
         "backward_size",
         "backward_steps",
         "fit_steps",
+        "checkpoint_every",
+        "steps",
     ):
         value = getattr(args, name, None)
         if value is not None and value < 1:

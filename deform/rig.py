@@ -14,6 +14,8 @@ For a frame, in this order:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,14 @@ from render import Gaussians
 from render.rotations import quat_to_rotmat, rotmat_to_quat
 from render.sh import SH_C0
 
-from .controls import DRIVEN_BONES, check_template, compose_pose
+from .controls import (
+    BLINK_ACTIONS,
+    DRIVEN_BONES,
+    TEMPLATE_ACTIONS,
+    action_index,
+    check_template,
+    compose_pose,
+)
 from .particles import Particles
 from .skinning import blend_transforms
 from .surface import interpolate
@@ -57,6 +66,8 @@ class SpeechRig:
         self.bone_ids, self.bone_weights = bone_ids, bone_weights
         self.particles = particles
         self.driven = torch.tensor([template.bone_names.index(b) for b in DRIVEN_BONES])
+        self.template_ids = action_index(template, TEMPLATE_ACTIONS)
+        self.blink_ids = action_index(template, BLINK_ACTIONS)
         vert_basis = expression_basis(template, self.shape)  # [E, V, 3]
         per_gauss = interpolate(
             vert_basis.permute(1, 0, 2).flatten(1), template.faces, face_ids, bary
@@ -74,6 +85,17 @@ class SpeechRig:
         pose = compose_pose(self.base_pose, self.driven, bones.float())
         shape = self.shape[None].expand(len(pose), -1)
         return self.template(shape, pose=pose).transforms
+
+    def posed_frames(self, motion, blink: Tensor) -> Iterator[Gaussians]:
+        """The avatar posed by each frame of a deformer's `Motion` (bones, template actions,
+        particle transforms, residuals), with blink weights [T] (`controls.blinks`)."""
+        transforms = self.transforms(motion.bones)
+        actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
+        actions[:, self.template_ids] = motion.actions
+        actions[:, self.blink_ids] = blink[:, None].to(actions)
+        for i in range(len(blink)):
+            yield self.pose(actions[i], transforms[i], motion.particles[i], motion.offsets[i],
+                            motion.log_scales[i], motion.opacity[i], motion.color[i])  # fmt: skip
 
     def still(self) -> Gaussians:
         """The base pose with no speech motion (no facial action, no particle motion)."""

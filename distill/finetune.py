@@ -127,13 +127,7 @@ class FinetuneObjective(nn.Module):
                     samples, tokens, state, warm, scene.fps, text, torch.zeros(1, dtype=torch.long)
                 )
         motion, _ = model(samples, tokens, state, window.num, scene.fps, text)
-        transforms = rig.transforms(motion.bones)
-        actions = motion.actions.new_zeros(window.num, len(rig.template.expression_names))
-        actions[:, scene.template_ids] = motion.actions
-        actions[:, scene.blink_ids] = blink[:, None]
-        posed = [rig.pose(actions[i], transforms[i], motion.particles[i], motion.offsets[i],
-                          motion.log_scales[i], motion.opacity[i], motion.color[i])
-                 for i in range(window.num)]  # fmt: skip
+        posed = list(rig.posed_frames(motion, blink))
         return scene.render(posed, window.camera), posed, motion
 
     def arap(self, motion) -> Tensor:
@@ -161,12 +155,12 @@ class FinetuneObjective(nn.Module):
         self, step: int, rng: np.random.Generator, gen: torch.Generator
     ) -> dict[str, Tensor]:
         scene, cfg = self.scene, self.cfg
-        window = scene.sample_window(rng, cfg.frames)
+        window = scene.sample_window(rng, cfg.frames, self.teacher.aligned_windows)
         with torch.no_grad():  # the teacher renders the avatar's current Gaussians
             scene.rig.gaussians = self.gaussians()
         teach = self.teacher(scene, window)
         if teach.controls is not None:
-            blink = teach.controls.actions[:, scene.blink_ids[0]]
+            blink = teach.controls.actions[:, scene.rig.blink_ids[0]]
         else:
             from deform.controls import blinks
 

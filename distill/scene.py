@@ -16,7 +16,6 @@ from torch import Tensor
 from deform.controls import (
     BLINK_ACTIONS,
     PARTICLE_ACTIONS,
-    TEMPLATE_ACTIONS,
     Controls,
     action_index,
 )
@@ -94,18 +93,18 @@ class DistillScene:
 
     def __post_init__(self):
         self.keypoint_ids, self.keypoint_hand = keypoint_gaussians(self.rig, self.parts)
-        t = self.rig.template
-        self.template_ids = action_index(t, TEMPLATE_ACTIONS)
-        self.blink_ids = action_index(t, BLINK_ACTIONS)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.cameras[0].width, self.cameras[0].height
 
-    def sample_window(self, rng: np.random.Generator, num: int) -> Window:
+    def sample_window(self, rng: np.random.Generator, num: int, aligned: bool = False) -> Window:
+        """A random clip, camera and first frame (`aligned`: a multiple of the window length)."""
         c = int(rng.integers(len(self.clips)))
         n = min(num, self.clips[c].num_frames)
         start = int(rng.integers(0, self.clips[c].num_frames - n + 1))
+        if aligned:
+            start = start // n * n
         v = int(rng.integers(len(self.cameras)))
         return Window(c, start, n, self.cameras[v], v)
 

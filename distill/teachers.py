@@ -46,6 +46,7 @@ class TeacherClip:
 
 class Teacher(Protocol):
     name: str
+    aligned_windows: bool  # windows start at multiples of their length (cacheable teacher clips)
 
     def prepare(self, scene: DistillScene) -> None: ...
 
@@ -60,6 +61,7 @@ class Teacher(Protocol):
 
 class ProceduralTeacher:
     name = "procedural"
+    aligned_windows = False  # any window: frames are cheap
 
     def __init__(self, cfg: TeacherConfig | None = None):
         self.cfg = cfg or TeacherConfig()
@@ -155,6 +157,7 @@ class DiffusersTeacher:
     """
 
     name = "diffusers"
+    aligned_windows = True  # windows on a grid of their length: each clip is synthesised once
 
     def __init__(self, path: Path, seed: int = 0, steps: int = 25, guidance: float = 1.0,
                  tau_range: tuple[float, float] = (0.02, 0.98)):  # fmt: skip
@@ -167,6 +170,10 @@ class DiffusersTeacher:
     def prepare(self, scene: DistillScene) -> None:
         from reconstruct.canonical import PART_CODES
 
+        w, h = scene.size
+        if w % self.model.downsample or h % self.model.downsample:
+            raise ValueError(f"--size {w}: the diffusers teacher needs a multiple of "
+                             f"{self.model.downsample}")  # fmt: skip
         with torch.no_grad():
             still = scene.rig.still()
             self.references = [scene.render([still], cam)[0] for cam in scene.cameras]
@@ -188,8 +195,9 @@ class DiffusersTeacher:
     def __call__(self, scene: DistillScene, window: Window) -> TeacherClip:
         key = (window.clip, window.start, window.num, window.view)
         if key not in self.clips:
+            seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))
             frames = self.model.sample(self.references[window.view], window.num, self.steps,
-                                       seed=self.seed + hash(key) % 100003)  # fmt: skip
+                                       seed=seed).cpu()  # fmt: skip
             ids = self.landmark_ids[window.view]
             found = torch.from_numpy(face_landmarks(as_numpy_uint8(frames))).float()
             bound = ids >= 0
@@ -213,7 +221,7 @@ class DiffusersTeacher:
             m.encode(frames), m.predict, m.schedule, prediction_type=m.prediction_type,
             tau_range=self.tau_range, guidance_scale=self.guidance, cond=cond,
             uncond=m.uncondition(cond) if self.guidance != 1.0 else None, generator=generator,
-        )  # fmt: skip
+        ).to(frames.device)  # fmt: skip
 
 
 def make_teacher(spec: str, seed: int = 0) -> Teacher:

@@ -13,7 +13,7 @@ already weighted loss terms. The trainer owns everything else:
 - **Metrics**: `metrics.csv`, one row per step (step, seconds, lr, total, each term); resuming
   truncates rows after the checkpoint so the file matches an uninterrupted run.
 - **DDP**: under `torchrun --nproc_per_node=K` (WORLD_SIZE > 1) the module is wrapped in
-  `DistributedDataParallel` (NCCL on CUDA, Gloo on CPU); every rank draws its own windows
+  `DistributedDataParallel` (NCCL for a module on CUDA, Gloo on the CPU); every rank draws its own windows
   (rank in the seed), gradients are averaged by DDP, and rank 0 alone writes files.
 """
 
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,13 +56,14 @@ class TrainResult:
     seconds: float
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+def distributed(cuda: bool) -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun (NCCL for
+    a module on CUDA, Gloo for one on the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # each rank's CUDA work (a teacher, ...) on its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -87,11 +87,11 @@ def save_checkpoint(work: Path, step: int, module: nn.Module, opt: torch.optim.O
         save_file(tensors, str(tmp))
     doc = {"step": step, "tensors": name, "config": asdict(cfg),
            "param_groups": state["param_groups"], **(extra or {})}  # fmt: skip
-    previous = load_checkpoint_info(work)
     with atomic_path(work / CHECKPOINT) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
-    if previous and previous["tensors"] != name:
-        (work / previous["tensors"]).unlink(missing_ok=True)
+    for old in work.glob("checkpoint-*.safetensors"):  # earlier ones, and any a kill orphaned
+        if old.name != name:
+            old.unlink(missing_ok=True)
     return work / name
 
 
@@ -105,15 +105,26 @@ def load_checkpoint_info(work: Path) -> dict | None:
         raise ValueError(f"{path}: not a valid checkpoint ({exc})") from None
 
 
-def load_checkpoint(work: Path, module: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Restore module and optimiser from the work directory; returns the step reached."""
+def load_checkpoint(work: Path, module: nn.Module, opt: torch.optim.Optimizer,
+                    run: dict | None = None) -> int:  # fmt: skip
+    """Restore module and optimiser from the work directory; returns the step reached. `run`
+    (what identifies the run: data, config) must equal what the checkpoint was saved with."""
     from safetensors.torch import load_file
 
     info = load_checkpoint_info(work)
     if info is None:
         raise ValueError(f"{work}: no checkpoint to resume from")
+    if run is not None and info.get("run") != json.loads(json.dumps(run)):
+        diff = sorted(
+            k for k in run if info.get("run", {}).get(k) != json.loads(json.dumps(run[k]))
+        )
+        raise ValueError(f"{work}: the checkpoint is from a different run (it differs in "
+                         f"{', '.join(diff) or 'its settings'}); use another --work or drop --resume")  # fmt: skip
     tensors = load_file(str(work / info["tensors"]))
-    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        raise ValueError(f"{work}: the checkpoint does not fit this model ({exc})") from None
     state: dict = {"state": {}, "param_groups": info["param_groups"]}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -124,46 +135,54 @@ def load_checkpoint(work: Path, module: nn.Module, opt: torch.optim.Optimizer) -
 
 
 class MetricsLog:
-    """metrics.csv: a row per step; columns fixed by the first row."""
+    """metrics.csv: a row per step; a column appears when its term first does (a λ ramping up
+    from 0), earlier rows left empty there."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        self.path, self.fields = path, None
+        self.path, self.fields = path, []
+        rows = []
         if resume_step is not None and path.is_file():
             with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            if rows:
-                self.fields = list(rows[0])
-                with path.open("w", newline="") as f:
-                    w = csv.DictWriter(f, self.fields)
-                    w.writeheader()
-                    w.writerows(rows)
-                return
-        path.unlink(missing_ok=True)
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if int(r["step"]) <= resume_step]
+                self.fields = list(reader.fieldnames or [])
+        self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(rows)
 
     def write(self, row: dict[str, float]) -> None:
-        new = self.fields is None
-        self.fields = self.fields or list(row)
+        if any(k not in self.fields for k in row):
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f))
+            self.fields += [k for k in row if k not in self.fields]
+            self._rewrite(rows)
         with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            csv.DictWriter(f, self.fields).writerow(row)
 
 
 def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | Path,
-          resume: bool = False, progress: bool = True,
-          on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:  # fmt: skip
-    """Optimise `module` (Adam over `groups`: dicts of params and lr) for `cfg.steps` steps."""
+          resume: bool = False, progress: bool = True, run: dict | None = None) -> TrainResult:  # fmt: skip
+    """Optimise `module` (Adam over `groups`: dicts of params and lr) for `cfg.steps` steps.
+    `run` (JSON-able) is stored with each checkpoint and must match on resume."""
+    if cfg.checkpoint_every < 1 or cfg.steps < 1:
+        raise ValueError("steps and checkpoint_every must be at least 1")
     work = Path(work)
-    rank, world = distributed()
+    cuda = next(module.parameters()).is_cuda
+    rank, world = distributed(cuda)
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.Adam(groups)
     base_lr = [g["lr"] for g in opt.param_groups]
-    step = load_checkpoint(work, module, opt) if resume else 0
+    step = load_checkpoint(work, module, opt, run) if resume else 0
+    if step > cfg.steps:
+        raise ValueError(f"{work}: the checkpoint is at step {step}, past --steps {cfg.steps}")
     model = module
     if world > 1:
-        dev = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        dev = [torch.cuda.current_device()] if cuda else None
         model = nn.parallel.DistributedDataParallel(module, device_ids=dev,
                                                     find_unused_parameters=True)  # fmt: skip
     metrics = MetricsLog(work / "metrics.csv", step if resume else None) if rank == 0 else None
@@ -179,6 +198,8 @@ def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | P
                 g["lr"] = lr * scale
             rng, gen = step_generators(cfg.seed, rank, step)
             terms = model(step, rng, gen)
+            if not terms:
+                raise ValueError(f"no loss term is active at step {step} (all λ are 0 there)")
             total = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -195,7 +216,5 @@ def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | P
             if metrics is not None:
                 metrics.write(row)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(work, step, module, opt, cfg)
-                if on_checkpoint is not None:
-                    on_checkpoint(step)
+                save_checkpoint(work, step, module, opt, cfg, {"run": run})
     return TrainResult(step, history, time.perf_counter() - t0)

@@ -113,6 +113,26 @@ def test_trainer_checkpoints_and_resume_match_an_uninterrupted_run(tmp_path):
     assert [r["mse"] for r in rows[0]] == [r["mse"] for r in rows[1]]
 
 
+class Ramped(Toy):
+    """A term that switches on at step 3, as a λ ramping up from 0."""
+
+    def forward(self, step, rng, gen):
+        terms = super().forward(step, rng, gen)
+        if step < 3:
+            del terms["l2"]
+        return terms
+
+
+def test_metrics_gain_a_column_when_a_term_switches_on(tmp_path):
+    torch.manual_seed(0)
+    ramped = Ramped()
+    cfg = TrainConfig(steps=5, checkpoint_every=5)
+    train(ramped, [{"params": list(ramped.parameters()), "lr": 0.1}], cfg, tmp_path, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 5 and "l2" in rows[0]
+    assert [r["l2"] == "" for r in rows] == [True, True, True, False, False]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         _toy_run(tmp_path / "none", 2, resume=True)
@@ -192,6 +212,11 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
                    "--steps", "3")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert load_checkpoint_info(work)["step"] == 3
+    # a different run may not continue from this work directory
+    r = run_avatar(*args[:-1], str(tmp_path / "other.avatar"), "--work", str(work), "--resume",
+                   "--steps", "4", "--lambda-img", "0.5")  # fmt: skip
+    assert r.returncode != 0 and "different run" in r.stderr and "config" in r.stderr
+    assert not (tmp_path / "other.avatar").exists()
 
 
 @pytest.mark.parametrize(
@@ -201,6 +226,12 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
         (["--teacher", "diffusers:/nonexistent/model"], "teacher"),
         (["--steps", "0"], "at least 1"),
         (["--lambda-img", "lots"], "use 0.5"),
+        (["--checkpoint-every", "0"], "at least 1"),
+        (["--arap-gaussians", "3"], "at least 7"),
+        (
+            ["--steps", "1"] + [f"--lambda-{k}=0" for k in ("vsd", "kpt", "img", "reg")],
+            "no loss term",
+        ),
     ],
 )
 def test_finetune_bad_arguments(tiny, tmp_path, extra, message):

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from deform.audio import AudioError, load_audio
-from deform.controls import BLINK_ACTIONS, TEMPLATE_ACTIONS, action_index, blinks
+from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer
 from deform.particles import Particles, template_particles
 from deform.rig import SpeechRig
@@ -136,8 +136,6 @@ class Driver:
             self.tokens = self.model.avatar_tokens(
                 g.means, b.parts, rgb, p.rest, p.parts, p.ids, p.weights
             )
-        self.template_ids = action_index(self.template, TEMPLATE_ACTIONS)
-        self.blink_ids = action_index(self.template, BLINK_ACTIONS)
 
     def cameras(self, num_frames: int) -> Cameras:
         cfg = self.cfg
@@ -153,7 +151,6 @@ class Driver:
         cams = self.cameras(num_frames)
         audio = torch.from_numpy(samples)
         bg = torch.ones(3)
-        e = len(self.template.expression_names)
         with torch.no_grad():
             text = model.transcript_embedding(cfg.transcript)
             state = model.start(self.tokens)
@@ -162,15 +159,8 @@ class Driver:
                 for start in range(0, num_frames, CHUNK):
                     n = min(CHUNK, num_frames - start)
                     motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
-                    transforms = rig.transforms(motion.bones)
-                    actions = torch.zeros(n, e)
-                    actions[:, self.template_ids] = motion.actions
                     blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
-                    actions[:, self.blink_ids] = blink[:, None]
-                    for i in range(n):
-                        g = rig.pose(actions[i], transforms[i], motion.particles[i],
-                                     motion.offsets[i], motion.log_scales[i], motion.opacity[i],
-                                     motion.color[i])  # fmt: skip
+                    for i, g in enumerate(rig.posed_frames(motion, blink)):
                         cam = cams[min(start + i, len(cams) - 1)]
                         yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
                         bar.update(1)

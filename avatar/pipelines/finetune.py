@@ -19,7 +19,7 @@ from deform.audio import AudioError, load_audio
 from distill.finetune import FinetuneConfig, FinetuneObjective
 from distill.scene import DistillScene, SpeechClip
 from distill.teachers import make_teacher
-from distill.trainer import TrainConfig, train
+from distill.trainer import TrainConfig, distributed, train
 from render import Cameras, fit_to_points
 
 from ..asset import Avatar
@@ -81,6 +81,10 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
     teacher, as one objective for `distill.trainer.train`."""
     from distill.losses import Weight
 
+    if avatar.gaussians.sh is None:
+        raise AvatarError("finetune needs an avatar with colours (SH), not free feature vectors")
+    if cfg.arap_gaussians < 7 or cfg.frames < 1:
+        raise AvatarError("--arap-gaussians must be at least 7 and --frames at least 1")
     for name in ("vsd", "kpt", "img", "reg"):
         try:
             Weight.parse(getattr(cfg, f"lambda_{name}"))
@@ -106,11 +110,15 @@ def finetune_avatar(avatar: Avatar, audio: list[str | Path], out: str | Path,
     cfg = cfg or FinetuneConfig()
     if opts.steps < 1:
         raise AvatarError(f"--steps {opts.steps}: must be at least 1")
-    objective = build_objective(avatar, audio, opts, cfg)
+    distributed(cuda=False)  # under torchrun: join the group first, so each rank's teacher
+    objective = build_objective(avatar, audio, opts, cfg)  # loads onto its own GPU
     work = Path(opts.work) if opts.work else Path(f"{out}.train")
     tcfg = TrainConfig(opts.steps, opts.checkpoint_every, opts.seed)
+    run = {"teacher": opts.teacher, "audio": [c.name for c in objective.scene.clips],
+           "gaussians": len(avatar.gaussians), "size": opts.size, "seed": opts.seed,
+           "config": asdict(cfg)}  # fmt: skip
     try:
-        result = train(objective, objective.param_groups(), tcfg, work, opts.resume, progress)
+        result = train(objective, objective.param_groups(), tcfg, work, opts.resume, progress, run)
     except ValueError as exc:
         raise AvatarError(str(exc)) from None
     with torch.no_grad():
