@@ -21,7 +21,7 @@ from torch import Tensor
 
 from render import Gaussians
 from render.rotations import quat_to_rotmat, rotmat_to_quat
-from render.sh import SH_C0
+from render.sh import SH_C0, sh0_to_rgb
 
 from .controls import (
     BLINK_ACTIONS,
@@ -57,6 +57,7 @@ class SpeechRig:
         bone_ids: Tensor,  # [N, K]
         bone_weights: Tensor,  # [N, K]
         particles: Particles,
+        parts: Tensor | None = None,  # [N] part codes (reconstruct.canonical.PART_CODES)
     ):
         check_template(template)
         self.template = template
@@ -65,6 +66,7 @@ class SpeechRig:
         self.gaussians = gaussians
         self.bone_ids, self.bone_weights = bone_ids, bone_weights
         self.particles = particles
+        self.parts = torch.zeros(len(gaussians), dtype=torch.uint8) if parts is None else parts
         self.driven = torch.tensor([template.bone_names.index(b) for b in DRIVEN_BONES])
         self.template_ids = action_index(template, TEMPLATE_ACTIONS)
         self.blink_ids = action_index(template, BLINK_ACTIONS)
@@ -85,6 +87,17 @@ class SpeechRig:
         pose = compose_pose(self.base_pose, self.driven, bones.float())
         shape = self.shape[None].expand(len(pose), -1)
         return self.template(shape, pose=pose).transforms
+
+    def tokens(self, model):
+        """The deformer's per-avatar tokens (`SpeechDeformer.avatar_tokens`) for these Gaussians
+        and particles; differentiable in the Gaussians."""
+        g, p = self.gaussians, self.particles
+        rgb = (
+            sh0_to_rgb(g.sh[:, 0]).clamp(0, 1)
+            if g.sh is not None
+            else g.means.new_full((len(g), 3), 0.5)
+        )
+        return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights)
 
     def posed_frames(self, motion, blink: Tensor) -> Iterator[Gaussians]:
         """The avatar posed by each frame of a deformer's `Motion` (bones, template actions,

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from deform.deformer import SpeechDeformer
 from deform.rig import SpeechRig
 from render import Gaussians
-from render.sh import sh0_to_rgb
 
 from .losses import ArapGraph, Weight, loss_arap, loss_image, loss_keypoints
 from .scene import DistillScene, Window
@@ -110,10 +109,8 @@ class FinetuneObjective(nn.Module):
         """Our frames [T, H, W, 3], posed Gaussians per frame, and the motion."""
         scene, model = self.scene, self.deformer
         rig: SpeechRig = scene.rig
-        g = rig.gaussians = self.gaussians()
-        p = rig.particles
-        rgb = sh0_to_rgb(g.sh[:, 0]).clamp(0, 1)
-        tokens = model.avatar_tokens(g.means, scene.parts, rgb, p.rest, p.parts, p.ids, p.weights)
+        rig.gaussians = self.gaussians()
+        tokens = rig.tokens(model)
         samples = torch.from_numpy(scene.clips[window.clip].samples)
         # truncated back-propagation through time: the state (GRU, particle transforms, smoothed
         # bones) is warmed up without gradients over the frames before the window, as when

@@ -85,14 +85,13 @@ def keypoint_gaussians(rig: SpeechRig, parts: Tensor, face: int = 48, hand: int 
 
 @dataclass
 class DistillScene:
-    rig: SpeechRig  # the avatar, posed from its photo pose without the root
-    parts: Tensor  # [N] part codes of the Gaussians
+    rig: SpeechRig  # the avatar, posed from its photo pose without the root; `rig.parts`
     clips: list[SpeechClip]
     cameras: list[Cameras]  # candidate training cameras (1 camera each, same size)
     fps: float = 25.0
 
     def __post_init__(self):
-        self.keypoint_ids, self.keypoint_hand = keypoint_gaussians(self.rig, self.parts)
+        self.keypoint_ids, self.keypoint_hand = keypoint_gaussians(self.rig, self.rig.parts)
 
     @property
     def size(self) -> tuple[int, int]:

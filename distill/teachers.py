@@ -177,7 +177,7 @@ class DiffusersTeacher:
         with torch.no_grad():
             still = scene.rig.still()
             self.references = [scene.render([still], cam)[0] for cam in scene.cameras]
-        face = torch.isin(scene.parts.long(), torch.tensor([PART_CODES[p] for p in
+        face = torch.isin(scene.rig.parts.long(), torch.tensor([PART_CODES[p] for p in
                                                             ("face", "lips", "eyelids")]))  # fmt: skip
         candidates = torch.nonzero(face).flatten()
         self.landmark_ids = []

@@ -36,7 +36,6 @@ from deform.particles import template_particles
 from deform.rig import SpeechRig
 from deform.templates import load_template
 from reconstruct.canonical import PART_CODES, sample_canonical
-from render.sh import sh0_to_rgb
 
 from .phones import SENTENCES, align_phones, synthesize_speech
 from .teacher import TeacherConfig, teach
@@ -111,9 +110,8 @@ def make_bodies(template, num: int, gaussians: int, seed: int) -> list[SpeechRig
         parts = template_particles(template, shape, PART_CODES, b.face_ids, b.bary, seed=seed + i)
         base = torch.zeros(template.num_bones, 3)
         rig = SpeechRig(
-            template, shape, base, g, b.face_ids, b.bary, b.bone_ids, b.bone_weights, parts
+            template, shape, base, g, b.face_ids, b.bary, b.bone_ids, b.bone_weights, parts, b.parts
         )
-        rig.parts = b.parts
         rigs.append(rig)
     return rigs
 
@@ -145,12 +143,8 @@ def train(args: argparse.Namespace) -> dict:
             n = min(args.window, len(clip.bones))
             start = int(rng.integers(0, len(clip.bones) - n + 1))
             samples = torch.from_numpy(augment(clip.samples, rng))
-            g = rig.gaussians
-            colors = sh0_to_rgb(g.sh[:, 0]).clamp(0, 1)
-            p = rig.particles
-            tokens = model.avatar_tokens(
-                g.means, rig.parts, colors, p.rest, p.parts, p.ids, p.weights
-            )
+            g, p = rig.gaussians, rig.particles
+            tokens = rig.tokens(model)
             state = model.start(tokens)
             state.frame = start
             text = model.transcript_embedding(clip.transcript) if rng.uniform() < 0.5 else None

@@ -164,7 +164,7 @@ def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
     clips[0].samples = clips[0].samples[: int(16000 * frames / 25)]
     clips[0].num_frames = frames
     cams = training_cameras(driver, 64)[:1]
-    scene = DistillScene(driver.rig, avatar.binding.parts, clips, cams, 25.0)
+    scene = DistillScene(driver.rig, clips, cams, 25.0)
     teach = make_teacher(teacher)
     teach.prepare(scene)
     lambdas = {f"lambda_{k}": "0" for k in ("vsd", "kpt", "img", "reg")}

@@ -26,7 +26,6 @@ from deform.rig import SpeechRig
 from deform.templates import load_template
 from reconstruct.canonical import PART_CODES
 from render import Cameras, fit_to_points, rasterize
-from render.sh import sh0_to_rgb
 
 from ..asset import Avatar
 from ..errors import AvatarError
@@ -123,19 +122,12 @@ class Driver:
         try:
             self.rig = SpeechRig(self.template, avatar.shape, base, avatar.gaussians, b.face_ids,
                                  b.bary, b.bone_ids, b.bone_weights,
-                                 avatar_particles(avatar, self.template))  # fmt: skip
+                                 avatar_particles(avatar, self.template), b.parts)  # fmt: skip
         except ValueError as exc:
             raise AvatarError(str(exc)) from None
         self.model = load_motion_model(avatar, cfg)
-        p = self.rig.particles
-        g = avatar.gaussians
-        rgb = (
-            sh0_to_rgb(g.sh[:, 0]).clamp(0, 1) if g.sh is not None else torch.full((len(g), 3), 0.5)
-        )
         with torch.no_grad():
-            self.tokens = self.model.avatar_tokens(
-                g.means, b.parts, rgb, p.rest, p.parts, p.ids, p.weights
-            )
+            self.tokens = self.rig.tokens(self.model)
 
     def cameras(self, num_frames: int) -> Cameras:
         cfg = self.cfg

@@ -93,7 +93,7 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
     driver = Driver(avatar, DriveConfig(size=opts.size, framing="face"))
     fps = driver.cfg.fps
     clips = load_clips(audio, fps)
-    scene = DistillScene(driver.rig, avatar.binding.parts, clips,
+    scene = DistillScene(driver.rig, clips,
                          training_cameras(driver, opts.size), fps)  # fmt: skip
     try:
         teacher = make_teacher(opts.teacher, opts.seed)
