@@ -48,18 +48,9 @@ class EvaluationError(AvatarError):
 
 # ---- reading -------------------------------------------------------------------------------------
 def _open(path: Path):
-    import av
+    from deform.audio import open_media
 
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise EvaluationError(f"{path}: the file is empty")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as exc:
-        raise EvaluationError(
-            f"{path}: not a video FFmpeg can read ({exc.strerror or exc})"
-        ) from None
+    container = open_media(path, "a video", EvaluationError)
     if not container.streams.video:
         container.close()
         raise EvaluationError(f"{path}: the file has no video track")

@@ -33,21 +33,26 @@ class Audio:
         return len(self.samples) / self.sample_rate
 
 
+def open_media(path: Path, kind: str, error: type[Exception]):
+    """A PyAV container for `path`; `error` naming the file when it is missing, empty or not
+    something FFmpeg reads (`kind`: "an audio file", "a video")."""
+    import av
+
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: the file is empty")
+    try:
+        return av.open(str(path))
+    except av.error.FFmpegError as exc:
+        raise error(f"{path}: not {kind} FFmpeg can read ({exc.strerror or exc})") from None
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Audio:
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: the file is empty")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as exc:
-        raise AudioError(
-            f"{path}: not an audio file FFmpeg can read ({exc.strerror or exc})"
-        ) from None
-    with container:
+    with open_media(path, "an audio file", AudioError) as container:
         if not container.streams.audio:
             raise AudioError(f"{path}: the file has no audio track")
         stream = container.streams.audio[0]
