@@ -198,19 +198,27 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(result: dict, as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or aligned `key  value` lines."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+
+
 def cmd_bench_drive(args: argparse.Namespace) -> int:
     from .bench import DriveBenchConfig, bench_drive
 
-    result = bench_drive(config_from_args(DriveBenchConfig, args))
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _print_result(bench_drive(config_from_args(DriveBenchConfig, args)), args.json)
     return 0
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
     from .bench import FinetuneBenchConfig, bench_finetune
 
-    result = bench_finetune(config_from_args(FinetuneBenchConfig, args))
-    print(json.dumps(result, indent=None if args.json else 2))
+    _print_result(bench_finetune(config_from_args(FinetuneBenchConfig, args)), args.json)
     return 0
 
 
@@ -218,12 +226,7 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
     from .bench import RenderBenchConfig, bench_render
 
     result = bench_render(config_from_args(RenderBenchConfig, args), _resolve_device(args.device))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+    _print_result(result, args.json)
     return 0
 
 
@@ -231,8 +234,7 @@ def cmd_bench_create(args: argparse.Namespace) -> int:
     from .bench import bench_create
     from .pipelines.create import CreateConfig
 
-    result = bench_create(args.photo, config_from_args(CreateConfig, args))
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _print_result(bench_create(args.photo, config_from_args(CreateConfig, args)), args.json)
     return 0
 
 
