@@ -108,8 +108,7 @@ class FinetuneObjective(nn.Module):
     def student(self, window: Window, blink: Tensor, text: Tensor | None):
         """Our frames [T, H, W, 3], posed Gaussians per frame, and the motion."""
         scene, model = self.scene, self.deformer
-        rig: SpeechRig = scene.rig
-        rig.gaussians = self.gaussians()
+        rig: SpeechRig = scene.rig  # its Gaussians are this step's (set in `forward`)
         tokens = rig.tokens(model)
         samples = torch.from_numpy(scene.clips[window.clip].samples)
         # truncated back-propagation through time: the state (GRU, particle transforms, smoothed
@@ -153,8 +152,7 @@ class FinetuneObjective(nn.Module):
     ) -> dict[str, Tensor]:
         scene, cfg = self.scene, self.cfg
         window = scene.sample_window(rng, cfg.frames, self.teacher.aligned_windows)
-        with torch.no_grad():  # the teacher renders the avatar's current Gaussians
-            scene.rig.gaussians = self.gaussians()
+        scene.rig.gaussians = self.gaussians()  # the teacher renders them, the student moves them
         teach = self.teacher(scene, window)
         if teach.controls is not None:
             blink = teach.controls.actions[:, scene.rig.blink_ids[0]]
