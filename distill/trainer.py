@@ -165,7 +165,8 @@ class MetricsLog:
 
 
 def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | Path,
-          resume: bool = False, progress: bool = True, run: dict | None = None) -> TrainResult:  # fmt: skip
+          resume: bool = False, progress: bool = True, run: dict | None = None,
+          desc: str = "finetune") -> TrainResult:  # fmt: skip
     """Optimise `module` (Adam over `groups`: dicts of params and lr) for `cfg.steps` steps.
     `run` (JSON-able) is stored with each checkpoint and must match on resume."""
     if cfg.checkpoint_every < 1 or cfg.steps < 1:
@@ -189,7 +190,7 @@ def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | P
     params = [p for g in opt.param_groups for p in g["params"]]
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="finetune", unit="step",
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step",
                disable=not progress or rank != 0)  # fmt: skip
     with bar:
         while step < cfg.steps:

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from deform.skinning import apply_blend, blend_transforms
 from render import Cameras, Gaussians, rasterize
-from render.sh import rgb_to_sh0
+from render.sh import rgb_to_sh0, sh0_to_rgb
 
 from .canonical import PART_CODES, Binding
-from .losses import loss_dssim, loss_l1, on_white
+from .losses import loss_dssim, loss_l1, on_white, psnr
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,15 @@ class RefineConfig:
     lr_opacity: float = 0.05
     lr_scale: float = 0.01
     lr_offset: float = 5e-4
+    lr_decoder: float = 1e-4
+    """Learning rate of the reconstructor's Gaussian decoder when it is personalised."""
 
 
 def posed_blend(binding: Binding, transforms: Tensor) -> Tensor:  # [J,4,4] -> [N,4,4]
     return blend_transforms(binding.bone_ids, binding.bone_weights, transforms[None])[0]
 
 
-def _sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] px -> [N,C]
+def sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] px -> [N,C]
     h, w = img.shape[:2]
     grid = torch.stack([uv[:, 0] / w * 2 - 1, uv[:, 1] / h * 2 - 1], -1)[None, None]
     out = F.grid_sample(
@@ -60,15 +62,17 @@ def _sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] p
     return out[0, :, 0].T
 
 
-def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03) -> Tensor:
-    """[N] bool: facing the camera and not hidden behind the rendered surface (depth [H, W])."""
+def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03,
+               grazing: float = 0.0) -> Tensor:  # fmt: skip
+    """[N] bool: facing the camera (or within `grazing` of edge-on: cosine between the normal
+    and the viewing ray) and not hidden behind the rendered surface (depth [H, W])."""
     from render.rotations import quat_to_rotmat
 
     view = cam.viewmats[0]
     p = posed.means @ view[:3, :3].T + view[:3, 3]
     normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
-    facing = (normal * p).sum(-1) < 0  # the normal points back toward the camera
-    surface = _sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0]
+    facing = (normal * F.normalize(p, dim=-1)).sum(-1) < grazing  # normal back toward the camera
+    surface = sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0]
     return facing & (p[:, 2] < surface + tolerance)
 
 
@@ -89,7 +93,7 @@ def color_prior(posed: Gaussians, canonical: Gaussians, binding: Binding, cam: C
     uv = cam.project(posed.means)[0]
     blurred = _masked_blur(image, mask)
     person = torch.where(mask[..., None] > 0.5, image, blurred)  # no background at the outline
-    rgb = torch.where(seen[:, None], _sample_image(person, uv), _sample_image(blurred, uv))
+    rgb = torch.where(seen[:, None], sample_image(person, uv), sample_image(blurred, uv))
     hair = _hair_color(image, mask, uv[binding.parts == PART_CODES["face"]])
     if hair is not None:
         rgb[_back_of_head(canonical, binding) & ~seen] = hair
@@ -128,6 +132,61 @@ def _back_of_head(canonical: Gaussians, binding: Binding) -> Tensor:
     return on_head & near & (back | sides_or_top | (normal[:, 1] > 0.6)) & (binding.parts == 0)
 
 
+class AppearanceLoss:
+    """The refinement objective of the module docstring, for canonical Gaussians posed by
+    `transforms` and seen by `cam`; `prior` [N, 3] holds the colours that Gaussians the photo
+    does not see (`seen` [N]) should keep."""
+
+    def __init__(self, transforms: Tensor, binding: Binding, cam: Cameras, image: Tensor,
+                 mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig) -> None:  # fmt: skip
+        self.blend = posed_blend(binding, transforms).detach()
+        self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
+        self.target, self.soft = image[None], mask[None, ..., None]
+        self.m = (self.soft > 0.5).to(self.soft.dtype)  # photometric terms: outline pixels mix
+        self.target_on_white = on_white(self.target, self.m)  # in the background
+
+    def __call__(self, g: Gaussians, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(total loss, image loss, the render [1, H, W, 3]) for canonical Gaussians `g` that
+        sit `offsets` [N, 3] off the template."""
+        cfg = self.cfg
+        out = rasterize(apply_blend(g, self.blend), self.cam, background=1.0)
+        # the render on white against the photo inside the person, and against the photo on
+        # white for SSIM (its windows at the outline must see the same surroundings)
+        loss_img = (1 - cfg.lambda_ssim) * loss_l1(
+            out.rgb, self.target, self.m
+        ) + cfg.lambda_ssim * loss_dssim(out.rgb, self.target_on_white, self.m)
+        loss = (
+            loss_img
+            + cfg.lambda_silhouette * ((out.alpha - self.soft) ** 2).mean()
+            + cfg.lambda_offset * (offsets**2).sum(-1).mean()
+            + cfg.lambda_scale * F.relu(g.log_scales.exp() - cfg.max_scale).pow(2).mean()
+        )
+        if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
+            drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
+            loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
+        return loss, loss_img, out.rgb
+
+    def psnr(self, rgb: Tensor) -> float:
+        """Masked PSNR of a render against the photo (what `masked_quality` reports)."""
+        return psnr(rgb, self.target, self.m)
+
+
+def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
+                    image: Tensor, mask: Tensor, cfg: RefineConfig,
+                    colours: str = "photo") -> AppearanceLoss:  # fmt: skip
+    """The objective for these Gaussians; `colours` "photo": their colour prior comes from the
+    photo (`color_prior`), "given": it is their current colour (e.g. the reconstructor's)."""
+    blend = posed_blend(binding, transforms).detach()
+    with torch.no_grad():
+        posed0 = apply_blend(canonical, blend)
+        seen = visible_in(posed0, cam, rasterize(posed0, cam).depth[0, ..., 0])
+        if colours == "photo":
+            prior = color_prior(posed0, canonical, binding, cam, image, mask, seen)
+        else:
+            prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
+    return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg)
+
+
 def refine_appearance(
     canonical: Gaussians,
     binding: Binding,
@@ -137,16 +196,14 @@ def refine_appearance(
     mask: Tensor,  # [H, W] in [0, 1]
     config: RefineConfig | None = None,
     progress: bool = True,
+    colours: str = "photo",  # start from the photo's colour prior, or keep the "given" colours
+    trace: list[float] | None = None,  # if given, each step's input-view masked PSNR
 ) -> Gaussians:
     """Returns the refined canonical Gaussians (same count and binding)."""
     cfg = config or RefineConfig()
-    blend = posed_blend(binding, transforms).detach()
-    with torch.no_grad():
-        posed0 = apply_blend(canonical, blend)
-        seen = visible_in(posed0, cam, rasterize(posed0, cam).depth[0, ..., 0])
-        prior = color_prior(posed0, canonical, binding, cam, image, mask, seen)
+    objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, colours)
     sh = canonical.sh.clone()
-    sh[:, 0] = rgb_to_sh0(prior)
+    sh[:, 0] = rgb_to_sh0(objective.prior)
     offsets = torch.zeros_like(canonical.means, requires_grad=True)
     params = {
         "sh": sh.requires_grad_(),
@@ -159,27 +216,12 @@ def refine_appearance(
         {"params": [params["log_scales"]], "lr": cfg.lr_scale},
         {"params": [offsets], "lr": cfg.lr_offset},
     ])  # fmt: skip
-    target, soft = image[None], mask[None, ..., None]
-    m = (soft > 0.5).to(soft.dtype)  # photometric terms: outline pixels mix in the background
-    target_on_white = on_white(target, m)
     bar = tqdm(range(cfg.steps), desc="appearance", unit="step", disable=not progress)
     for step in bar:
-        g = canonical.replace(means=canonical.means + offsets, **params)
-        out = rasterize(apply_blend(g, blend), cam, background=1.0)
-        # the render on white against the photo inside the person, and against the photo on
-        # white for SSIM (its windows at the outline must see the same surroundings)
-        loss_img = (1 - cfg.lambda_ssim) * loss_l1(
-            out.rgb, target, m
-        ) + cfg.lambda_ssim * loss_dssim(out.rgb, target_on_white, m)
-        loss = (
-            loss_img
-            + cfg.lambda_silhouette * ((out.alpha - soft) ** 2).mean()
-            + cfg.lambda_offset * (offsets**2).sum(-1).mean()
-            + cfg.lambda_scale * F.relu(params["log_scales"].exp() - cfg.max_scale).pow(2).mean()
-        )
-        if not seen.all():  # colours of Gaussians the photo does not see stay near their prior
-            drift = (params["sh"][~seen, 0] - rgb_to_sh0(prior[~seen])) ** 2
-            loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
+        loss, loss_img, rgb = objective(canonical.replace(means=canonical.means + offsets, **params),
+                                        offsets)  # fmt: skip
+        if trace is not None:
+            trace.append(objective.psnr(rgb.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
