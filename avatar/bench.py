@@ -173,6 +173,7 @@ def bench_create(photo: str | None, cfg) -> dict:
         "parse_s": round(times.parse_s, 2),
         "fit_s": round(times.fit_s, 1),
         "sample_s": round(times.sample_s, 2),
+        "reconstruct_s": round(times.reconstruct_s, 2),
         "refine_s": round(times.refine_s, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         **avatar.meta["quality"],

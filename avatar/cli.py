@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("create", help="create an avatar from one photo",
-                       description="Parse the person, fit the body template, bind Gaussians to it "
-                       "and fit their appearance to the photo. Writes an avatar folder (or .zip).")  # fmt: skip
+                       description="Parse the person, fit the body template, predict Gaussians on it "
+                       "with the feed-forward reconstructor, then refine them against the photo "
+                       "(--refine-steps 0: the network alone). Writes an avatar folder (or .zip).")  # fmt: skip
     p.add_argument("photo", help="a photo of one person (JPEG, PNG, ...); full body or half body")
     p.add_argument("-o", "--output", required=True, help="OUT.avatar (a folder) or OUT.zip")
     add_config_args(p, CreateConfig)

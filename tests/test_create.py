@@ -155,3 +155,29 @@ def test_several_people_warn_and_use_the_largest(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 people in the photo; using the largest" in res.stderr
     assert json.loads((out / "avatar.json").read_text())["provenance"]["people_in_photo"] == 2
+
+
+@needs_data
+def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
+    """`--refine-steps 0`: the shipped reconstructor's one pass alone; `--reconstructor none`:
+    the template's Gaussians (grey); a bad `--reconstructor` is a clear error."""
+    photo = str(SHARED_DATA / "person_sweater_fullbody.png")
+    fast = ["--gaussians", "8000", "--size", "256", "--fit-steps", "80", "--refine-steps", "0"]
+    psnr = {}
+    for name in ("default", "none"):
+        out = tmp_path / f"{name}.avatar"
+        res = run_avatar("create", photo, "-o", str(out), *fast, "--reconstructor", name)
+        assert res.returncode == 0, res.stderr[-3000:]
+        psnr[name] = json.loads((out / "avatar.json").read_text())["quality"][
+            "input_masked_psnr_db"
+        ]
+    assert psnr["default"] > 17 and psnr["default"] > psnr["none"] + 5, psnr
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    for bad, message in (
+        (tmp_path / "missing", "not found"),
+        (tmp_path / "bad.safetensors", "bad.json"),
+    ):
+        out = tmp_path / "x.avatar"
+        res = run_avatar("create", photo, "-o", str(out), *fast, "--reconstructor", str(bad))
+        assert res.returncode == 2 and "--reconstructor" in res.stderr and message in res.stderr
+        assert "Traceback" not in res.stderr and not out.exists()

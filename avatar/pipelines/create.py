@@ -16,6 +16,7 @@ from deform.particles import template_particles
 from deform.skinning import apply_blend
 from deform.templates import BodyTemplate, load_template
 from reconstruct.canonical import PART_CODES, sample_canonical
+from reconstruct.feedforward import hand_boxes_from_landmarks, personalise_decoder, prepare_inputs
 from reconstruct.fit import FitConfig, fit_template
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
@@ -39,7 +40,13 @@ class CreateConfig:
     fit_steps: int = 220
     """Template-fitting steps after the global alignment."""
     refine_steps: int = 300
-    """Appearance-refinement steps."""
+    """Appearance-refinement steps (0: the feed-forward result alone, no per-identity fitting)."""
+    reconstructor: str = "default"
+    """Feed-forward reconstructor: default (the shipped one), none (start from the template),
+    or PATH to a checkpoint (X.safetensors with X.json, or a folder holding them)."""
+    personalise_steps: int = 50
+    """Steps fine-tuning the reconstructor's Gaussian decoder on the photo, before the
+    refinement (needs a reconstructor and refine-steps > 0)."""
     fov: float = 40.0
     """Assumed vertical field of view of the photo, degrees."""
     seed: int = 0
@@ -53,11 +60,12 @@ class CreateTimings:
     parse_s: float = 0.0
     fit_s: float = 0.0
     sample_s: float = 0.0
+    reconstruct_s: float = 0.0
     refine_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.parse_s + self.fit_s + self.sample_s + self.refine_s
+        return self.parse_s + self.fit_s + self.sample_s + self.reconstruct_s + self.refine_s
 
 
 def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
@@ -65,6 +73,9 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     cfg = cfg or CreateConfig()
     times = CreateTimings()
     photo = read_photo(photo_path)
+    t0 = time.perf_counter()  # a bad --reconstructor fails before minutes of work
+    model = None if cfg.reconstructor == "none" else _load_reconstructor(cfg.reconstructor)
+    times.reconstruct_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with PersonParser() as parser:
         try:
@@ -92,16 +103,33 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     mask = crop_image(parse.mask, fit.crop)
     times.sample_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    canonical = refine_appearance(canonical, binding, posed.transforms[0], fit.camera, image, mask,
-                                  RefineConfig(steps=cfg.refine_steps), progress=progress)  # fmt: skip
-    times.refine_s = time.perf_counter() - t0
+    transforms = posed.transforms[0]
+    refine = RefineConfig(steps=cfg.refine_steps)
+    colours = "photo"
+    if model is not None:
+        t0 = time.perf_counter()
+        boxes = hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop)
+        inp = prepare_inputs(canonical, binding, transforms, fit.camera, image, mask, model.cfg,
+                             hand_boxes=boxes, seed=cfg.seed)  # fmt: skip
+        with torch.no_grad():
+            features = model.features(inp)
+            canonical = model.decoder(features, inp)
+        times.reconstruct_s += time.perf_counter() - t0
+        colours = "given"
+        if cfg.refine_steps > 0 and cfg.personalise_steps > 0:
+            t0 = time.perf_counter()
+            canonical = personalise_decoder(model, inp, features, binding, transforms, fit.camera,
+                                            image, mask, cfg.personalise_steps, refine, progress)  # fmt: skip
+            times.refine_s += time.perf_counter() - t0
+    if cfg.refine_steps > 0:
+        t0 = time.perf_counter()
+        canonical = refine_appearance(canonical, binding, transforms, fit.camera, image, mask,
+                                      refine, progress=progress, colours=colours)  # fmt: skip
+        times.refine_s += time.perf_counter() - t0
     canonical = _dark_mouth(canonical, binding)
 
     with torch.no_grad():
-        out = rasterize(
-            apply_blend(canonical, posed_blend(binding, posed.transforms[0])), fit.camera, 1.0
-        )
+        out = rasterize(apply_blend(canonical, posed_blend(binding, transforms)), fit.camera, 1.0)
     input_psnr, input_ssim = masked_quality(out.rgb, image[None], mask[None, ..., None])
     quality = {
         "input_masked_psnr_db": round(input_psnr, 2),
@@ -128,6 +156,15 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
 
 
 MOUTH_RGB = (0.32, 0.1, 0.1)  # inside of the mouth: never seen in a closed-mouth photo
+
+
+def _load_reconstructor(name: str):
+    from reconstruct.network import load_reconstructor
+
+    try:
+        return load_reconstructor(None if name == "default" else name)
+    except ValueError as exc:
+        raise AvatarError(f"--reconstructor {name}: {exc}") from None
 
 
 def _dark_mouth(gaussians: Gaussians, binding) -> Gaussians:
