@@ -1,15 +1,14 @@
 """Train and evaluate the reconstructor (`reconstruct.network`) on data the project makes offline.
 
-    python -m distill.train_reconstructor data --out recon_data --count 400
+    python -m distill.train_reconstructor train --data recon_data --steps 1000 \\
+        --out reconstruct/weights/reconstructor.safetensors    # makes recon_data first if needed
     python -m distill.train_reconstructor data --out recon_held --count 24 --seed 100000
-    python -m distill.train_reconstructor train --data recon_data --steps 1200 \\
-        --out reconstruct/weights/reconstructor.safetensors
     python -m distill.train_reconstructor eval --data recon_held \\
         --model reconstruct/weights/reconstructor.safetensors --model no_hands.safetensors
 
 Data: synthetic subjects (`reconstruct.synthetic`): Anny bodies with varied phenotypes, poses,
 procedural skin, hair, clothes and gloves, their ground-truth canonical Gaussians rendered as the
-front photo. Each sample is one safetensors file (the format is in the README, "Training the
+front photo. Each sample is one safetensors file (the format is in the README, "The feed-forward
 reconstructor"); real data in the same format trains the same way.
 
 Loss per subject, summed over a batch:
@@ -161,6 +160,9 @@ class ReconObjective(nn.Module):
 
 
 def run_training(args: argparse.Namespace) -> dict:
+    if not Path(args.data).exists():  # one command from nothing: make the synthetic data first
+        log.info("%s does not exist: making %d synthetic subjects there", args.data, args.count)
+        make_dataset(args.data, args.count, seed=0)
     files = sample_files(args.data)
     net_cfg = ReconstructorConfig(hand_branch=not args.no_hand_branch, queries=args.queries,
                                   encoder_path=args.encoder)  # fmt: skip
@@ -290,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--gaussians", type=int, default=8192)
     d.add_argument("--size", type=int, default=256)
     t = sub.add_parser("train", help="train a reconstructor")
-    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--data", type=Path, required=True,
+                   help="a dataset folder; made from --count synthetic subjects if it does not exist")  # fmt: skip
+    t.add_argument("--count", type=int, default=400, help="subjects to make for a new --data")
     t.add_argument("--out", type=Path, required=True, help="OUT.safetensors (+ OUT.json)")
     t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--batch", type=int, default=2)

@@ -256,3 +256,15 @@ def test_fit_silhouette_inflates_only_where_the_photo_is_wider(subject):
     lift = (grown.means - subject.template.means).norm(dim=-1)
     assert lift.mean() > 0.005 and lift.max() <= 0.06 + 1e-6
     assert (grown.log_scales >= subject.template.log_scales - 1e-6).all()
+
+
+def test_one_command_makes_data_trains_and_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "r.safetensors"
+    res = subprocess.run([sys.executable, "-m", "distill.train_reconstructor", "train", "--data",
+                          str(tmp_path / "new_data"), "--count", "2", "--steps", "2", "--batch", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "new_data" / "index.json").read_text())["count"] == 2
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["steps"] == 2 and "distill.train_reconstructor train" in doc["trained_with"]
+    assert load_reconstructor(out).cfg.hand_branch
