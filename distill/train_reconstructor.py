@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,10 +162,17 @@ class ReconObjective(nn.Module):
 
 
 def run_training(args: argparse.Namespace) -> dict:
-    if not Path(args.data).exists():  # one command from nothing: make the synthetic data first
-        log.info("%s does not exist: making %d synthetic subjects there", args.data, args.count)
-        make_dataset(args.data, args.count, seed=0)
-    files = sample_files(args.data)
+    data = Path(args.data)
+    if not data.exists() or (data / ".making").exists():  # one command from nothing
+        if "RANK" in os.environ:  # under torchrun every rank would make it at once
+            raise ValueError(f"{data}: make the data first (python -m distill.train_reconstructor "
+                             f"data --out {data}), then start torchrun")  # fmt: skip
+        log.info("making %d synthetic subjects in %s", args.count, data)
+        data.mkdir(parents=True, exist_ok=True)
+        (data / ".making").touch()  # an interrupted run finishes the data next time
+        make_dataset(data, args.count, seed=0)
+        (data / ".making").unlink()
+    files = sample_files(data)
     net_cfg = ReconstructorConfig(hand_branch=not args.no_hand_branch, queries=args.queries,
                                   encoder_path=args.encoder)  # fmt: skip
     cfg = ReconTrainConfig(batch=args.batch, lr=args.lr)
@@ -231,6 +240,8 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
     rcfg = RefineConfig(steps=refine_steps)
     for i, path in enumerate(tqdm(files, desc="evaluate", unit="subject")):
         s = load_subject(path)
+        if s.target is None:
+            raise ValueError(f"{path}: evaluation needs ground-truth Gaussians (target.*)")
         novel = [view_cameras(s, (yaw,), size) for yaw in NOVEL_YAWS]
         every = [scaled(s.camera, size), *novel]
         prior = appearance_loss(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
@@ -270,8 +281,8 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
         for name, cs in curves.items():
             mean = np.mean(cs, 0)
             reached = np.nonzero(mean >= goal - 1e-6)[0]
-            summary[name]["refine_psnr_at_0_50_150"] = [round(float(mean[j]), 2)
-                                                         for j in (0, 49, len(mean) - 1)]  # fmt: skip
+            at = sorted({0, min(49, len(mean) - 1), len(mean) - 1})
+            summary[name]["refine_psnr_at_steps"] = {j + 1: round(float(mean[j]), 2) for j in at}
             summary[name]["refine_steps_to_baseline_final"] = (
                 int(reached[0]) + 1 if len(reached) else None
             )
@@ -281,7 +292,7 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    argv = list(argv) if argv is not None else sys.argv[1:]
     p = argparse.ArgumentParser(prog="python -m distill.train_reconstructor",
                                 description=__doc__.split("\n")[0])  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -322,11 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_training(args), indent=1))
             return 0
         models = {Path(m).stem: load_reconstructor(m) for m in args.model}
+        if len(models) != len(args.model) or {"template", "template+photo"} & set(models):
+            raise ValueError("--model checkpoints need distinct names, not template(+photo)")
         print(json.dumps(evaluate(models, sample_files(args.data), args.refine_subjects,
                                   args.refine_steps), indent=1))  # fmt: skip
         return 0
     except ValueError as exc:
-        print(f"error: {exc}", file=__import__("sys").stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

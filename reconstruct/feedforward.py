@@ -85,6 +85,10 @@ def choose_queries(
     return torch.cat([picked, *extra]).sort().values
 
 
+def in_frame(uv: Tensor, hw: tuple[int, int]) -> Tensor:  # [N, 2] px -> [N] bool
+    return (uv[:, 0] >= 0) & (uv[:, 0] < hw[1]) & (uv[:, 1] >= 0) & (uv[:, 1] < hw[0])
+
+
 def _outward(posed: Gaussians, camera: Cameras, uv_px: Tensor) -> tuple[Tensor, Tensor]:
     """Per Gaussian, the image direction its normal points to ([N, 2], unit) and how many
     pixels one metre along the normal moves it ([N])."""
@@ -122,7 +126,7 @@ def fit_silhouette(
         normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
         across = (normal * F.normalize(p, dim=-1)).sum(-1).abs() < 0.3
         front = p[:, 2] < sample_image(depth[..., None], uv)[:, 0] + 0.03
-        inside = sample_image(mask[..., None], uv)[:, 0] > 0.5
+        inside = (sample_image(mask[..., None], uv)[:, 0] > 0.5) & in_frame(uv, mask.shape)
         edge = torch.nonzero(across & front & inside).flatten()
         if len(edge) == 0:
             return template
@@ -173,9 +177,8 @@ def prepare_inputs(
         uv_px = camera.project(posed.means)[0]
         # the photo's colour counts where the photo shows the person and the Gaussian is on
         # the surface the camera sees, facing it or seen edge-on at an outline
-        visible = visible_in(posed, camera, depth, grazing=0.3) & (
-            sample_image(mask[..., None], uv_px)[:, 0] > 0.5
-        )
+        visible = (visible_in(posed, camera, depth, grazing=0.3) & in_frame(uv_px, (h, w))
+                   & (sample_image(mask[..., None], uv_px)[:, 0] > 0.5))  # fmt: skip
         direction, _ = _outward(posed, camera, uv_px)
         px = torch.tensor(PROFILE_PX) * max(h, w) / 512
         along = uv_px[:, None] + direction[:, None] * px[None, :, None]  # [N, P, 2]
@@ -198,8 +201,7 @@ def prepare_inputs(
         )
 
     def in_view(sel: Tensor) -> bool:  # a part is usable when some of it is seen in the crop
-        inside = (uv_px[:, 0] >= 0) & (uv_px[:, 0] < w) & (uv_px[:, 1] >= 0) & (uv_px[:, 1] < h)
-        return bool(sel.any()) and float((visible & inside)[sel].float().mean()) > 0.05
+        return bool(sel.any()) and float(visible[sel].float().mean()) > 0.05
 
     head_sel = groups == 1
     head = None

@@ -80,6 +80,13 @@ class ReconstructorConfig:
     max_offset: float = 0.06
     """Largest offset D_G may move a Gaussian off the template, metres."""
 
+    def __post_init__(self) -> None:
+        if self.dim % self.heads or min(self.dim, self.heads, self.blocks, self.queries) < 1:
+            raise ValueError(f"dim ({self.dim}) must be a positive multiple of heads ({self.heads}),"
+                             " and blocks and queries at least 1")  # fmt: skip
+        if self.body_size < 16 or self.part_size < 8 or self.knn < 1 or self.max_offset < 0:
+            raise ValueError("body_size >= 16, part_size >= 8, knn >= 1, max_offset >= 0 needed")
+
     @classmethod
     def from_dict(cls, values: dict) -> ReconstructorConfig:
         known = {f.name for f in fields(cls)}
@@ -142,7 +149,8 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:  # [B, 3, S, S] in [0, 1] -> [B, P, out_dim]
-        hidden = self.vit(pixel_values=(images - self.mean) / self.std).last_hidden_state
+        extra = {"interpolate_pos_encoding": True} if self.vit.config.model_type == "vit" else {}
+        hidden = self.vit(pixel_values=(images - self.mean) / self.std, **extra).last_hidden_state
         return self.proj(hidden[:, -self.grid[0] * self.grid[1] :])  # drop CLS / registers
 
 

@@ -176,6 +176,8 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
                     colours: str = "photo") -> AppearanceLoss:  # fmt: skip
     """The objective for these Gaussians; `colours` "photo": their colour prior comes from the
     photo (`color_prior`), "given": it is their current colour (e.g. the reconstructor's)."""
+    if colours not in ("photo", "given"):
+        raise ValueError(f"colours must be 'photo' or 'given', not {colours!r}")
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed0 = apply_blend(canonical, blend)

@@ -104,6 +104,12 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     times.sample_s = time.perf_counter() - t0
 
     transforms = posed.transforms[0]
+    if model is not None and tpl.name != "anny":  # it learned Anny's canonical space
+        if cfg.reconstructor != "default":
+            raise AvatarError(f"--reconstructor {cfg.reconstructor}: trained on the Anny template, "
+                              f"not {tpl.name}; use --reconstructor none with --body {cfg.body}")  # fmt: skip
+        log.warning("the reconstructor is trained on Anny; starting %s from the template", tpl.name)
+        model = None
     refine = RefineConfig(steps=cfg.refine_steps)
     colours = "photo"
     if model is not None:
