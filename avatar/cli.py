@@ -63,19 +63,6 @@ def _view(text: str) -> float | str:
     raise argparse.ArgumentTypeError(f"{text!r}: use input, front or yaw=DEG")
 
 
-def _scaled(camera, size: int):
-    """The input-view camera resized so its long side is `size` pixels."""
-    import torch
-
-    from render import Cameras
-
-    s = size / max(camera.width, camera.height)
-    Ks = camera.Ks * torch.tensor([s, s, 1.0])[:, None]
-    return Cameras(
-        camera.viewmats, Ks, max(2, round(camera.width * s)), max(2, round(camera.height * s))
-    )
-
-
 def cmd_render(args: argparse.Namespace) -> int:
     from render.io import SplatFileError, load_splats
 
@@ -102,7 +89,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             if args.pose == "rest":
                 raise AvatarError("--view input shows the photo's pose; drop --pose rest")
             scene = posed_gaussians(avatar, template, "photo").to(device)
-            cams = _scaled(avatar.camera, cfg.size).to(device)
+            cams = avatar.camera.resized(cfg.size).to(device)
         else:
             scene = posed_gaussians(
                 avatar, template, "body" if args.pose == "photo" else "rest"

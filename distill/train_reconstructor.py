@@ -84,19 +84,9 @@ def posed(g: Gaussians, s: Subject) -> Gaussians:
     return apply_blend(g, posed_blend(s.binding, s.transforms))
 
 
-def view_cameras(s: Subject, yaws: tuple[float, ...], size: int) -> Cameras:
-    """Cameras around the posed person (yaw 0 = the photo's side), `size` px square."""
-    with torch.no_grad():
-        points = posed(s.target, s).means
-    return fit_to_points(points, size, size, torch.tensor(yaws), fov_y_deg=30.0, fill=0.9)
-
-
-def scaled(cam: Cameras, size: int) -> Cameras:
-    """The same camera at `size` px on its long side."""
-    f = size / max(cam.width, cam.height)
-    k = cam.Ks.clone()
-    k[:, :2] *= f
-    return Cameras(cam.viewmats, k, max(1, round(cam.width * f)), max(1, round(cam.height * f)))
+def view_cameras(truth: Gaussians, yaws: tuple[float, ...], size: int) -> Cameras:
+    """Cameras around the posed person `truth` (yaw 0 = the photo's side), `size` px square."""
+    return fit_to_points(truth.means, size, size, torch.tensor(yaws), fov_y_deg=30.0, fill=0.9)
 
 
 def jitter_camera(cam: Cameras, rng: np.random.Generator, amount: float) -> Cameras:
@@ -143,12 +133,15 @@ class ReconObjective(nn.Module):
                 )
                 if cfg.lambda_render > 0:
                     yaw = float(rng.uniform(60, 300))
+                    with torch.no_grad():
+                        truth = posed(s.target, s)
+                    pred_posed = posed(pred, s)
                     loss = 0.0
-                    for cam in (scaled(s.camera, cfg.render_size),
-                                view_cameras(s, (yaw,), cfg.render_size)):  # fmt: skip
+                    for cam in (s.camera.resized(cfg.render_size),
+                                view_cameras(truth, (yaw,), cfg.render_size)):  # fmt: skip
                         with torch.no_grad():
-                            want = rasterize(posed(s.target, s), cam, background=1.0).rgb
-                        got = rasterize(posed(pred, s), cam, background=1.0).rgb
+                            want = rasterize(truth, cam, background=1.0).rgb
+                        got = rasterize(pred_posed, cam, background=1.0).rgb
                         loss = loss + (got - want).abs().mean() / 2
                     parts["render"] = cfg.lambda_render * loss
             if s.views is not None and cfg.lambda_render > 0:  # photos from other cameras
@@ -209,14 +202,16 @@ def _view_psnr(pred: Gaussians, s: Subject, cams: list[Cameras], hands: bool = F
     from reconstruct.canonical import PART_CODES
 
     err, count = 0.0, 0.0
+    with torch.no_grad():
+        truth, ours = posed(s.target, s), posed(pred, s)
     for cam in cams:
         with torch.no_grad():
-            want = rasterize(posed(s.target, s), cam, background=1.0)
-            got = rasterize(posed(pred, s), cam, background=1.0)
+            want = rasterize(truth, cam, background=1.0)
+            got = rasterize(ours, cam, background=1.0)
         mask = ((want.alpha > 0.5) | (got.alpha > 0.5)).float()
         if hands:
             inside = torch.zeros_like(mask)
-            uv = cam.project(posed(s.target, s).means)[0]
+            uv = cam.project(truth.means)[0]
             for part in ("hand_left", "hand_right"):
                 sel = uv[s.binding.parts == PART_CODES[part]]
                 x0, y0 = sel.min(0).values.floor().clamp(min=0).int().tolist()
@@ -242,8 +237,10 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
         s = load_subject(path)
         if s.target is None:
             raise ValueError(f"{path}: evaluation needs ground-truth Gaussians (target.*)")
-        novel = [view_cameras(s, (yaw,), size) for yaw in NOVEL_YAWS]
-        every = [scaled(s.camera, size), *novel]
+        with torch.no_grad():
+            truth = posed(s.target, s)
+        novel = [view_cameras(truth, (yaw,), size) for yaw in NOVEL_YAWS]
+        every = [s.camera.resized(size), *novel]
         prior = appearance_loss(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
                                 rcfg).prior  # fmt: skip
         starts = {"template": s.template,

@@ -20,6 +20,7 @@ from render import Cameras, Gaussians, rasterize
 from render.rotations import quat_to_rotmat
 
 from .canonical import Binding
+from .losses import on_white
 from .network import (
     GROUPS,
     PROFILE_PX,
@@ -28,7 +29,7 @@ from .network import (
     ReconstructorConfig,
     part_groups,
 )
-from .refine import RefineConfig, appearance_loss, posed_blend, sample_image, visible_in
+from .refine import AppearanceLoss, RefineConfig, posed_blend, sample_image, visible_in
 
 Box = tuple[float, float, float]  # centre x, centre y, side (pixels)
 
@@ -183,11 +184,11 @@ def prepare_inputs(
         px = torch.tensor(PROFILE_PX) * max(h, w) / 512
         along = uv_px[:, None] + direction[:, None] * px[None, :, None]  # [N, P, 2]
         profile = sample_image(mask[..., None], along.reshape(-1, 2))[:, 0].reshape(-1, len(px))
-    on_white = image * mask[..., None] + (1 - mask[..., None])
+    white = on_white(image, mask[..., None])
 
     # the person crop, letterboxed into a square
     side = float(max(h, w))
-    body = cut_box(on_white, (w / 2, h / 2, side), cfg.body_size)
+    body = cut_box(white, (w / 2, h / 2, side), cfg.body_size)
     uv = torch.stack([(uv_px[:, 0] - w / 2) / side, (uv_px[:, 1] - h / 2) / side], -1) * 2
 
     def jittered(box: Box) -> Box:
@@ -206,7 +207,7 @@ def prepare_inputs(
     head_sel = groups == 1
     head = None
     if in_view(head_sel):
-        head = cut_box(on_white, jittered(box_around(uv_px[head_sel], 1.25)), cfg.part_size)
+        head = cut_box(white, jittered(box_around(uv_px[head_sel], 1.25)), cfg.part_size)
     hands = {}
     for g, name in ((2, "hand_left"), (3, "hand_right")):
         sel = groups == g
@@ -216,14 +217,14 @@ def prepare_inputs(
             box = box_around(uv_px[sel], 1.3)
         else:
             continue
-        hands[name] = cut_box(on_white, jittered(box), cfg.part_size, mirror=name == "hand_left")
+        hands[name] = cut_box(white, jittered(box), cfg.part_size, mirror=name == "hand_left")
 
     query_ids = choose_queries(groups, cfg.queries, gen)
     knn_ids, knn_w = knn_blend(template.means, groups, template.means[query_ids],
                                groups[query_ids], cfg.knn)  # fmt: skip
     return ReconInputs(
         body=body, head=head, hands=hands, template=template, groups=groups, uv=uv,
-        visible=visible.float(), photo_rgb=sample_image(on_white, uv_px).clamp(0, 1), profile=profile,
+        visible=visible.float(), photo_rgb=sample_image(white, uv_px).clamp(0, 1), profile=profile,
         query_ids=query_ids, knn_ids=knn_ids, knn_weights=knn_w,
     )  # fmt: skip
 
@@ -241,25 +242,18 @@ def personalise_decoder(
     model: Reconstructor,
     inp: ReconInputs,
     features: Tensor,  # [N, dim] model.features(inp), fixed
-    binding: Binding,
-    transforms: Tensor,  # [J, 4, 4] the photo's pose
-    camera: Cameras,
-    image: Tensor,  # [H, W, 3]
-    mask: Tensor,  # [H, W]
+    objective: AppearanceLoss,  # create's refinement objective, built on the network's output
     steps: int,
-    cfg: RefineConfig | None = None,
+    lr: float = RefineConfig.lr_decoder,
     progress: bool = True,
 ) -> Gaussians:
-    """Fine-tune a copy of D_G on this photo with create's refinement objective (colours of
-    Gaussians the photo does not see are held near the network's own prediction) and return
-    its Gaussians. The shared model is left unchanged."""
-    cfg = cfg or RefineConfig()
+    """Fine-tune a copy of D_G on this photo with create's refinement objective and return its
+    Gaussians. Build `objective` with `appearance_loss(..., colours="given")` on the network's
+    own output, so Gaussians the photo does not see stay near its prediction. The shared model
+    is left unchanged."""
     decoder = copy.deepcopy(model.decoder).train()
     features = features.detach()
-    with torch.no_grad():
-        start = decoder(features, inp)
-    objective = appearance_loss(start, binding, transforms, camera, image, mask, cfg, "given")
-    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr_decoder)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     for _ in tqdm(range(steps), desc="personalise", unit="step", disable=not progress):
         g = decoder(features, inp)
         loss, _, _ = objective(g, g.means - inp.template.means)

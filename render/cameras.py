@@ -58,6 +58,15 @@ class Cameras:
         y = self.Ks[:, None, 1, 1] * cam[..., 1] / z + self.Ks[:, None, 1, 2]
         return torch.stack([x, y], dim=-1)
 
+    def resized(self, long_side: int) -> Cameras:
+        """The same cameras with images `long_side` pixels on their longer side."""
+        s = long_side / max(self.width, self.height)
+        ks = (
+            self.Ks * torch.tensor([s, s, 1.0], dtype=self.Ks.dtype, device=self.Ks.device)[:, None]
+        )
+        return Cameras(self.viewmats, ks, max(2, round(self.width * s)),
+                       max(2, round(self.height * s)))  # fmt: skip
+
     @staticmethod
     def cat(items: list[Cameras]) -> Cameras:
         w, h = items[0].width, items[0].height

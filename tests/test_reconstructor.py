@@ -228,9 +228,10 @@ def test_multi_view_data_without_ground_truth_gaussians_trains(subject, tmp_path
     from reconstruct.synthetic import Views, load_subject, save_subject
     from render import rasterize
 
-    cams = view_cameras(subject, (90.0, 180.0), 48)
     with torch.no_grad():
-        out = rasterize(posed(subject.target, subject), cams, background=1.0)
+        truth = posed(subject.target, subject)
+        cams = view_cameras(truth, (90.0, 180.0), 48)
+        out = rasterize(truth, cams, background=1.0)
     views = Views(cams, out.rgb, out.alpha[..., 0])
     save_subject(tmp_path / "mv.safetensors", replace(subject, target=None, views=views))
     loaded = load_subject(tmp_path / "mv.safetensors")
@@ -278,7 +279,7 @@ def test_one_command_makes_data_trains_and_writes_a_loadable_checkpoint(tmp_path
 def test_personalising_the_decoder_fits_the_photo_and_leaves_the_model_alone(subject):
     from reconstruct.feedforward import personalise_decoder
     from reconstruct.losses import masked_quality
-    from reconstruct.refine import RefineConfig
+    from reconstruct.refine import RefineConfig, appearance_loss
 
     torch.manual_seed(0)
     model = Reconstructor(TINY).eval()
@@ -287,9 +288,9 @@ def test_personalising_the_decoder_fits_the_photo_and_leaves_the_model_alone(sub
     with torch.no_grad():
         features = model.features(inp)
         start = model.decoder(features, inp)
-    tuned = personalise_decoder(model, inp, features, subject.binding, subject.transforms,
-                                subject.camera, subject.image, subject.mask, 30,
-                                RefineConfig(lr_decoder=3e-3), progress=False)  # fmt: skip
+    objective = appearance_loss(start, subject.binding, subject.transforms, subject.camera,
+                                subject.image, subject.mask, RefineConfig(), colours="given")  # fmt: skip
+    tuned = personalise_decoder(model, inp, features, objective, 30, lr=3e-3, progress=False)
 
     def quality(g):
         from deform.skinning import apply_blend

@@ -20,7 +20,13 @@ from reconstruct.feedforward import hand_boxes_from_landmarks, personalise_decod
 from reconstruct.fit import FitConfig, fit_template
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import RefineConfig, crop_image, posed_blend, refine_appearance
+from reconstruct.refine import (
+    RefineConfig,
+    appearance_loss,
+    crop_image,
+    posed_blend,
+    refine_appearance,
+)
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -75,6 +81,12 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     photo = read_photo(photo_path)
     t0 = time.perf_counter()  # a bad --reconstructor fails before minutes of work
     model = None if cfg.reconstructor == "none" else _load_reconstructor(cfg.reconstructor)
+    if model is not None and cfg.body != "anny":  # it learned Anny's canonical space
+        if cfg.reconstructor != "default":
+            raise AvatarError(f"--reconstructor {cfg.reconstructor}: trained on the Anny template, "
+                              f"not {cfg.body}; use --reconstructor none with this --body")  # fmt: skip
+        log.warning("the reconstructor is trained on Anny; starting %s from the template", cfg.body)
+        model = None
     times.reconstruct_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with PersonParser() as parser:
@@ -104,12 +116,6 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     times.sample_s = time.perf_counter() - t0
 
     transforms = posed.transforms[0]
-    if model is not None and tpl.name != "anny":  # it learned Anny's canonical space
-        if cfg.reconstructor != "default":
-            raise AvatarError(f"--reconstructor {cfg.reconstructor}: trained on the Anny template, "
-                              f"not {tpl.name}; use --reconstructor none with --body {cfg.body}")  # fmt: skip
-        log.warning("the reconstructor is trained on Anny; starting %s from the template", tpl.name)
-        model = None
     refine = RefineConfig(steps=cfg.refine_steps)
     colours = "photo"
     if model is not None:
@@ -124,8 +130,10 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
         colours = "given"
         if cfg.refine_steps > 0 and cfg.personalise_steps > 0:
             t0 = time.perf_counter()
-            canonical = personalise_decoder(model, inp, features, binding, transforms, fit.camera,
-                                            image, mask, cfg.personalise_steps, refine, progress)  # fmt: skip
+            objective = appearance_loss(canonical, binding, transforms, fit.camera, image, mask,
+                                        refine, colours="given")  # fmt: skip
+            canonical = personalise_decoder(model, inp, features, objective, cfg.personalise_steps,
+                                            refine.lr_decoder, progress)  # fmt: skip
             times.refine_s += time.perf_counter() - t0
     if cfg.refine_steps > 0:
         t0 = time.perf_counter()
