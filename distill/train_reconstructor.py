@@ -39,9 +39,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from deform.skinning import apply_blend
-from reconstruct.feedforward import prepare_inputs
+from reconstruct.feedforward import fit_silhouette, prepare_inputs
 from reconstruct.losses import masked_quality
-from reconstruct.network import Reconstructor, ReconstructorConfig, load_reconstructor
+from reconstruct.network import (
+    Reconstructor,
+    ReconstructorConfig,
+    load_reconstructor,
+    part_groups,
+)
 from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
 from reconstruct.synthetic import Subject, load_subject, make_dataset
 from render import Cameras, Gaussians, fit_to_points, rasterize
@@ -225,10 +230,12 @@ def _view_psnr(pred: Gaussians, s: Subject, cams: list[Cameras], hands: bool = F
 
 def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subjects: int = 4,
              refine_steps: int = 150, size: int = 256) -> dict:  # fmt: skip
-    """Feed-forward quality of each model against two starts without it, on held-out subjects:
-    `template` (grey template Gaussians) and `template+photo` (the colour prior `avatar create`
-    starts its refinement from). Then create's refinement from `template+photo` and from each
-    model, with the steps each needs to reach the former's final input-view PSNR."""
+    """Feed-forward quality of each model against three starts without it, on held-out subjects:
+    `template` (grey template Gaussians), `template+photo` (the colour prior `avatar create`
+    starts its refinement from without the network) and `silhouette+photo` (the network's
+    closed-form silhouette step with that colour prior: what the network adds beyond it). Then
+    create's refinement from each start but the grey one, with the steps each needs to reach
+    `template+photo`'s final input-view PSNR."""
     rows: dict[str, dict[str, list[float]]] = {}
     curves: dict[str, list[list[float]]] = {}
     times: dict[str, list[float]] = {}
@@ -243,8 +250,13 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
         every = [s.camera.resized(size), *novel]
         prior = appearance_loss(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
                                 rcfg).prior  # fmt: skip
+        fitted = fit_silhouette(s.template, part_groups(s.binding.parts),
+                                posed_blend(s.binding, s.transforms), s.camera, s.mask)  # fmt: skip
+        fitted_prior = appearance_loss(fitted, s.binding, s.transforms, s.camera, s.image, s.mask,
+                                       rcfg).prior  # fmt: skip
         starts = {"template": s.template,
-                  "template+photo": s.template.replace(sh=rgb_to_sh0(prior)[:, None])}  # fmt: skip
+                  "template+photo": s.template.replace(sh=rgb_to_sh0(prior)[:, None]),
+                  "silhouette+photo": fitted.replace(sh=rgb_to_sh0(fitted_prior)[:, None])}  # fmt: skip
         for name, model in models.items():
             t0 = time.perf_counter()
             inp = prepare_inputs(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
@@ -263,9 +275,9 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
             r.setdefault("hand_psnr", []).append(_view_psnr(g, s, every, hands=True))
             if i < refine_subjects and name != "template":
                 trace: list[float] = []
+                colours = "photo" if name.endswith("+photo") else "given"
                 refine_appearance(g, s.binding, s.transforms, s.camera, s.image, s.mask, rcfg,
-                                  progress=False, colours="photo" if name == "template+photo" else "given",
-                                  trace=trace)  # fmt: skip
+                                  progress=False, colours=colours, trace=trace)  # fmt: skip
                 curves.setdefault(name, []).append(trace)
     summary = {
         name: {k: round(float(np.mean(v)), 2) for k, v in r.items()} for name, r in rows.items()
@@ -330,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_training(args), indent=1))
             return 0
         models = {Path(m).stem: load_reconstructor(m) for m in args.model}
-        if len(models) != len(args.model) or {"template", "template+photo"} & set(models):
-            raise ValueError("--model checkpoints need distinct names, not template(+photo)")
+        starts = {"template", "template+photo", "silhouette+photo"}
+        if len(models) != len(args.model) or starts & set(models):
+            raise ValueError(f"--model checkpoints need distinct names, none of {sorted(starts)}")
         print(json.dumps(evaluate(models, sample_files(args.data), args.refine_subjects,
                                   args.refine_steps), indent=1))  # fmt: skip
         return 0

@@ -4,6 +4,10 @@ for every template Gaussian where the fitted template puts it in the photo.
 Head and hand boxes come from the fitted template's projection; a hand box from MediaPipe's hand
 landmarks (what `avatar create` has) replaces the template's when given. Left hands are mirrored
 so one hand encoder sees right hands only (as HaMeR does).
+
+Before the network sees it, the template is brought to the photo's silhouette in closed form
+(`fit_silhouette`): clothes and hair are looser than a body template, and a fit to keypoints
+misses feet, hair and sleeves by centimetres.
 """
 
 from __future__ import annotations
@@ -99,60 +103,168 @@ def _outward(posed: Gaussians, camera: Cameras, uv_px: Tensor) -> tuple[Tensor, 
     return step / length[:, None].clamp_min(1e-6), length
 
 
+def _outline_gaps(posed: Gaussians, camera: Cameras, mask: Tensor, reach: float,
+                  inward: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The template's outline against the photo's silhouette, in image space (so it does not
+    depend on how the template's Gaussians are oriented or how many there are).
+
+    Outline Gaussians: not hidden, in frame, centred within a pixel of the template render's
+    boundary. Outward is down the gradient of the render's (blurred) alpha. Returns their ids,
+    each one's signed gap in metres at its depth (at most `reach`) and the outward direction in
+    world space (unit, in the image plane). Positive gap: walking outward, the person mask
+    continues beyond the template's render (and before another part of the template is met).
+    Negative (only with `inward`): the Gaussian lies outside the mask, which begins that far
+    inward; outline Gaussians with the mask out of reach are left out."""
+    out = rasterize(posed, camera)
+    alpha, depth = out.alpha[0, ..., 0], out.depth[0, ..., 0]
+    solid = (alpha > 0.5).float()[None, None]
+    boundary = solid * F.max_pool2d(1 - solid, 3, 1, 1)  # template pixels next to background
+    band = F.max_pool2d(boundary, 3, 1, 1)[0, 0]
+    soft = F.avg_pool2d(F.avg_pool2d(alpha[None, None], 3, 1, 1, count_include_pad=False), 3, 1,
+                        1, count_include_pad=False)[0, 0]  # fmt: skip
+    grad = torch.zeros(*alpha.shape, 2)
+    grad[:, 1:-1, 0] = (soft[:, 2:] - soft[:, :-2]) / 2
+    grad[1:-1, :, 1] = (soft[2:] - soft[:-2]) / 2
+    uv = camera.project(posed.means)[0]
+    view = camera.viewmats[0]
+    z = (posed.means @ view[2, :3] + view[2, 3]).clamp_min(1e-3)
+    front = z < sample_image(depth[..., None], uv)[:, 0] + 0.03
+    near = sample_image(band[..., None], uv)[:, 0] > 0.5
+    down = -sample_image(grad, uv)
+    edge = torch.nonzero(front & near & in_frame(uv, mask.shape) & (down.norm(dim=-1) > 1e-3))
+    edge = edge.flatten()
+    direction = F.normalize(down[edge], dim=-1)
+    px_per_m = camera.Ks[0, 0, 0] / z[edge]
+    flat = torch.cat([direction, torch.zeros(len(edge), 1)], -1)  # camera space, z = 0
+    world = F.normalize(flat @ view[:3, :3], dim=-1)
+    if len(edge) == 0:
+        return edge, torch.zeros(0), world
+    inside = sample_image(mask[..., None], uv[edge])[:, 0] > 0.5
+    steps = torch.arange(1, int(reach * px_per_m.max()) + 2, dtype=uv.dtype)
+    steps = steps[steps <= 4 * max(mask.shape)]
+
+    def walk(sign: float) -> tuple[Tensor, Tensor]:  # [E, S] mask and template along `direction`
+        pts = (uv[edge, None] + sign * direction[:, None] * steps[None, :, None]).reshape(-1, 2)
+        return tuple(sample_image(img[..., None], pts)[:, 0].view(len(edge), -1) > 0.5
+                     for img in (mask, alpha))  # fmt: skip
+
+    in_mask, in_tpl = walk(1.0)
+    left = torch.cumsum((~in_tpl).int(), 1) > 0
+    run = torch.cumprod((in_mask & ~(left & in_tpl)).int(), 1).bool()
+    gap = (run & ~in_tpl).sum(1).float()
+    keep = inside
+    if inward:
+        in_mask, _ = walk(-1.0)
+        met = in_mask.any(1)
+        first = torch.where(met, in_mask.float().argmax(1) + 1.0, 0.0)
+        gap = torch.where(inside, gap, -first)
+        keep = inside | met
+    gap = (gap / px_per_m).clamp(-reach, reach)
+    return edge[keep], gap[keep], world[keep]
+
+
+def _lift(x: Tensor, blend: Tensor) -> Tensor:  # canonical [N, 3] -> [N, 6] canonical ∥ posed
+    return torch.cat([x, (blend[:, :3, :3] @ x[..., None])[..., 0] + blend[:, :3, 3]], -1)
+
+
+def _smooth_field(x: Tensor, blend: Tensor, groups: Tensor, ends: Tensor, end_groups: Tensor,
+                  values: Tensor, radius: float, jacobian: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Values [E, D] at anchors (`ends`, lifted [E, 6]) spread to points x [M, 3] (canonical,
+    posed by `blend` [M, 4, 4]) of the same part group: f = Σ w v / (Σ w + 0.05) with
+    w = (1 - d²/r²)² (smooth, zero beyond `radius`), damped where anchors are few. d measures
+    canonical and posed positions together, so an arm and the torso it rests against, or a
+    raised arm and the shoulder it starts from in the rest pose, do not drag each other.
+    With `jacobian`, also df/dx [M, D, 3], in closed form:
+    df/dy = -4/r² Σ u (v - f)(y - e)ᵀ / (Σ w + 0.05), u = 1 - d²/r² where positive, and
+    dy/dx = [I; L] with L the blend's linear part."""
+    y = _lift(x, blend)
+    u = (1 - torch.cdist(y, ends).square() / radius**2).clamp(min=0)
+    u = u * (groups[:, None] == end_groups[None])
+    w = u.square()
+    total = w.sum(1, keepdim=True) + 0.05
+    f = (w @ values) / total
+    if not jacobian:
+        return f, None
+    outer = (values[:, :, None] * ends[:, None, :]).flatten(1)  # [E, D*6]: v eᵀ
+    us = u.sum(1, keepdim=True)
+    jy = ((u @ values)[:, :, None] * y[:, None, :] - (u @ outer).view(len(x), -1, 6)
+          - (f * us)[:, :, None] * y[:, None, :] + f[:, :, None] * (u @ ends)[:, None, :])  # fmt: skip
+    jy = jy * (-4 / radius**2) / total[:, :, None]
+    return f, jy[:, :, :3] + jy[:, :, 3:] @ blend[:, :3, :3]
+
+
+def _thin(edge: Tensor, *rest: Tensor, most: int = 1024) -> tuple[Tensor, ...]:
+    keep = torch.arange(0, len(edge), max(1, -(-len(edge) // most)))  # a smooth field needs
+    return tuple(t[keep] for t in (edge, *rest))  # no more than ~1024 outline samples
+
+
 def fit_silhouette(
     template: Gaussians,  # [N] canonical
     groups: Tensor,  # [N] part groups
-    posed: Gaussians,  # the same Gaussians in the photo's pose
+    blend: Tensor,  # [N, 4, 4] the photo's pose, from `posed_blend`
     camera: Cameras,
     mask: Tensor,  # [H, W] the photo's person mask
     max_inflate: float = 0.06,
     radius: float = 0.05,
+    max_shift: float = 0.15,
+    shift_radius: float = 0.08,
+    rounds: int = 12,
+    nodes: int = 2048,
 ) -> Gaussians:
-    """The template inflated along its normals to the photo's silhouette (clothes and hair are
-    looser than a body template): a closed-form step of the feed-forward path, not a fit.
+    """The template brought to the photo's silhouette in closed form (clothes and hair are looser
+    than a body template, and a fit from keypoints misses feet, hair and sleeves by centimetres):
+    a step of the feed-forward path, not an optimisation.
 
-    On the template's outline (normals across the viewing ray, not hidden), walk outward in the
-    photo while the person mask continues beyond the template's own render and before another
-    part of the template is met; that gap, in metres along the normal, is the outline's
-    inflation. Every Gaussian then takes the mean inflation, weighted by (1 - d²/r²)², of the outline
-    Gaussians of its part within `radius` (so limbs swell round, not into fins); tangent scales
-    grow with it so the larger surface stays closed."""
+    Both steps move `nodes` Gaussians (a deformation graph) and carry every Gaussian along with
+    its 4 nearest nodes of the same part.
+    1. Inflation: each outline Gaussian's outward gap (`_outline_gaps`), at most `max_inflate`,
+       spread over its part within `radius` (so limbs swell round, not into fins); every
+       Gaussian moves along its own normal and its tangent scales grow with it.
+    2. Shift, up to `rounds` times: the remaining signed gaps, at most `max_shift`, as vectors
+       along the image's outward direction (taken to canonical space through each Gaussian's
+       blend), spread within `shift_radius`: parts move, stretch or shrink toward the
+       silhouette (a Jacobi iteration: anchors that already fit hold their part in place).
+       Each Gaussian's axes are scaled by how much the displacement field stretches them,
+       |(I + J) a| with J the field's Jacobian, so the surface stays closed."""
     with torch.no_grad():
-        out = rasterize(posed, camera)
-        alpha, depth = out.alpha[0, ..., 0], out.depth[0, ..., 0]
-        uv = camera.project(posed.means)[0]
-        direction, px_per_m = _outward(posed, camera, uv)
-        view = camera.viewmats[0]
-        p = posed.means @ view[:3, :3].T + view[:3, 3]
-        normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
-        across = (normal * F.normalize(p, dim=-1)).sum(-1).abs() < 0.3
-        front = p[:, 2] < sample_image(depth[..., None], uv)[:, 0] + 0.03
-        inside = (sample_image(mask[..., None], uv)[:, 0] > 0.5) & in_frame(uv, mask.shape)
-        edge = torch.nonzero(across & front & inside).flatten()
+        node = choose_queries(groups, nodes, torch.Generator().manual_seed(0))
+        knn_ids, knn_w = knn_blend(_lift(template.means, blend), groups,
+                                   _lift(template.means[node], blend[node]), groups[node], 4)  # fmt: skip
+
+        def spread(v: Tensor) -> Tensor:  # node values [M, ...] -> every Gaussian's [N, ...]
+            return (v[knn_ids] * knn_w.view(*knn_w.shape, *[1] * (v.dim() - 1))).sum(1)
+
+        def field(edge: Tensor, values: Tensor, r: float, jacobian: bool = False):
+            ends = _lift(template.means[edge], blend[edge])
+            f, jac = _smooth_field(template.means[node], blend[node], groups[node], ends,
+                                   groups[edge], values, r, jacobian)  # fmt: skip
+            return spread(f), None if jac is None else spread(jac)
+
+        edge, gap, _ = _thin(*_outline_gaps(apply_blend(template, blend), camera, mask,
+                                            max_inflate, inward=False))  # fmt: skip
         if len(edge) == 0:
             return template
-        steps = torch.arange(1, int(max_inflate * px_per_m[edge].max()) + 2, dtype=uv.dtype)
-        steps = steps[steps <= 4 * max(mask.shape)]
-        pts = (uv[edge, None] + direction[edge, None] * steps[None, :, None]).reshape(-1, 2)
-        in_mask = sample_image(mask[..., None], pts)[:, 0].reshape(len(edge), -1) > 0.5
-        in_tpl = sample_image(alpha[..., None], pts)[:, 0].reshape(len(edge), -1) > 0.5
-        left = torch.cumsum((~in_tpl).int(), 1) > 0
-        run = torch.cumprod((in_mask & ~(left & in_tpl)).int(), 1).bool()
-        gap = (run & ~in_tpl).sum(1).float()
-        delta = (gap / px_per_m[edge].clamp_min(1e-6)).clamp(max=max_inflate)
-        keep = torch.arange(0, len(edge), max(1, -(-len(edge) // 1024)))  # a smooth field:
-        edge, delta = edge[keep], delta[keep]  # 1024 outline samples are plenty
-
-        inflate = torch.zeros(len(template))
-        for s in range(0, len(template), 8192):
-            d2 = torch.cdist(template.means[s : s + 8192], template.means[edge]).square_()
-            wgt = (1 - d2 / radius**2).clamp_(min=0).square_()  # smooth, zero beyond radius
-            wgt *= groups[s : s + 8192, None] == groups[edge][None]
-            inflate[s : s + 8192] = (wgt @ delta) / (wgt.sum(1) + 0.05)
+        inflate = field(edge, gap[:, None], radius)[0][:, 0]
         n = quat_to_rotmat(template.quats)[:, :, 2]
         log_scales = template.log_scales.clone()
         log_scales[:, :2] += torch.log1p(inflate / max_inflate)[:, None]
-        return template.replace(means=template.means + inflate[:, None] * n, log_scales=log_scales)
+        template = template.replace(means=template.means + inflate[:, None] * n,
+                                    log_scales=log_scales)  # fmt: skip
+
+        lin = blend[:, :3, :3]
+        base, grown = template.log_scales, torch.zeros_like(template.log_scales)
+        for _ in range(rounds):
+            posed = apply_blend(template, blend)
+            edge, gap, outward = _thin(*_outline_gaps(posed, camera, mask, max_shift, inward=True))
+            if len(edge) == 0 or gap.abs().max() < 0.002:
+                break
+            values = torch.linalg.solve(lin[edge], outward * gap[:, None])  # to canonical space
+            shift, jac = field(edge, values, shift_radius, jacobian=True)
+            axes = quat_to_rotmat(template.quats)  # columns: the Gaussian's axes
+            stretch = (axes + jac @ axes).norm(dim=1)  # [N, 3] new length of each unit axis
+            grown = (grown + stretch.clamp_min(1e-3).log()).clamp(-0.7, 1.0)
+            template = template.replace(means=template.means + shift, log_scales=base + grown)
+        return template
 
 
 def prepare_inputs(
@@ -171,7 +283,7 @@ def prepare_inputs(
     h, w = image.shape[:2]
     groups = part_groups(binding.parts)
     blend = posed_blend(binding, transforms)
-    template = fit_silhouette(template, groups, apply_blend(template, blend), camera, mask)
+    template = fit_silhouette(template, groups, blend, camera, mask)
     with torch.no_grad():
         posed = apply_blend(template, blend)
         depth = rasterize(posed, camera).depth[0, ..., 0]
@@ -180,6 +292,8 @@ def prepare_inputs(
         # the surface the camera sees, facing it or seen edge-on at an outline
         visible = (visible_in(posed, camera, depth, grazing=0.3) & in_frame(uv_px, (h, w))
                    & (sample_image(mask[..., None], uv_px)[:, 0] > 0.5))  # fmt: skip
+        rays = F.normalize(posed.means - camera.centers[0], dim=-1)  # to canonical space:
+        rays = F.normalize(torch.linalg.solve(blend[:, :3, :3], rays), dim=-1)
         direction, _ = _outward(posed, camera, uv_px)
         px = torch.tensor(PROFILE_PX) * max(h, w) / 512
         along = uv_px[:, None] + direction[:, None] * px[None, :, None]  # [N, P, 2]
@@ -225,6 +339,7 @@ def prepare_inputs(
     return ReconInputs(
         body=body, head=head, hands=hands, template=template, groups=groups, uv=uv,
         visible=visible.float(), photo_rgb=sample_image(white, uv_px).clamp(0, 1), profile=profile,
+        rays=rays,
         query_ids=query_ids, knn_ids=knn_ids, knn_weights=knn_w,
     )  # fmt: skip
 

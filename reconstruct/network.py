@@ -21,7 +21,8 @@ in one forward pass.
   the body features sampled there (pixel-aligned).
 - D_G is applied per Gaussian on the inverse-distance blend of its k nearest queries of the same
   part, its own position and its photo colour where the photo sees it; a learned gate decides how
-  much of that colour to keep. The Gaussian count is thus free of the token count.
+  much of that colour to keep. The Gaussian count is thus free of the token count. A Gaussian the
+  photo sees moves only along its viewing ray, so it stays where its colour was read.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class ReconInputs:
     visible: Tensor  # [N] float: the photo sees it
     photo_rgb: Tensor  # [N, 3] the photo's colour where it lands
     profile: Tensor  # [N, P] the person mask along its outward normal in the photo (PROFILE_PX)
+    rays: Tensor  # [N, 3] unit viewing ray at each Gaussian, in canonical space
     query_ids: Tensor  # [Q] long, indices into N
     knn_ids: Tensor  # [N, k] long, indices into Q
     knn_weights: Tensor  # [N, k], rows sum to 1
@@ -213,8 +215,13 @@ class GaussianDecoder(nn.Module):
         o = self.net(x)
         gate = torch.sigmoid(o[:, 14:15] + 2.0) * vis  # starts by trusting the photo
         rgb = gate * inp.photo_rgb + (1 - gate) * torch.sigmoid(o[:, 11:14])
+        # pixel-aligned: a Gaussian the photo sees keeps where it lands in the photo (its colour
+        # was read there) and moves only along its viewing ray
+        offset = self.max_offset * torch.tanh(o[:, 0:3])
+        along = (offset * inp.rays).sum(-1, keepdim=True) * inp.rays
+        offset = offset - vis * (offset - along)
         return tpl.replace(
-            means=tpl.means + self.max_offset * torch.tanh(o[:, 0:3]),
+            means=tpl.means + offset,
             log_scales=tpl.log_scales + 0.5 * torch.tanh(o[:, 3:6]),
             quats=F.normalize(tpl.quats, dim=-1) + 0.25 * torch.tanh(o[:, 6:10]),
             opacity_logits=tpl.opacity_logits + o[:, 10],
