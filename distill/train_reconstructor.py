@@ -228,6 +228,12 @@ def _view_psnr(pred: Gaussians, s: Subject, cams: list[Cameras], hands: bool = F
     return -10 * float(np.log10(max(err / max(count, 1.0), 1e-12)))
 
 
+def _photo_colours(g: Gaussians, s: Subject, cfg: RefineConfig) -> Gaussians:
+    """`g` with the colour prior create's refinement starts from (no network)."""
+    objective = appearance_loss(g, s.binding, s.transforms, s.camera, s.image, s.mask, cfg)
+    return g.replace(sh=rgb_to_sh0(objective.prior)[:, None])
+
+
 def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subjects: int = 4,
              refine_steps: int = 150, size: int = 256) -> dict:  # fmt: skip
     """Feed-forward quality of each model against three starts without it, on held-out subjects:
@@ -248,15 +254,10 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
             truth = posed(s.target, s)
         novel = [view_cameras(truth, (yaw,), size) for yaw in NOVEL_YAWS]
         every = [s.camera.resized(size), *novel]
-        prior = appearance_loss(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
-                                rcfg).prior  # fmt: skip
         fitted = fit_silhouette(s.template, part_groups(s.binding.parts),
                                 posed_blend(s.binding, s.transforms), s.camera, s.mask)  # fmt: skip
-        fitted_prior = appearance_loss(fitted, s.binding, s.transforms, s.camera, s.image, s.mask,
-                                       rcfg).prior  # fmt: skip
-        starts = {"template": s.template,
-                  "template+photo": s.template.replace(sh=rgb_to_sh0(prior)[:, None]),
-                  "silhouette+photo": fitted.replace(sh=rgb_to_sh0(fitted_prior)[:, None])}  # fmt: skip
+        starts = {"template": s.template, "template+photo": _photo_colours(s.template, s, rcfg),
+                  "silhouette+photo": _photo_colours(fitted, s, rcfg)}  # fmt: skip
         for name, model in models.items():
             t0 = time.perf_counter()
             inp = prepare_inputs(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,

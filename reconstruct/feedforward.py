@@ -33,7 +33,14 @@ from .network import (
     ReconstructorConfig,
     part_groups,
 )
-from .refine import AppearanceLoss, RefineConfig, posed_blend, sample_image, visible_in
+from .refine import (
+    AppearanceLoss,
+    RefineConfig,
+    posed_blend,
+    sample_image,
+    unoccluded,
+    visible_in,
+)
 
 Box = tuple[float, float, float]  # centre x, centre y, side (pixels)
 
@@ -94,13 +101,10 @@ def in_frame(uv: Tensor, hw: tuple[int, int]) -> Tensor:  # [N, 2] px -> [N] boo
     return (uv[:, 0] >= 0) & (uv[:, 0] < hw[1]) & (uv[:, 1] >= 0) & (uv[:, 1] < hw[0])
 
 
-def _outward(posed: Gaussians, camera: Cameras, uv_px: Tensor) -> tuple[Tensor, Tensor]:
-    """Per Gaussian, the image direction its normal points to ([N, 2], unit) and how many
-    pixels one metre along the normal moves it ([N])."""
+def _outward(posed: Gaussians, camera: Cameras, uv_px: Tensor) -> Tensor:
+    """Per Gaussian, the image direction its normal points to ([N, 2], unit)."""
     normal = quat_to_rotmat(posed.quats)[:, :, 2]
-    step = (camera.project(posed.means + 0.01 * normal)[0] - uv_px) / 0.01
-    length = step.norm(dim=-1)
-    return step / length[:, None].clamp_min(1e-6), length
+    return F.normalize(camera.project(posed.means + 0.01 * normal)[0] - uv_px, dim=-1, eps=1e-8)
 
 
 def _outline_gaps(posed: Gaussians, camera: Cameras, mask: Tensor, reach: float,
@@ -128,11 +132,10 @@ def _outline_gaps(posed: Gaussians, camera: Cameras, mask: Tensor, reach: float,
     uv = camera.project(posed.means)[0]
     view = camera.viewmats[0]
     z = (posed.means @ view[2, :3] + view[2, 3]).clamp_min(1e-3)
-    front = z < sample_image(depth[..., None], uv)[:, 0] + 0.03
     near = sample_image(band[..., None], uv)[:, 0] > 0.5
     down = -sample_image(grad, uv)
-    edge = torch.nonzero(front & near & in_frame(uv, mask.shape) & (down.norm(dim=-1) > 1e-3))
-    edge = edge.flatten()
+    edge = unoccluded(posed, camera, depth) & near & in_frame(uv, mask.shape)
+    edge = torch.nonzero(edge & (down.norm(dim=-1) > 1e-3)).flatten()
     direction = F.normalize(down[edge], dim=-1)
     px_per_m = camera.Ks[0, 0, 0] / z[edge]
     flat = torch.cat([direction, torch.zeros(len(edge), 1)], -1)  # camera space, z = 0
@@ -294,7 +297,7 @@ def prepare_inputs(
                    & (sample_image(mask[..., None], uv_px)[:, 0] > 0.5))  # fmt: skip
         rays = F.normalize(posed.means - camera.centers[0], dim=-1)  # to canonical space:
         rays = F.normalize(torch.linalg.solve(blend[:, :3, :3], rays), dim=-1)
-        direction, _ = _outward(posed, camera, uv_px)
+        direction = _outward(posed, camera, uv_px)
         px = torch.tensor(PROFILE_PX) * max(h, w) / 512
         along = uv_px[:, None] + direction[:, None] * px[None, :, None]  # [N, P, 2]
         profile = sample_image(mask[..., None], along.reshape(-1, 2))[:, 0].reshape(-1, len(px))

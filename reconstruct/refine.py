@@ -72,8 +72,14 @@ def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
     p = posed.means @ view[:3, :3].T + view[:3, 3]
     normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
     facing = (normal * F.normalize(p, dim=-1)).sum(-1) < grazing  # normal back toward the camera
-    surface = sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0]
-    return facing & (p[:, 2] < surface + tolerance)
+    return facing & unoccluded(posed, cam, depth, tolerance)
+
+
+def unoccluded(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03) -> Tensor:
+    """[N] bool: not hidden behind the rendered surface (depth [H, W]) by more than `tolerance`."""
+    view = cam.viewmats[0]
+    z = posed.means @ view[2, :3] + view[2, 3]
+    return z < sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0] + tolerance
 
 
 def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
