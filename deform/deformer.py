@@ -11,6 +11,8 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
     H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])                      per Gaussian n
     Δp, Δs, Δα, Δc = heads(H^gau)
     controls_t = Linear(GRU(D_≤t))                                template bones + large actions
+    bones_t   = bones_t−1 + r_t · (raw_t − bones_t−1),  r_t = r_pause + (r_speak − r_pause) · a_t
+               a_t ∈ [0, 1]: speech activity (300-3000 Hz loudness against its running peak)
 
 Q are the avatar's Gaussian query tokens (an MLP of each Gaussian's canonical position, part and
 colour), pooled per particle for the keys; Q0 the template's query tokens (an MLP of each
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .audio_features import make_audio_encoder
+from .audio_features import frame_loudness, make_audio_encoder
 from .controls import DRIVEN_BONES, DRIVEN_HEAD, TEMPLATE_ACTIONS
 from .se3 import exp as se3_exp
 
@@ -49,6 +51,7 @@ class DeformerConfig:
     offset_scale: float = 0.003  # Δp, metres
     bone_smoothing: float = 0.1  # causal exponential smoothing of arm rotations (1: none)
     head_smoothing: float = 0.1  # the same for head, neck and chest (slow, calm)
+    pause_smoothing: float = 0.005  # the rate for every driven bone in pauses (no speech)
     audio_encoder: str | None = None  # a wav2vec 2.0 directory, or None for log-mel
 
     def to_json(self) -> str:
@@ -65,6 +68,29 @@ def time_encoding(t_seconds: Tensor, freqs: int) -> Tensor:  # [T] -> [T, 2F]
     hz = torch.logspace(math.log10(0.25), math.log10(12.5), freqs, dtype=t_seconds.dtype)
     ang = 2 * math.pi * t_seconds[:, None] * hz
     return torch.cat([ang.sin(), ang.cos()], -1)
+
+
+# speech activity: loudness against its running peak (a 5 s decay, never below -40 dBFS), held
+# for 0.12 s after it drops so the gaps between syllables do not count as pauses
+ACTIVITY_RANGE = (0.1, 0.3)  # fraction of the peak: silent below, speaking above
+LOUDNESS_FLOOR = 0.01
+PEAK_DECAY_S = 5.0
+RELEASE_S = 0.12
+
+
+def speech_activity(
+    loudness: Tensor, fps: float, ref: float = 0.0, last: float = 0.0
+) -> tuple[Tensor, float, float]:
+    """Per-frame activity in [0, 1] from speech-band loudness [T], causally, against a running
+    peak `ref`; `last` is the previous frame's activity. Returns the activity, then the new
+    `ref` and `last` to carry to the next chunk."""
+    decay, (lo, hi) = math.exp(-1.0 / (fps * PEAK_DECAY_S)), ACTIVITY_RANGE
+    out = torch.empty_like(loudness)
+    for i, e in enumerate(loudness.tolist()):
+        ref = max(ref * decay, e, LOUDNESS_FLOOR)
+        now = min(max((e / ref - lo) / (hi - lo), 0.0), 1.0)
+        last = out[i] = max(now, last - 1.0 / (RELEASE_S * fps))
+    return out, ref, last
 
 
 def mlp(inp: int, hidden: int, out: int, zero_last: bool = False) -> nn.Sequential:
@@ -101,6 +127,7 @@ class DeformerState:
     window: Tensor  # [W-1, d] previous driving tokens
     frame: int  # next frame index
     bones: Tensor | None = None  # [3B] last smoothed bone rotations
+    activity: tuple[float, float] = (0.0, 0.0)  # `speech_activity`'s running peak and last value
 
 
 @dataclass
@@ -231,14 +258,18 @@ class SpeechDeformer(nn.Module):
         controls = self.controls(out[0])
         n_bones = 3 * len(DRIVEN_BONES)
         bones = controls[:, :n_bones]
-        if min(cfg.bone_smoothing, cfg.head_smoothing) < 1:  # causal: no jitter in the head
-            alpha = torch.full((n_bones,), cfg.bone_smoothing)
-            alpha[: 3 * DRIVEN_HEAD] = cfg.head_smoothing
-            prev, rows = state.bones if state.bones is not None else bones[0], []
-            for row in bones:
-                prev = prev + alpha * (row - prev)
-                rows.append(prev)
-            bones = torch.stack(rows)
+        # causal smoothing of the pose: no jitter while speaking, and in pauses the pose
+        # settles slowly (rate `pause_smoothing`) instead of snapping back to rest
+        loudness = frame_loudness(samples, start, start + num_frames, fps)
+        activity, ref, last = speech_activity(loudness, fps, *state.activity)
+        speaking = torch.full((n_bones,), cfg.bone_smoothing)
+        speaking[: 3 * DRIVEN_HEAD] = cfg.head_smoothing
+        prev, rows = state.bones if state.bones is not None else bones[0], []
+        for row, act in zip(bones, activity, strict=True):
+            rate = cfg.pause_smoothing + (speaking - cfg.pause_smoothing) * act
+            prev = prev + rate * (row - prev)
+            rows.append(prev)
+        bones = torch.stack(rows)
         controls = torch.cat([bones, torch.sigmoid(controls[:, n_bones:])], -1)
 
         # motion head: all frames' attention at once, then the recurrence
@@ -279,7 +310,12 @@ class SpeechDeformer(nn.Module):
             gate=gamma,
         )
         new_state = DeformerState(
-            transforms, hidden, window[-(cfg.window - 1) :], start + num_frames, bones[-1]
+            transforms,
+            hidden,
+            window[-(cfg.window - 1) :],
+            start + num_frames,
+            bones[-1],
+            (ref, last),
         )
         return motion, new_state
 

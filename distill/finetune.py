@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from deform.deformer import SpeechDeformer
-from deform.rig import SpeechRig
 from render import Gaussians
 
 from .losses import ArapGraph, Weight, loss_arap, loss_image, loss_keypoints
@@ -105,11 +104,10 @@ class FinetuneObjective(nn.Module):
                 p.requires_grad_(False)
         return groups
 
-    def student(self, window: Window, blink: Tensor, text: Tensor | None):
-        """Our frames [T, H, W, 3], posed Gaussians per frame, and the motion."""
+    def motion(self, window: Window, text: Tensor | None):
+        """The deformer's motion over the window."""
         scene, model = self.scene, self.deformer
-        rig: SpeechRig = scene.rig  # its Gaussians are this step's (set in `forward`)
-        tokens = rig.tokens(model)
+        tokens = scene.rig.tokens(model)  # the rig's Gaussians are this step's (see `forward`)
         samples = torch.from_numpy(scene.clips[window.clip].samples)
         # truncated back-propagation through time: the state (GRU, particle transforms, smoothed
         # bones) is warmed up without gradients over the frames before the window, as when
@@ -122,9 +120,12 @@ class FinetuneObjective(nn.Module):
                 _, state = model(
                     samples, tokens, state, warm, scene.fps, text, torch.zeros(1, dtype=torch.long)
                 )
-        motion, _ = model(samples, tokens, state, window.num, scene.fps, text)
-        posed = list(rig.posed_frames(motion, blink))
-        return scene.render(posed, window.camera), posed, motion
+        return model(samples, tokens, state, window.num, scene.fps, text)[0]
+
+    def student(self, window: Window, motion, blink: Tensor):
+        """Our frames [T, H, W, 3] and posed Gaussians per frame."""
+        posed = list(self.scene.rig.posed_frames(motion, blink))
+        return self.scene.render(posed, window.camera), posed
 
     def arap(self, motion) -> Tensor:
         """ARAP on the particles (own transforms) and on a fixed subset of moving Gaussians
@@ -153,16 +154,20 @@ class FinetuneObjective(nn.Module):
         scene, cfg = self.scene, self.cfg
         window = scene.sample_window(rng, cfg.frames, self.teacher.aligned_windows)
         scene.rig.gaussians = self.gaussians()  # the teacher renders them, the student moves them
-        teach = self.teacher(scene, window)
+        clip = scene.clips[window.clip]
+        text = self.deformer.transcript_embedding(clip.transcript) if rng.uniform() < 0.5 else None
+        motion = self.motion(window, text)
+        # a frozen template head cannot follow the teacher's skeleton (its idle head drift is
+        # seeded noise); chasing it taught the particles to sway the face in pauses
+        bones = None if cfg.train_template_head else motion.bones.detach()
+        teach = self.teacher(scene, window, bones)
         if teach.controls is not None:
             blink = teach.controls.actions[:, scene.rig.blink_ids[0]]
         else:
             from deform.controls import blinks
 
             blink = torch.from_numpy(blinks(window.num, scene.fps, 0, window.start))
-        clip = scene.clips[window.clip]
-        text = self.deformer.transcript_embedding(clip.transcript) if rng.uniform() < 0.5 else None
-        frames, posed, motion = self.student(window, blink, text)
+        frames, posed = self.student(window, motion, blink)
         terms: dict[str, Tensor] = {}
         w = {k: f(step) for k, f in self.weights.items()}
         if teach.frames is not None and w["img"] > 0:

@@ -50,7 +50,13 @@ class Teacher(Protocol):
 
     def prepare(self, scene: DistillScene) -> None: ...
 
-    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip: ...
+    def __call__(
+        self, scene: DistillScene, window: Window, bones: Tensor | None = None
+    ) -> TeacherClip:
+        """The teacher's clip for `window`. `bones` [T, B, 3] (driven-bone deltas), when given,
+        replace the teacher's own skeleton motion where it has one: the student's, when the
+        student does not learn the skeleton, so the losses compare only what it can change."""
+        ...
 
     def score_loss(
         self, frames: Tensor, window: Window, generator: torch.Generator
@@ -83,8 +89,12 @@ class ProceduralTeacher:
         return Controls(c.bones[s], c.actions[s])
 
     @torch.no_grad()
-    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip:
+    def __call__(
+        self, scene: DistillScene, window: Window, bones: Tensor | None = None
+    ) -> TeacherClip:
         controls = self.window_controls(window)
+        if bones is not None:
+            controls = Controls(bones, controls.actions)
         posed = scene.pose_controls(controls)
         kpts = scene.keypoints(posed, window.camera)
         w, h = scene.size
@@ -192,7 +202,9 @@ class DiffusersTeacher:
         self.conditions = [None] * len(scene.cameras)
 
     @torch.no_grad()
-    def __call__(self, scene: DistillScene, window: Window) -> TeacherClip:
+    def __call__(
+        self, scene: DistillScene, window: Window, bones: Tensor | None = None
+    ) -> TeacherClip:  # synthesised frames: `bones` do not apply
         key = (window.clip, window.start, window.num, window.view)
         if key not in self.clips:
             seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))

@@ -13,6 +13,7 @@ from deform.deformer import (
     SpeechDeformer,
     load_deformer,
     save_deformer,
+    speech_activity,
 )
 from deform.particles import Particles, knn_weights
 
@@ -88,6 +89,36 @@ def test_streaming_in_chunks_equals_one_pass():
     eye = torch.eye(3).expand_as(r)
     assert torch.allclose(r @ r.transpose(-1, -2), eye, atol=1e-4)  # still rigid after 30 steps
     assert (one.particles[-1] - torch.eye(4)).abs().max() > 1e-3
+
+
+def test_speech_activity_follows_loudness_against_its_running_peak():
+    loud = torch.tensor([0.0, 0.2, 0.2, 0.1, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.002])
+    act, ref, last = speech_activity(loud, FPS)
+    assert act[0] == 0 and act[1:4].tolist() == [1.0, 1.0, 1.0] and 0 < act[4] < 1
+    assert 0.5 < act[4] < 1 and act[4:6].diff().max() < 0 and act[7:].max() < 1e-6  # 0.12 s
+    assert ref == pytest.approx(0.2 * np.exp(-9 / (FPS * 5.0))) and last == 0
+    # chunks carry the peak and the hold: the same activity as one pass
+    a, *carry = speech_activity(loud[:5], FPS)
+    b, *_ = speech_activity(loud[5:], FPS, *carry)
+    assert torch.equal(torch.cat([a, b]), act)
+    quiet, *_ = speech_activity(torch.full((10,), 8e-4), FPS)  # a -62 dBFS hiss is no speech
+    assert quiet.max() == 0
+
+
+def test_the_pose_settles_slowly_in_pauses():
+    x = torch.cat([speechlike(1.0), torch.zeros(16000)])  # 1 s of speech, then 1 s of silence
+    bones = {}
+    for pause in (0.1, 0.005):  # 0.1: the speaking rate everywhere
+        torch.manual_seed(0)
+        model = SpeechDeformer(DeformerConfig(pause_smoothing=pause)).eval()
+        torch.nn.init.normal_(model.controls.weight, std=0.5)
+        tokens = tokens_for(model)
+        with torch.no_grad():
+            bones[pause] = model(x, tokens, model.start(tokens), 50, FPS)[0].bones
+    speech = {k: b[:25].diff(dim=0).norm(dim=-1).mean() for k, b in bones.items()}
+    pause = {k: b[33:].diff(dim=0).norm(dim=-1).mean() for k, b in bones.items()}
+    assert speech[0.005] > 0.5 * speech[0.1]  # syllable gaps are not pauses
+    assert pause[0.1] > 1e-3 and pause[0.005] < 0.1 * pause[0.1]  # in the pause: 20x slower
 
 
 def test_gate_and_transcript():

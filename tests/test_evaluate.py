@@ -156,7 +156,8 @@ def test_still_face_with_tone(tmp_path):
         assert m["frames"] == 50 and m["fps"] == 25.0 and m["face_found_fraction"] == 1.0
         assert m["voiced_frames"] >= 20 and m["silent_frames"] >= 20
         assert m["open_ratio"] == pytest.approx(1.0, abs=0.1)  # the mouth never moves
-        assert m["jitter_px"] < 0.5 and m["pass"]["jitter"] and not m["pass"]["open_ratio"]
+        # a still video: the still-image mesh sees no motion (the tracking mesh can cycle)
+        assert m["jitter_px"] < 0.05 and m["pass"]["jitter"] and not m["pass"]["open_ratio"]
 
 
 @pytest.fixture(scope="module")
