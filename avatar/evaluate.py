@@ -175,38 +175,20 @@ def mouth_track(frames: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Face mesh over a stream of RGB frames -> [T] mouth opening (tracking mesh) and [T] mean
     landmark motion (px) since the previous frame (still-image mesh), NaN where a face is
     missing. Frames are not kept."""
-    from reconstruct.parsing import _quiet_stderr  # MediaPipe's C++ logs go straight to fd 2
+    from reconstruct.parsing import FaceMesh
 
-    with _quiet_stderr():
-        import mediapipe as mp
-
-        meshes = [mp.solutions.face_mesh.FaceMesh(static_image_mode=still, max_num_faces=1,
-                                                  refine_landmarks=True)
-                  for still in (False, True)]  # fmt: skip
-        for mesh in meshes:  # the graphs load their models (and log) here
-            mesh.process(np.zeros((64, 64, 3), np.uint8))
     opening, motion, last = [], [], None
-    try:
+    with FaceMesh(still=False) as tracking, FaceMesh(still=True) as still:
         for rgb in frames:
-            h, w = rgb.shape[:2]
-            rgb = np.ascontiguousarray(rgb)
-            with _quiet_stderr():
-                tracked, still = (m.process(rgb).multi_face_landmarks for m in meshes)
-            if tracked:
-                p = np.array([(q.x * w, q.y * h) for q in tracked[0].landmark])
-                opening.append(
-                    np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
-                )
-            else:
-                opening.append(np.nan)
-            p = np.array([(q.x * w, q.y * h) for q in still[0].landmark]) if still else None
+            p = tracking(rgb)
+            opening.append(
+                np.nan if p is None
+                else np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
+            )  # fmt: skip
+            p = still(rgb)
             moved = p is not None and last is not None
             motion.append(np.linalg.norm(p - last, axis=1).mean() if moved else np.nan)
             last = p
-    finally:
-        with _quiet_stderr():
-            for mesh in meshes:
-                mesh.close()
     return np.array(opening, np.float64), np.array(motion, np.float64)
 
 

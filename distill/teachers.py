@@ -121,25 +121,14 @@ FACE_LANDMARKS = (61, 291, 0, 17, 37, 267, 84, 314, 13, 14, 78, 308, 33, 133, 15
 def face_landmarks(frames: np.ndarray) -> np.ndarray:
     """MediaPipe face mesh on RGB frames [T, H, W, 3] uint8 -> [T, L, 2] pixels of
     `FACE_LANDMARKS`, NaN where no face is found."""
-    from reconstruct.parsing import _quiet_stderr
+    from reconstruct.parsing import FaceMesh
 
-    with _quiet_stderr():
-        import mediapipe as mp
-
-        mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                               refine_landmarks=True)  # fmt: skip
     out = np.full((len(frames), len(FACE_LANDMARKS), 2), np.nan)
-    try:
+    with FaceMesh(still=True) as mesh:
         for i, rgb in enumerate(frames):
-            with _quiet_stderr():
-                found = mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
-            if found:
-                h, w = rgb.shape[:2]
-                lm = found[0].landmark
-                out[i] = [(lm[j].x * w, lm[j].y * h) for j in FACE_LANDMARKS]
-    finally:
-        with _quiet_stderr():
-            mesh.close()
+            found = mesh(rgb)
+            if found is not None:
+                out[i] = found[list(FACE_LANDMARKS)]
     return out
 
 

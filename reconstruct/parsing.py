@@ -72,6 +72,36 @@ def _points(landmarks, w: float, h: float) -> np.ndarray:
     return np.array([[p.x * w, p.y * h] for p in landmarks.landmark], np.float32)
 
 
+class FaceMesh:
+    """MediaPipe's face mesh (478 refined landmarks) with its logs silenced; `mesh(rgb)` gives
+    [478, 2] pixel coordinates or None. `still`: each image on its own; otherwise tracking, which
+    crops each frame around the previous frame's landmarks."""
+
+    def __init__(self, still: bool = True) -> None:
+        with _quiet_stderr():
+            import mediapipe as mp
+
+            self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=still, max_num_faces=1,
+                                                         refine_landmarks=True)  # fmt: skip
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
+        with _quiet_stderr():
+            found = self._mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
+        h, w = rgb.shape[:2]
+        return np.array([(q.x * w, q.y * h) for q in found[0].landmark]) if found else None
+
+    def close(self) -> None:
+        with _quiet_stderr():
+            self._mesh.close()
+
+    def __enter__(self) -> FaceMesh:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _crop(img: np.ndarray, cx: float, cy: float, side: float):
     """Square crop of `side` px around (cx, cy), resized to CROP, and the map back to pixels."""
     import cv2
