@@ -68,8 +68,8 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _points(landmarks, w: float, h: float) -> np.ndarray:
-    return np.array([[p.x * w, p.y * h] for p in landmarks.landmark], np.float32)
+def _points(landmarks, w: float, h: float, dtype=np.float32) -> np.ndarray:
+    return np.array([[p.x * w, p.y * h] for p in landmarks.landmark], dtype)
 
 
 class FaceMesh:
@@ -89,7 +89,7 @@ class FaceMesh:
         with _quiet_stderr():
             found = self._mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
         h, w = rgb.shape[:2]
-        return np.array([(q.x * w, q.y * h) for q in found[0].landmark]) if found else None
+        return _points(found[0], w, h, np.float64) if found else None
 
     def close(self) -> None:
         with _quiet_stderr():

@@ -94,7 +94,7 @@ def test_streaming_in_chunks_equals_one_pass():
 def test_speech_activity_follows_loudness_against_its_running_peak():
     loud = torch.tensor([0.0, 0.2, 0.2, 0.1, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.002])
     act, ref, last = speech_activity(loud, FPS)
-    assert act[0] == 0 and act[1:4].tolist() == [1.0, 1.0, 1.0] and 0 < act[4] < 1
+    assert act[0] == 0 and act[1:4].tolist() == [1.0, 1.0, 1.0]
     assert 0.5 < act[4] < 1 and act[4:6].diff().max() < 0 and act[7:].max() < 1e-6  # 0.12 s
     assert ref == pytest.approx(0.2 * np.exp(-9 / (FPS * 5.0))) and last == 0
     # chunks carry the peak and the hold: the same activity as one pass
