@@ -190,8 +190,8 @@ def view_checks(avatar) -> dict:
 
     from deform.templates import load_template
     from reconstruct.parsing import NoPersonError, PersonParser
+    from render import to_uint8
 
-    from .media import to_uint8
     from .pipelines.create import posed_gaussians
     from .pipelines.render import OrbitConfig, orbit_cameras
 

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from render.io import atomic_path
 
@@ -20,11 +19,6 @@ from .errors import AvatarError, OutputExistsError
 
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[H, W, 3] float in [0, 1] -> [H, W, 3] uint8."""
-    return (image.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
 def check_output(path: Path, force: bool) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from render import Gaussians
+from render import Gaussians, scene_points
 from render.rotations import quat_to_rotmat, rotmat_to_quat
 from render.sh import SH_C0, sh0_to_rgb
 
@@ -34,6 +34,8 @@ from .controls import (
 from .particles import Particles
 from .skinning import blend_transforms
 from .surface import interpolate
+
+FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # how much of the frame each framing fills
 
 
 def expression_basis(template, shape: Tensor) -> Tensor:
@@ -114,6 +116,23 @@ class SpeechRig:
         """The base pose with no speech motion (no facial action, no particle motion)."""
         transforms = self.transforms(torch.zeros(1, self.driven.numel(), 3))[0]
         return self.pose(torch.zeros(len(self.template.expression_names)), transforms)
+
+    def framing_points(self, framing: str) -> Tensor:  # [2, 3]
+        """What a camera with this framing (`FRAMINGS`: full, upper or face) frames: the robust
+        bounding box of the Gaussians in the base pose, all, above the hips or near the head."""
+        posed = self.still()
+        if framing == "full":
+            return scene_points(posed)
+        joints = self.template(self.shape[None], pose=self.base_pose[None]).joints[0]
+        if framing == "upper":
+            hip = joints[self.template.bone_names.index("upperleg01.L"), 1]
+            keep = posed.means[:, 1] > hip
+        elif framing == "face":
+            head = joints[self.template.bone_names.index("head")]
+            keep = (posed.means - head).norm(dim=-1) < 0.16
+        else:
+            raise ValueError(f"--framing {framing!r}: use full, upper or face")
+        return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
 
     def pose(
         self,

@@ -184,3 +184,25 @@ class FinetuneObjective(nn.Module):
         if w["reg"] > 0:
             terms["reg"] = w["reg"] * self.arap(motion)
         return terms
+
+
+class SharedObjective(nn.Module):
+    """One deformer distilled over several avatars (the shipped checkpoint): each step draws one
+    avatar's `FinetuneObjective` and takes its step. The avatars' Gaussians stay as they are
+    (`lr_gaussians` 0): only the deformer is state, so checkpoints hold it alone."""
+
+    def __init__(self, deformer: SpeechDeformer, objectives: list[FinetuneObjective]):
+        super().__init__()
+        if any(o.deformer is not deformer or o.cfg.lr_gaussians > 0 for o in objectives):
+            raise ValueError("shared distillation: one deformer for all avatars, Gaussians frozen")
+        self.deformer = deformer
+        self.objectives = list(objectives)  # a plain list: not submodules, not in the state
+
+    def param_groups(self) -> list[dict]:
+        groups = [o.param_groups() for o in self.objectives]  # each freezes its Gaussians
+        return groups[0]
+
+    def forward(
+        self, step: int, rng: np.random.Generator, gen: torch.Generator
+    ) -> dict[str, Tensor]:
+        return self.objectives[int(rng.integers(len(self.objectives)))](step, rng, gen)

@@ -19,9 +19,9 @@ from deform.controls import (
     Controls,
     action_index,
 )
-from deform.rig import SpeechRig
+from deform.rig import FRAMINGS, SpeechRig
 from reconstruct.canonical import PART_CODES
-from render import Cameras, Gaussians, rasterize
+from render import Cameras, Gaussians, fit_to_points, rasterize
 
 FACE_PARTS = ("lips", "face", "eyelids")
 
@@ -81,6 +81,15 @@ def keypoint_gaussians(rig: SpeechRig, parts: Tensor, face: int = 48, hand: int 
             ids.append(cand[farthest_points(rig.gaussians.means[cand], hand)])
             is_hand.append(torch.ones(len(ids[-1]), dtype=torch.bool))
     return torch.cat(ids), torch.cat(is_hand)
+
+
+def training_cameras(rig: SpeechRig, size: int) -> list[Cameras]:
+    """Face close-ups from the front and ±20°, and the upper body from the front."""
+    with torch.no_grad():
+        face, upper = rig.framing_points("face"), rig.framing_points("upper")
+    views = [(face, y, "face") for y in (0.0, -20.0, 20.0)] + [(upper, 0.0, "upper")]
+    return [fit_to_points(pts, size, size, torch.tensor([y], dtype=torch.float64), 0.0, 30.0,
+                          FRAMINGS[framing]) for pts, y, framing in views]  # fmt: skip
 
 
 @dataclass

@@ -11,7 +11,8 @@ frames, and teacher keypoints where available.
   Gaussians projected into the camera give exact keypoints.
 - `DiffusersTeacher`: a local diffusers video model conditioned on the avatar's reference render
   (`distill.diffusion_teacher`); it synthesises weak-supervision frames, MediaPipe face-mesh
-  detections on them are its keypoints, and it scores our renders for video score distillation.
+  and hand detections on them are its keypoints, and it scores our renders for video score
+  distillation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deform.controls import Controls
-from render import Cameras, Gaussians
+from render import Cameras, Gaussians, to_uint8
 
 from .scene import DistillScene, Window
 from .teacher import TeacherConfig, phones_for, teach
@@ -132,6 +133,31 @@ def face_landmarks(frames: np.ndarray) -> np.ndarray:
     return out
 
 
+def hand_detections(frames: np.ndarray) -> list[list[np.ndarray]]:
+    """MediaPipe hands on RGB frames [T, H, W, 3] uint8 -> per frame, the hands found ([21, 2]
+    pixels each), in no particular order."""
+    from reconstruct.parsing import Hands
+
+    with Hands() as hands:
+        return [hands(rgb) for rgb in frames]
+
+
+def assign_hands(found: list[np.ndarray], centres: np.ndarray) -> np.ndarray:
+    """The detections ([21, 2] each) given to the body's left and right hand -> [2, 21, 2], NaN
+    where a side gets none. `centres` [2, 2]: where each hand is expected (NaN: nowhere); the
+    closest detection-to-hand pairs are taken first, each detection and side once."""
+    out = np.full((2, 21, 2), np.nan)
+    pairs = sorted((float(np.linalg.norm(pts.mean(0) - c)), i, side)
+                   for i, pts in enumerate(found) for side, c in enumerate(centres)
+                   if not np.isnan(c).any())  # fmt: skip
+    used = set()
+    for _, i, side in pairs:
+        if i not in used and np.isnan(out[side, 0, 0]):
+            out[side] = found[i]
+            used.add(i)
+    return out
+
+
 def bind_landmarks(points: Tensor, posed: Gaussians, camera: Cameras, candidates: Tensor) -> Tensor:
     """The Gaussian under each image point [L, 2]: among `candidates` projecting within 3 px
     (else the nearest), the one closest to the camera. Returns Gaussian ids [L]."""
@@ -150,9 +176,10 @@ class DiffusersTeacher:
     Frames: a clip sampled from the avatar's still render in the window's camera (cached per
     window, so each weak-supervision clip is synthesised once). Keypoints: MediaPipe face mesh
     on those frames, bound to the avatar's Gaussians by detecting the same landmarks on the still
-    render. Score: `distill.score.score_distillation_loss` on our frames, conditioned on the same
-    reference render. The hands have no keypoints from this teacher (MediaPipe's hand labels are
-    unreliable on generated frames); the image and score terms still cover them.
+    render, and MediaPipe hands, each bound to the hand whose Gaussians project nearest on the
+    still render (not by MediaPipe's handedness labels) and followed by nearness in the frames.
+    Score: `distill.score.score_distillation_loss` on our frames, conditioned on the same
+    reference render.
     """
 
     name = "diffusers"
@@ -179,15 +206,28 @@ class DiffusersTeacher:
         face = torch.isin(scene.rig.parts.long(), torch.tensor([PART_CODES[p] for p in
                                                             ("face", "lips", "eyelids")]))  # fmt: skip
         candidates = torch.nonzero(face).flatten()
-        self.landmark_ids = []
+        sides = [torch.nonzero(scene.rig.parts.long() == PART_CODES[f"hand_{side}"]).flatten()
+                 for side in ("left", "right")]  # fmt: skip
+        self.landmark_ids, self.hand_ids, self.hand_centres = [], [], []
         for ref, cam in zip(self.references, scene.cameras, strict=True):
-            found = face_landmarks(as_numpy_uint8(ref[None]))[0]
+            found = face_landmarks(to_uint8(ref[None]))[0]
             ok = ~np.isnan(found[:, 0])
             ids = torch.full((len(FACE_LANDMARKS),), -1, dtype=torch.long)
             if ok.any() and len(candidates):
                 pts = torch.from_numpy(found[ok])
                 ids[torch.from_numpy(ok)] = bind_landmarks(pts, still, cam, candidates)
             self.landmark_ids.append(ids)
+            with torch.no_grad():
+                centres = np.array([cam.project(still.means[c])[0].mean(0).numpy() if len(c)
+                                    else [np.nan, np.nan] for c in sides])  # fmt: skip
+            hands = assign_hands(hand_detections(to_uint8(ref[None]))[0], centres)
+            ids = torch.full((2, 21), -1, dtype=torch.long)
+            for side in (0, 1):
+                if not np.isnan(hands[side, 0, 0]):
+                    ids[side] = bind_landmarks(torch.from_numpy(hands[side]), still, cam,
+                                               sides[side])  # fmt: skip
+            self.hand_ids.append(ids)
+            self.hand_centres.append(hands.mean(1))  # where to look for each hand: [2, 2]
         self.conditions = [None] * len(scene.cameras)
 
     @torch.no_grad()
@@ -199,14 +239,22 @@ class DiffusersTeacher:
             seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))
             frames = self.model.sample(self.references[window.view], window.num, self.steps,
                                        seed=seed).cpu()  # fmt: skip
-            ids = self.landmark_ids[window.view]
-            found = torch.from_numpy(face_landmarks(as_numpy_uint8(frames))).float()
+            rgb = to_uint8(frames)
+            face, hand_ids = self.landmark_ids[window.view], self.hand_ids[window.view].flatten()
+            hands = np.full((len(rgb), 2, 21, 2), np.nan)
+            if (hand_ids >= 0).any():  # a hand seen on the reference render of this view
+                centres = self.hand_centres[window.view]
+                hands = np.stack([assign_hands(f, centres) for f in hand_detections(rgb)])
+            found = torch.cat([torch.from_numpy(face_landmarks(rgb)),
+                               torch.from_numpy(hands).flatten(1, 2)], 1).float()  # fmt: skip
+            ids = torch.cat([face, hand_ids])
+            is_hand = torch.arange(len(ids)) >= len(face)
             bound = ids >= 0
             self.clips[key] = TeacherClip(
                 frames=frames,
                 keypoints=torch.nan_to_num(found[:, bound]),
                 keypoint_ids=ids[bound],
-                keypoint_hand=torch.zeros(int(bound.sum()), dtype=torch.bool),
+                keypoint_hand=is_hand[bound],
                 visible=~torch.isnan(found[:, bound, 0]),
             )
         return self.clips[key]
@@ -232,7 +280,3 @@ def make_teacher(spec: str, seed: int = 0) -> Teacher:
     if spec.startswith("diffusers:"):
         return DiffusersTeacher(Path(spec.split(":", 1)[1]), seed=seed)
     raise ValueError(f"--teacher {spec!r}: use procedural or diffusers:PATH")
-
-
-def as_numpy_uint8(frames: Tensor) -> np.ndarray:  # [T, H, W, 3] in [0, 1] -> uint8
-    return (frames.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()

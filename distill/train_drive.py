@@ -1,18 +1,25 @@
 """Train the shipped speech-deformer checkpoint from scratch, offline, on the CPU.
 
-    python -m distill.train_drive --steps 1500 --out deform/weights/speech_deformer.safetensors
+    python -m distill.train_drive --out deform/weights/speech_deformer.safetensors
 
 Data the project makes itself: English sentences (`distill.phones.SENTENCES`) spoken by espeak-ng
 with varied voices, joined with pauses; the procedural teacher (`distill.teacher`) turns each
 clip, force-aligned to its text, into template controls. Bodies are Anny with varied phenotypes
 and Gaussians sampled on them (random colours), so the weights are not tied to one identity.
 
-The loop is plain supervised regression on the teacher's targets (the distillation trainer of
-`avatar finetune` builds on the same pieces):
-- template controls: driven-bone rotations and the large facial actions (`TEMPLATE_ACTIONS`);
-- particles: the displacement that the fine lip actions (`PARTICLE_ACTIONS`) give each
-  Gaussian, reproduced by the blended particle transforms plus the Gaussian head's Δp.
-Audio is augmented every step (gain, noise, spectral tilt) so real microphones generalise.
+Two stages, one command:
+1. **Supervised** (`--steps`): plain regression on the teacher's targets.
+   - template controls: driven-bone rotations and the large facial actions (`TEMPLATE_ACTIONS`);
+   - particles: the displacement that the fine lip actions (`PARTICLE_ACTIONS`) give each
+     Gaussian, reproduced by the blended particle transforms plus the Gaussian head's Δp.
+   Audio is augmented every step (gain, noise, spectral tilt) so real microphones generalise.
+2. **Distillation** (`--distill-steps`): the paper's render-and-compare objective of
+   `avatar finetune` (`distill.finetune`: image L1 + LPIPS, dense keypoints, ARAP) through the
+   rasteriser, over all the bodies at once (`SharedObjective`), with the bodies painted with
+   skin, lips, mouth and clothing colours so the image terms see the mouth. As in fine-tuning,
+   the audio front-end and the template head stay as stage 1 left them; the particle motion
+   head, the Gaussian head and the avatar-token encoder learn. `--work DIR` keeps its
+   checkpoints, so `--resume` continues a killed stage 2.
 """
 
 from __future__ import annotations
@@ -30,17 +37,30 @@ import torch
 from tqdm import tqdm
 
 from deform.audio import SAMPLE_RATE, load_audio
-from deform.controls import PARTICLE_ACTIONS, TEMPLATE_ACTIONS, action_index
-from deform.deformer import DEFAULT_CHECKPOINT, DeformerConfig, SpeechDeformer, save_deformer
+from deform.controls import PARTICLE_ACTIONS, TEMPLATE_ACTIONS, Controls, action_index
+from deform.deformer import (
+    DEFAULT_CHECKPOINT,
+    DeformerConfig,
+    SpeechDeformer,
+    load_deformer,
+    save_deformer,
+)
 from deform.particles import template_particles
 from deform.rig import SpeechRig
 from deform.templates import load_template
 from reconstruct.canonical import PART_CODES, sample_canonical
+from render.sh import rgb_to_sh0
 
+from .finetune import FinetuneConfig, FinetuneObjective, SharedObjective
 from .phones import SENTENCES, align_phones, synthesize_speech
+from .scene import DistillScene, SpeechClip, training_cameras
 from .teacher import TeacherConfig, teach
+from .teachers import ProceduralTeacher
+from .trainer import TrainConfig
+from .trainer import train as train_loop
 
 log = logging.getLogger(__name__)
+STAGE1 = "stage1.safetensors"  # in --work: stage 1's result, so --resume skips it
 
 
 @dataclass
@@ -116,18 +136,106 @@ def make_bodies(template, num: int, gaussians: int, seed: int) -> list[SpeechRig
     return rigs
 
 
+def paint(rig: SpeechRig, rng: np.random.Generator) -> None:
+    """Colour a body like a person: a skin tone (light to dark), redder lips, a dark mouth, hair
+    (the rest of the head), one clothing colour, and a little per-Gaussian variation."""
+    skin = np.array([0.93, 0.76, 0.64]) + rng.uniform() * np.array([-0.57, -0.53, -0.48])
+    colours = {"face": skin, "eyelids": skin * 0.92, "lips": skin * [0.8, 0.55, 0.55],
+               "mouth": np.array([0.35, 0.12, 0.12]), "hand_left": skin, "hand_right": skin}  # fmt: skip
+    rgb = torch.as_tensor(rng.uniform(0.1, 0.9, 3), dtype=torch.float32).repeat(len(rig.parts), 1)
+    for part, colour in colours.items():
+        rgb[rig.parts == PART_CODES[part]] = torch.as_tensor(colour, dtype=torch.float32)
+    t = rig.template
+    neck = t(rig.shape[None], pose=rig.base_pose[None]).joints[0, t.bone_names.index("head"), 1]
+    # (joints and the posed body share a frame; the canonical Gaussians do not)
+    hair = (rig.parts == PART_CODES["body"]) & (rig.still().means[:, 1] > neck + 0.03)
+    rgb[hair] = torch.as_tensor(
+        rng.uniform(0.05, 0.5) * np.array([1.0, 0.8, 0.6]), dtype=torch.float32
+    )
+    rgb = rgb * (1 + 0.08 * torch.from_numpy(rng.standard_normal((len(rgb), 1))).float())
+    g = rig.gaussians
+    rig.gaussians = g.replace(sh=torch.cat([rgb_to_sh0(rgb.clamp(0, 1))[:, None], g.sh[:, 1:]], 1))
+
+
+def distill(model: SpeechDeformer, template, clips: list[Clip], args: argparse.Namespace,
+            fps: float) -> dict:  # fmt: skip
+    """Stage 2: the shared deformer distilled through the renderer over all bodies (sampled
+    densely enough for face close-ups, and painted)."""
+    rng = np.random.default_rng(args.seed + 1)
+    rigs = make_bodies(template, args.bodies, args.distill_gaussians, args.seed + 1)
+    for rig in rigs:
+        paint(rig, rng)
+    speech = [SpeechClip(c.samples, c.transcript, len(c.bones), f"clip{i}")
+              for i, c in enumerate(clips)]  # fmt: skip
+    teacher = ProceduralTeacher()  # the controls stage 1 learned from, not aligned again
+    teacher.controls = [Controls(c.bones, c.actions) for c in clips]
+    cfg = FinetuneConfig(lr=args.distill_lr, lr_gaussians=0.0)
+    objectives = [
+        FinetuneObjective(
+            model, DistillScene(rig, speech, training_cameras(rig, args.size), fps), teacher, cfg
+        )  # fmt: skip
+        for rig in rigs
+    ]
+    shared = SharedObjective(model, objectives)
+    run = {"clips": args.clips, "bodies": args.bodies, "gaussians": args.distill_gaussians,
+           "size": args.size, "seed": args.seed, "steps": args.steps,
+           "init": str(args.init or ""), "lr": args.distill_lr}  # fmt: skip
+    tcfg = TrainConfig(args.distill_steps, checkpoint_every=50, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_loop(shared, shared.param_groups(), tcfg, args.work or tmp, args.resume,
+                            run=run, desc="distill")  # fmt: skip
+    h = result.history  # after a resume: the steps of this process
+    return {"steps": result.step, "train_seconds": round(result.seconds, 1),
+            "loss_first": mean_terms(h[:20]), "loss_last": mean_terms(h[-50:])}  # fmt: skip
+
+
+def mean_terms(rows: list[dict]) -> dict[str, float]:
+    """Each loss term's mean over the rows (not the step, time or learning rate)."""
+    keys = [k for k in (rows[-1] if rows else {}) if k not in ("step", "seconds", "lr")]
+    return {k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in keys}
+
+
 def train(args: argparse.Namespace) -> dict:
+    """Both stages; returns the metadata saved with the checkpoint."""
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     template = load_template("anny")
     fps = 25.0
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(template, args.clips, fps, args.seed, Path(tmp))
     rigs = make_bodies(template, args.bodies, args.gaussians, args.seed)
+    work = Path(args.work) if args.work else None
+    start = args.init
+    if start is None and work is not None and args.resume and (work / STAGE1).is_file():
+        start = work / STAGE1  # a killed run: stage 1 had finished
+    if start is not None:
+        model = load_deformer(start)
+        meta = dict(checkpoint_meta(start).get("training", {}), init=str(start))
+        meta.pop("distill", None)
+    else:
+        model = SpeechDeformer(DeformerConfig())
+        meta = supervise(model, template, clips, rigs, args)
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
+            save_deformer(model, work / STAGE1, {"training": meta})
+    if args.distill_steps > 0:
+        meta["distill"] = distill(model, template, clips, args, fps)
+    save_deformer(model, args.out, {"training": meta})
+    return meta
+
+
+def checkpoint_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "config"}
+
+
+def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[SpeechRig],
+              args: argparse.Namespace, fps: float = 25.0) -> dict:  # fmt: skip
+    """Stage 1: regression on the teacher's template controls and lip displacements."""
+    rng = np.random.default_rng(args.seed)
     t_ids = action_index(template, TEMPLATE_ACTIONS)
     p_ids = action_index(template, PARTICLE_ACTIONS)
-
-    model = SpeechDeformer(DeformerConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, args.lr, total_steps=args.steps, pct_start=0.05
@@ -179,24 +287,21 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        row = {k: float(v) / args.batch for k, v in losses.items()}
+        row = {k: float(v.detach()) / args.batch for k, v in losses.items()}
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
     elapsed = time.perf_counter() - t0
-    last = {k: float(np.mean([h[k] for h in history[-50:]])) for k in history[-1]}
-    first = {k: float(np.mean([h[k] for h in history[:20]])) for k in history[0]}
-    meta = {"steps": args.steps, "clips": args.clips, "bodies": args.bodies, "seed": args.seed,
-            "train_seconds": round(elapsed, 1), "loss_first": first, "loss_last": last}  # fmt: skip
-    save_deformer(model, args.out, {"training": meta})
-    return meta
+    return {"steps": args.steps, "clips": args.clips, "bodies": args.bodies, "seed": args.seed,
+            "train_seconds": round(elapsed, 1), "loss_first": mean_terms(history[:20]),
+            "loss_last": mean_terms(history[-50:])}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m distill.train_drive", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--clips", type=int, default=120, help="synthetic speech clips")
+    p.add_argument("--steps", type=int, default=400, help="stage 1 steps")
+    p.add_argument("--clips", type=int, default=60, help="synthetic speech clips")
     p.add_argument("--bodies", type=int, default=4, help="body shapes")
     p.add_argument("--gaussians", type=int, default=8000, help="Gaussians per body")
     p.add_argument("--gaussian-batch", type=int, default=1024, help="moving Gaussians per window")
@@ -204,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=32, help="frames per window")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill-steps", type=int, default=300, help="stage 2 steps (0: none)")
+    p.add_argument("--distill-lr", type=float, default=3e-4, help="stage 2 learning rate")
+    p.add_argument("--size", type=int, default=256, help="stage 2 render size in pixels")
+    p.add_argument("--distill-gaussians", type=int, default=30000, help="per body in stage 2")
+    p.add_argument("--work", default="", help="stage 2 checkpoints (default: a temporary dir)")
+    p.add_argument("--resume", action="store_true", help="continue stage 2 from --work")
+    p.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this checkpoint")
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

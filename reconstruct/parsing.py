@@ -72,7 +72,23 @@ def _points(landmarks, w: float, h: float, dtype=np.float32) -> np.ndarray:
     return np.array([[p.x * w, p.y * h] for p in landmarks.landmark], dtype)
 
 
-class FaceMesh:
+class _Graph:
+    """A MediaPipe solution graph, closed quietly; use as a context manager."""
+
+    _graph = None
+
+    def close(self) -> None:
+        with _quiet_stderr():
+            self._graph.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FaceMesh(_Graph):
     """MediaPipe's face mesh (478 refined landmarks) with its logs silenced; `mesh(rgb)` gives
     [478, 2] pixel coordinates or None. `still`: each image on its own; otherwise tracking, which
     crops each frame around the previous frame's landmarks."""
@@ -81,25 +97,36 @@ class FaceMesh:
         with _quiet_stderr():
             import mediapipe as mp
 
-            self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=still, max_num_faces=1,
-                                                         refine_landmarks=True)  # fmt: skip
-            self._mesh.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
+            self._graph = mp.solutions.face_mesh.FaceMesh(static_image_mode=still,
+                                                          max_num_faces=1,
+                                                          refine_landmarks=True)  # fmt: skip
+            self._graph.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         with _quiet_stderr():
-            found = self._mesh.process(np.ascontiguousarray(rgb)).multi_face_landmarks
+            found = self._graph.process(np.ascontiguousarray(rgb)).multi_face_landmarks
         h, w = rgb.shape[:2]
         return _points(found[0], w, h, np.float64) if found else None
 
-    def close(self) -> None:
+
+class Hands(_Graph):
+    """MediaPipe hands on still images, up to two; `hands(rgb)` gives a list of [21, 2] pixel
+    coordinates. Which hand is which is left to the caller: MediaPipe's handedness labels
+    assume a mirrored selfie and are unreliable."""
+
+    def __init__(self) -> None:
         with _quiet_stderr():
-            self._mesh.close()
+            import mediapipe as mp
 
-    def __enter__(self) -> FaceMesh:
-        return self
+            self._graph = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
+                                                   model_complexity=1)  # fmt: skip
+            self._graph.process(np.zeros((64, 64, 3), np.uint8))
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        with _quiet_stderr():
+            found = self._graph.process(np.ascontiguousarray(rgb)).multi_hand_landmarks
+        h, w = rgb.shape[:2]
+        return [_points(lm, w, h, np.float64) for lm in found or []]
 
 
 def _crop(img: np.ndarray, cx: float, cy: float, side: float):

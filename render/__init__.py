@@ -1,9 +1,9 @@
 """render: Gaussians, cameras, the differentiable rasteriser and splat file I/O (torch only)."""
 
-from .cameras import Cameras, fit_to_points, intrinsics, look_at, orbit
+from .cameras import Cameras, fit_to_points, intrinsics, look_at, orbit, scene_points
 from .gaussians import Gaussians
 from .io import load_splats, save_ply, save_splat
-from .rasterize import RasterConfig, RenderOutput, choose_backend, has_gsplat, rasterize
+from .rasterize import RasterConfig, RenderOutput, choose_backend, has_gsplat, rasterize, to_uint8
 
 __all__ = [
     "Cameras",
@@ -20,4 +20,6 @@ __all__ = [
     "rasterize",
     "save_ply",
     "save_splat",
+    "scene_points",
+    "to_uint8",
 ]

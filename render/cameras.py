@@ -1,6 +1,7 @@
 """Pinhole cameras in the OpenCV convention (see CONVENTIONS.md).
 
-`Cameras` batches C views of one image size. Builders: `look_at`, `orbit`, `fit_to_points`.
+`Cameras` batches C views of one image size. Builders: `look_at`, `orbit`, `fit_to_points` (with `scene_points`, a
+scene's robust bounding box).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .gaussians import Gaussians
 
 WORLD_UP = (0.0, 1.0, 0.0)  # +Y up
 
@@ -166,3 +169,15 @@ def fit_to_points(
     views = look_at(eyes, center.double().expand_as(eyes)).to(points.dtype).to(points.device)
     ks = intrinsics(fov_y_deg, width, height, points.dtype).to(points.device)
     return Cameras(views, ks.expand(len(yaws), 3, 3).clone(), width, height)
+
+
+def scene_points(gaussians: Gaussians, min_opacity: float = 0.05) -> Tensor:
+    """Corners of a robust bounding box (0.5-99.5 percentiles of visible Gaussians), [2, 3]:
+    a few stray floaters must not shrink the subject in the frame."""
+    means = gaussians.means.detach()
+    visible = gaussians.opacities.detach() > min_opacity
+    pts = means[visible] if visible.sum() >= 8 else means
+    if len(pts) > 200_000:  # quantile needs a bounded sample
+        pts = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(0))[:200_000]]
+    q = torch.tensor([0.005, 0.995], dtype=pts.dtype)
+    return torch.quantile(pts, q, dim=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,6 +59,11 @@ class RenderOutput:
     means2d: Tensor  # [C, N, 2] projected centres, px (call .retain_grad() for densification)
     radii: Tensor  # [C, N, 2] int32 box half-sizes in px, 0 where culled
     backend: str  # which backend produced it
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """Rendered colours [..., 3] in [0, 1] (one image or a batch) -> uint8 numpy, rounded."""
+    return (image.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
 def has_gsplat() -> bool:

@@ -153,9 +153,9 @@ def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
     """A one-camera, one-window scene (the same window every step) with one loss term on."""
     from avatar.asset import Avatar
     from avatar.pipelines.drive import DriveConfig, Driver
-    from avatar.pipelines.finetune import load_clips, training_cameras
+    from avatar.pipelines.finetune import load_clips
     from distill.finetune import FinetuneConfig, FinetuneObjective
-    from distill.scene import DistillScene
+    from distill.scene import DistillScene, training_cameras
     from distill.teachers import make_teacher
 
     avatar = Avatar.load(tiny / "t.avatar")
@@ -163,7 +163,7 @@ def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
     clips = load_clips([tiny / "a.wav"], 25.0)
     clips[0].samples = clips[0].samples[: int(16000 * frames / 25)]
     clips[0].num_frames = frames
-    cams = training_cameras(driver, 64)[:1]
+    cams = training_cameras(driver.rig, 64)[:1]
     scene = DistillScene(driver.rig, clips, cams, 25.0)
     teach = make_teacher(teacher)
     teach.prepare(scene)
@@ -288,3 +288,32 @@ def test_finetune_under_torchrun_ddp_on_cpu(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("wrote ") == 1
     assert load_checkpoint_info(tmp_path / "ddp.avatar.train")["step"] == 2
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
+    """The shipped checkpoint's command, tiny: supervised stage, then render-and-compare
+    distillation over the bodies, which moves the motion heads and leaves the audio front-end
+    and the template head as stage 1 left them; --resume skips a finished stage 1."""
+    from safetensors.torch import load_file
+
+    from deform.deformer import load_deformer
+    from distill.train_drive import STAGE1, checkpoint_meta, main
+
+    work, out = tmp_path / "work", tmp_path / "d.safetensors"
+    tiny = ["--clips", "1", "--bodies", "2", "--gaussians", "1500", "--gaussian-batch", "128",
+            "--batch", "1", "--window", "8", "--distill-gaussians", "2500", "--size", "48",
+            "--work", str(work), "--out", str(out)]  # fmt: skip
+    assert main(["--steps", "2", "--distill-steps", "2", *tiny]) == 0
+    meta = checkpoint_meta(out)["training"]
+    assert meta["steps"] == 2 and meta["distill"]["steps"] == 2
+    assert set(meta["distill"]["loss_last"]) >= {"img", "kpt", "reg"}
+    before, after = load_file(str(work / STAGE1)), load_file(str(out))
+    same = {k for k in after if torch.equal(before[k], after[k])}
+    assert all(k in same for k in after if k.split(".")[0] in ("audio", "controls", "rnn"))
+    assert not any(k in same for k in after if k.split(".")[0] in ("mlp_xi", "g_out"))
+    load_deformer(out)  # loads as a drive checkpoint
+
+    assert main(["--steps", "2", "--distill-steps", "3", "--resume", *tiny]) == 0
+    meta = checkpoint_meta(out)["training"]
+    assert meta["init"] == str(work / STAGE1) and meta["distill"]["steps"] == 3

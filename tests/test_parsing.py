@@ -69,3 +69,24 @@ def test_no_person(parser):
             parser(img)
     with pytest.raises(ValueError, match="uint8"):
         parser(np.zeros((100, 100, 3), np.float32))
+
+
+@needs_data
+def test_hands_assigned_by_place_agree_with_the_parser(parser):
+    """The diffusion teacher's hands: MediaPipe hands on the whole image, each given to the
+    side whose expected place is nearest, are the parser's left and right hands."""
+    from distill.teachers import assign_hands
+    from reconstruct.parsing import Hands
+
+    rgb = read_photo(SHARED_DATA / "man_halfbody_generated.png").rgb
+    r = parser(rgb)
+    with Hands() as hands:
+        found = hands(rgb)
+    assert len(found) == 2 and all(f.shape == (21, 2) for f in found)
+    sides = assign_hands(found, r.body[[15, 16], :2].astype(np.float64))  # wrists: left, right
+    for i, side in enumerate(("left", "right")):
+        assert np.linalg.norm(sides[i] - r.hands[side], axis=1).mean() < 15.0
+    swapped = assign_hands(found[::-1], r.body[[15, 16], :2].astype(np.float64))
+    np.testing.assert_array_equal(swapped, sides)  # the order of detections does not matter
+    one = assign_hands(found[:1], np.array([[np.nan, np.nan], r.body[16, :2]]))
+    assert np.isnan(one[0]).all() and not np.isnan(one[1]).any()  # a side expected nowhere

@@ -22,19 +22,17 @@ from deform.audio import AudioError, load_audio
 from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer
 from deform.particles import Particles, template_particles
-from deform.rig import SpeechRig
+from deform.rig import FRAMINGS, SpeechRig
 from deform.templates import load_template
 from reconstruct.canonical import PART_CODES
-from render import Cameras, fit_to_points, rasterize
+from render import Cameras, fit_to_points, rasterize, to_uint8
 
 from ..asset import Avatar
 from ..errors import AvatarError
-from ..media import to_uint8, write_video
-from .render import scene_points
+from ..media import write_video
 
 log = logging.getLogger(__name__)
 CHUNK = 25  # frames per deformer step
-FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # fill of the frame
 
 
 @dataclass(frozen=True)
@@ -68,23 +66,6 @@ def _yaws(view: str, num_frames: int) -> torch.Tensor:
         except ValueError:
             pass
     raise AvatarError(f"--view {view!r}: use front, yaw=DEG or orbit")
-
-
-def framing_points(rig: SpeechRig, template, framing: str) -> torch.Tensor:
-    """Points that the camera frames, from the avatar in its base pose."""
-    posed = rig.still()
-    if framing == "full":
-        return scene_points(posed)
-    joints = template(rig.shape[None], pose=rig.base_pose[None]).joints[0]
-    if framing == "upper":
-        hip = joints[template.bone_names.index("upperleg01.L"), 1]
-        keep = posed.means[:, 1] > hip
-        return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
-    if framing == "face":
-        head = joints[template.bone_names.index("head")]
-        near = (posed.means - head).norm(dim=-1) < 0.16
-        return scene_points(posed[near]) if near.sum() > 16 else scene_points(posed)
-    raise AvatarError(f"--framing {framing!r}: use full, upper or face")
 
 
 def avatar_particles(avatar: Avatar, template) -> Particles:
@@ -131,8 +112,11 @@ class Driver:
 
     def cameras(self, num_frames: int) -> Cameras:
         cfg = self.cfg
-        with torch.no_grad():
-            pts = framing_points(self.rig, self.template, cfg.framing)
+        try:
+            with torch.no_grad():
+                pts = self.rig.framing_points(cfg.framing)
+        except ValueError as exc:
+            raise AvatarError(str(exc)) from None
         return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
                              FRAMINGS[cfg.framing])  # fmt: skip
 

@@ -17,14 +17,13 @@ import torch
 
 from deform.audio import AudioError, load_audio
 from distill.finetune import FinetuneConfig, FinetuneObjective
-from distill.scene import DistillScene, SpeechClip
+from distill.scene import DistillScene, SpeechClip, training_cameras
 from distill.teachers import make_teacher
 from distill.trainer import TrainConfig, distributed, train
-from render import Cameras, fit_to_points
 
 from ..asset import Avatar
 from ..errors import AvatarError
-from .drive import FRAMINGS, DriveConfig, Driver, frame_count, framing_points
+from .drive import DriveConfig, Driver, frame_count
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +62,6 @@ def load_clips(paths: list[str | Path], fps: float) -> list[SpeechClip]:
     return clips
 
 
-def training_cameras(driver: Driver, size: int) -> list[Cameras]:
-    """Face close-ups from the front and ±20°, and the upper body from the front."""
-    with torch.no_grad():
-        face = framing_points(driver.rig, driver.template, "face")
-        upper = framing_points(driver.rig, driver.template, "upper")
-    cams = [fit_to_points(face, size, size, torch.tensor([y], dtype=torch.float64), 0.0, 30.0,
-                          FRAMINGS["face"]) for y in (0.0, -20.0, 20.0)]  # fmt: skip
-    cams.append(fit_to_points(upper, size, size, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
-                              FRAMINGS["upper"]))  # fmt: skip
-    return cams
-
-
 def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptions,
                     cfg: FinetuneConfig) -> FinetuneObjective:  # fmt: skip
     """The avatar's rig and motion model, its speech clips, training cameras and the prepared
@@ -94,7 +81,7 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
     fps = driver.cfg.fps
     clips = load_clips(audio, fps)
     scene = DistillScene(driver.rig, clips,
-                         training_cameras(driver, opts.size), fps)  # fmt: skip
+                         training_cameras(driver.rig, opts.size), fps)  # fmt: skip
     try:
         teacher = make_teacher(opts.teacher, opts.seed)
         teacher.prepare(scene)

@@ -10,10 +10,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from render import Cameras, Gaussians, RasterConfig, fit_to_points, rasterize
+from render import (
+    Cameras,
+    Gaussians,
+    RasterConfig,
+    fit_to_points,
+    rasterize,
+    scene_points,
+    to_uint8,
+)
 
 from ..errors import AvatarError
-from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, to_uint8, write_frames, write_image, write_video
+from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_frames, write_image, write_video
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,6 @@ class OrbitConfig:
     """Fraction of the frame that the scene's bounding sphere spans."""
     yaw: float = 0.0
     """Yaw of the first view, degrees; 0 looks at the front (+Z)."""
-
-
-def scene_points(gaussians: Gaussians, min_opacity: float = 0.05) -> torch.Tensor:
-    """Corners of a robust bounding box (0.5-99.5 percentiles of visible Gaussians), [2, 3]:
-    a few stray floaters must not shrink the subject in the frame."""
-    means = gaussians.means.detach()
-    visible = gaussians.opacities.detach() > min_opacity
-    pts = means[visible] if visible.sum() >= 8 else means
-    if len(pts) > 200_000:  # quantile needs a bounded sample
-        pts = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(0))[:200_000]]
-    q = torch.tensor([0.005, 0.995], dtype=pts.dtype)
-    return torch.quantile(pts, q, dim=0)
 
 
 def orbit_cameras(gaussians: Gaussians, cfg: OrbitConfig) -> Cameras:
