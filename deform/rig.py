@@ -131,7 +131,7 @@ class SpeechRig:
             head = joints[self.template.bone_names.index("head")]
             keep = (posed.means - head).norm(dim=-1) < 0.16
         else:
-            raise ValueError(f"--framing {framing!r}: use full, upper or face")
+            raise ValueError(f"framing {framing!r}: use full, upper or face")
         return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
 
     def pose(

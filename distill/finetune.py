@@ -193,8 +193,10 @@ class SharedObjective(nn.Module):
 
     def __init__(self, deformer: SpeechDeformer, objectives: list[FinetuneObjective]):
         super().__init__()
-        if any(o.deformer is not deformer or o.cfg.lr_gaussians > 0 for o in objectives):
-            raise ValueError("shared distillation: one deformer for all avatars, Gaussians frozen")
+        if any(o.deformer is not deformer or o.cfg != objectives[0].cfg for o in objectives):
+            raise ValueError("shared distillation: one deformer and one config for all avatars")
+        if objectives[0].cfg.lr_gaussians > 0:
+            raise ValueError("shared distillation: the avatars' Gaussians stay frozen")
         self.deformer = deformer
         self.objectives = list(objectives)  # a plain list: not submodules, not in the state
 

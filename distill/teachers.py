@@ -142,20 +142,51 @@ def hand_detections(frames: np.ndarray) -> list[list[np.ndarray]]:
         return [hands(rgb) for rgb in frames]
 
 
-def assign_hands(found: list[np.ndarray], centres: np.ndarray) -> np.ndarray:
+def assign_hands(found: list[np.ndarray], centres: np.ndarray, reach: np.ndarray) -> np.ndarray:
     """The detections ([21, 2] each) given to the body's left and right hand -> [2, 21, 2], NaN
-    where a side gets none. `centres` [2, 2]: where each hand is expected (NaN: nowhere); the
-    closest detection-to-hand pairs are taken first, each detection and side once."""
+    where a side gets none. `centres` [2, 2]: where each hand is expected (NaN: not in view);
+    `reach` [2]: how far from there a detection may be, in pixels. The closest
+    detection-to-hand pairs are taken first, each detection and side once."""
     out = np.full((2, 21, 2), np.nan)
-    pairs = sorted((float(np.linalg.norm(pts.mean(0) - c)), i, side)
-                   for i, pts in enumerate(found) for side, c in enumerate(centres)
-                   if not np.isnan(c).any())  # fmt: skip
+    pairs = sorted((d, i, side) for i, pts in enumerate(found) for side, c in enumerate(centres)
+                   if (d := float(np.linalg.norm(pts.mean(0) - c))) <= reach[side])  # fmt: skip
     used = set()
     for _, i, side in pairs:
         if i not in used and np.isnan(out[side, 0, 0]):
             out[side] = found[i]
             used.add(i)
     return out
+
+
+def hand_places(posed: Gaussians, camera: Cameras, sides: list[Tensor]):
+    """Where each hand's Gaussians project ([2, 2] pixels, NaN when out of the image) and their
+    projected extent ([2] pixels): where a detection of that hand may lie on this render."""
+    w, h = camera.width, camera.height
+    centres, reach = np.full((2, 2), np.nan), np.zeros(2)
+    with torch.no_grad():
+        for side, ids in enumerate(sides):
+            if len(ids):
+                uv = camera.project(posed.means[ids])[0].double().numpy()
+                c = uv.mean(0)
+                if 0 <= c[0] < w and 0 <= c[1] < h:
+                    centres[side], reach[side] = c, np.linalg.norm(uv.max(0) - uv.min(0))
+    return centres, reach
+
+
+def bind_hands(rgb: np.ndarray, still: Gaussians, camera: Cameras, sides: list[Tensor]):
+    """MediaPipe hands on a still render [H, W, 3] uint8, each bound to the Gaussians of the
+    side it belongs to -> ids [2, 21] (-1: not seen), and where to look for each hand in frames
+    made from this render: centres [2, 2] and a reach of 1.5 hand sizes [2] (`assign_hands`)."""
+    hands = assign_hands(hand_detections(rgb[None])[0], *hand_places(still, camera, sides))
+    ids = torch.full((2, 21), -1, dtype=torch.long)
+    centres, reach = np.full((2, 2), np.nan), np.zeros(2)
+    for side in (0, 1):
+        if not np.isnan(hands[side, 0, 0]):
+            pts = hands[side]
+            ids[side] = bind_landmarks(torch.from_numpy(pts), still, camera, sides[side])
+            centres[side] = pts.mean(0)
+            reach[side] = 1.5 * np.linalg.norm(pts.max(0) - pts.min(0))
+    return ids, (centres, reach)
 
 
 def bind_landmarks(points: Tensor, posed: Gaussians, camera: Cameras, candidates: Tensor) -> Tensor:
@@ -176,8 +207,11 @@ class DiffusersTeacher:
     Frames: a clip sampled from the avatar's still render in the window's camera (cached per
     window, so each weak-supervision clip is synthesised once). Keypoints: MediaPipe face mesh
     on those frames, bound to the avatar's Gaussians by detecting the same landmarks on the still
-    render, and MediaPipe hands, each bound to the hand whose Gaussians project nearest on the
-    still render (not by MediaPipe's handedness labels) and followed by nearness in the frames.
+    render, and MediaPipe hands: on the still render each is given to the hand whose Gaussians
+    project nearest (not by MediaPipe's handedness labels) and bound to them; in the synthesised
+    frames, to the side whose still-render detection is nearest, within 1.5 hand sizes. Hand
+    keypoints are used only while the skeleton trains (`bones` None): with a frozen skeleton
+    the student could follow the video's arms only by bending its hands.
     Score: `distill.score.score_distillation_loss` on our frames, conditioned on the same
     reference render.
     """
@@ -208,7 +242,7 @@ class DiffusersTeacher:
         candidates = torch.nonzero(face).flatten()
         sides = [torch.nonzero(scene.rig.parts.long() == PART_CODES[f"hand_{side}"]).flatten()
                  for side in ("left", "right")]  # fmt: skip
-        self.landmark_ids, self.hand_ids, self.hand_centres = [], [], []
+        self.landmark_ids, self.hand_ids, self.hand_search = [], [], []
         for ref, cam in zip(self.references, scene.cameras, strict=True):
             found = face_landmarks(to_uint8(ref[None]))[0]
             ok = ~np.isnan(found[:, 0])
@@ -217,23 +251,18 @@ class DiffusersTeacher:
                 pts = torch.from_numpy(found[ok])
                 ids[torch.from_numpy(ok)] = bind_landmarks(pts, still, cam, candidates)
             self.landmark_ids.append(ids)
-            with torch.no_grad():
-                centres = np.array([cam.project(still.means[c])[0].mean(0).numpy() if len(c)
-                                    else [np.nan, np.nan] for c in sides])  # fmt: skip
-            hands = assign_hands(hand_detections(to_uint8(ref[None]))[0], centres)
-            ids = torch.full((2, 21), -1, dtype=torch.long)
-            for side in (0, 1):
-                if not np.isnan(hands[side, 0, 0]):
-                    ids[side] = bind_landmarks(torch.from_numpy(hands[side]), still, cam,
-                                               sides[side])  # fmt: skip
+            ids, search = bind_hands(to_uint8(ref), still, cam, sides)
             self.hand_ids.append(ids)
-            self.hand_centres.append(hands.mean(1))  # where to look for each hand: [2, 2]
+            self.hand_search.append(search)
         self.conditions = [None] * len(scene.cameras)
 
     @torch.no_grad()
     def __call__(
         self, scene: DistillScene, window: Window, bones: Tensor | None = None
-    ) -> TeacherClip:  # synthesised frames: `bones` do not apply
+    ) -> TeacherClip:
+        """The clip for the window; `bones` given (the student's, its skeleton frozen) cannot
+        pose synthesised frames, so then the hand keypoints, which follow the video's arms,
+        are left out."""
         key = (window.clip, window.start, window.num, window.view)
         if key not in self.clips:
             seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))
@@ -243,8 +272,8 @@ class DiffusersTeacher:
             face, hand_ids = self.landmark_ids[window.view], self.hand_ids[window.view].flatten()
             hands = np.full((len(rgb), 2, 21, 2), np.nan)
             if (hand_ids >= 0).any():  # a hand seen on the reference render of this view
-                centres = self.hand_centres[window.view]
-                hands = np.stack([assign_hands(f, centres) for f in hand_detections(rgb)])
+                centres, reach = self.hand_search[window.view]
+                hands = np.stack([assign_hands(f, centres, reach) for f in hand_detections(rgb)])
             found = torch.cat([torch.from_numpy(face_landmarks(rgb)),
                                torch.from_numpy(hands).flatten(1, 2)], 1).float()  # fmt: skip
             ids = torch.cat([face, hand_ids])
@@ -257,7 +286,12 @@ class DiffusersTeacher:
                 keypoint_hand=is_hand[bound],
                 visible=~torch.isnan(found[:, bound, 0]),
             )
-        return self.clips[key]
+        clip = self.clips[key]
+        if bones is None or clip.keypoint_hand is None or not clip.keypoint_hand.any():
+            return clip
+        face = ~clip.keypoint_hand
+        return TeacherClip(clip.frames, clip.keypoints[:, face], clip.keypoint_ids[face],
+                           clip.keypoint_hand[face], clip.visible[:, face])  # fmt: skip
 
     def score_loss(self, frames: Tensor, window: Window, generator: torch.Generator) -> Tensor:
         from .score import score_distillation_loss

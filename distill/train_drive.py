@@ -5,7 +5,8 @@
 Data the project makes itself: English sentences (`distill.phones.SENTENCES`) spoken by espeak-ng
 with varied voices, joined with pauses; the procedural teacher (`distill.teacher`) turns each
 clip, force-aligned to its text, into template controls. Bodies are Anny with varied phenotypes
-and Gaussians sampled on them (random colours), so the weights are not tied to one identity.
+and Gaussians sampled on them (random colours in stage 1, painted like people in stage 2), so the
+weights are not tied to one identity.
 
 Two stages, one command:
 1. **Supervised** (`--steps`): plain regression on the teacher's targets.
@@ -18,15 +19,21 @@ Two stages, one command:
    rasteriser, over all the bodies at once (`SharedObjective`), with the bodies painted with
    skin, lips, mouth and clothing colours so the image terms see the mouth. As in fine-tuning,
    the audio front-end and the template head stay as stage 1 left them; the particle motion
-   head, the Gaussian head and the avatar-token encoder learn. `--work DIR` keeps its
-   checkpoints, so `--resume` continues a killed stage 2.
+   head, the Gaussian head and the avatar-token encoder learn.
+
+`--work DIR` keeps stage 1's result and stage 2's checkpoints: `--resume` then skips a finished
+stage 1 and continues stage 2 from its last checkpoint. `--init CKPT` skips stage 1 and distils
+an existing checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,11 +63,13 @@ from .phones import SENTENCES, align_phones, synthesize_speech
 from .scene import DistillScene, SpeechClip, training_cameras
 from .teacher import TeacherConfig, teach
 from .teachers import ProceduralTeacher
-from .trainer import TrainConfig
+from .trainer import TrainConfig, load_checkpoint_info
 from .trainer import train as train_loop
 
 log = logging.getLogger(__name__)
 STAGE1 = "stage1.safetensors"  # in --work: stage 1's result, so --resume skips it
+STAGE1_SETTINGS = ("steps", "clips", "bodies", "seed", "gaussians", "gaussian_batch", "batch",
+                   "window", "lr")  # fmt: skip
 
 
 @dataclass
@@ -141,7 +150,7 @@ def paint(rig: SpeechRig, rng: np.random.Generator) -> None:
     (the rest of the head), one clothing colour, and a little per-Gaussian variation."""
     skin = np.array([0.93, 0.76, 0.64]) + rng.uniform() * np.array([-0.57, -0.53, -0.48])
     colours = {"face": skin, "eyelids": skin * 0.92, "lips": skin * [0.8, 0.55, 0.55],
-               "mouth": np.array([0.35, 0.12, 0.12]), "hand_left": skin, "hand_right": skin}  # fmt: skip
+               "mouth": skin * [0.3, 0.12, 0.12], "hand_left": skin, "hand_right": skin}  # fmt: skip
     rgb = torch.as_tensor(rng.uniform(0.1, 0.9, 3), dtype=torch.float32).repeat(len(rig.parts), 1)
     for part, colour in colours.items():
         rgb[rig.parts == PART_CODES[part]] = torch.as_tensor(colour, dtype=torch.float32)
@@ -158,7 +167,7 @@ def paint(rig: SpeechRig, rng: np.random.Generator) -> None:
 
 
 def distill(model: SpeechDeformer, template, clips: list[Clip], args: argparse.Namespace,
-            fps: float) -> dict:  # fmt: skip
+            run: dict, fps: float) -> dict:  # fmt: skip
     """Stage 2: the shared deformer distilled through the renderer over all bodies (sampled
     densely enough for face close-ups, and painted)."""
     rng = np.random.default_rng(args.seed + 1)
@@ -177,16 +186,30 @@ def distill(model: SpeechDeformer, template, clips: list[Clip], args: argparse.N
         for rig in rigs
     ]
     shared = SharedObjective(model, objectives)
-    run = {"clips": args.clips, "bodies": args.bodies, "gaussians": args.distill_gaussians,
-           "size": args.size, "seed": args.seed, "steps": args.steps,
-           "init": str(args.init or ""), "lr": args.distill_lr}  # fmt: skip
     tcfg = TrainConfig(args.distill_steps, checkpoint_every=50, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_loop(shared, shared.param_groups(), tcfg, args.work or tmp, args.resume,
-                            run=run, desc="distill")  # fmt: skip
-    h = result.history  # after a resume: the steps of this process
-    return {"steps": result.step, "train_seconds": round(result.seconds, 1),
-            "loss_first": mean_terms(h[:20]), "loss_last": mean_terms(h[-50:])}  # fmt: skip
+        work = Path(args.work or tmp)
+        resume = args.resume and load_checkpoint_info(work) is not None  # else stage 2 starts
+        result = train_loop(shared, shared.param_groups(), tcfg, work, resume, run=run,
+                            desc="distill")  # fmt: skip
+        rows = read_metrics(work / "metrics.csv")  # all steps, across resumes
+    return {"steps": result.step, "train_seconds": round(total_seconds(rows), 1),
+            "loss_first": mean_terms(rows[:20]), "loss_last": mean_terms(rows[-50:])}  # fmt: skip
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+
+
+def total_seconds(rows: list[dict[str, float]]) -> float:
+    """Training time over the metrics rows; each resumed process counts from 0 again."""
+    total = last = 0.0
+    for r in rows:
+        if r["seconds"] < last:
+            total += last
+        last = r["seconds"]
+    return total + last
 
 
 def mean_terms(rows: list[dict]) -> dict[str, float]:
@@ -197,30 +220,47 @@ def mean_terms(rows: list[dict]) -> dict[str, float]:
 
 def train(args: argparse.Namespace) -> dict:
     """Both stages; returns the metadata saved with the checkpoint."""
+    if args.resume and not args.work:
+        raise ValueError("--resume needs --work (the folder the killed run trained in)")
+    work = Path(args.work) if args.work else None
+    settings = {k: getattr(args, k) for k in STAGE1_SETTINGS}
+    run = {**settings, "init": file_digest(args.init) if args.init else "",
+           "distill_gaussians": args.distill_gaussians, "size": args.size,
+           "distill_lr": args.distill_lr}  # fmt: skip
+    info = load_checkpoint_info(work) if work is not None and args.resume else None
+    if info is not None and info.get("run") != json.loads(json.dumps(run)):
+        raise ValueError(f"{work}: its checkpoint is from a different run (other settings or "
+                         "--init); use another --work or drop --resume")  # fmt: skip
     torch.manual_seed(args.seed)
     template = load_template("anny")
     fps = 25.0
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(template, args.clips, fps, args.seed, Path(tmp))
-    rigs = make_bodies(template, args.bodies, args.gaussians, args.seed)
-    work = Path(args.work) if args.work else None
-    start = args.init
-    if start is None and work is not None and args.resume and (work / STAGE1).is_file():
-        start = work / STAGE1  # a killed run: stage 1 had finished
-    if start is not None:
-        model = load_deformer(start)
-        meta = dict(checkpoint_meta(start).get("training", {}), init=str(start))
+    if args.init is not None:
+        model = load_deformer(args.init)
+        meta = dict(checkpoint_meta(args.init).get("training", {}), init=Path(args.init).name)
         meta.pop("distill", None)
+    elif work is not None and args.resume and (work / STAGE1).is_file():  # stage 1 had finished
+        meta = checkpoint_meta(work / STAGE1).get("training", {})
+        if any(meta.get(k, v) != v for k, v in settings.items()):
+            raise ValueError(f"{work / STAGE1}: stage 1 of a different run (other settings); "
+                             "use another --work or drop --resume")  # fmt: skip
+        model = load_deformer(work / STAGE1)
     else:
+        rigs = make_bodies(template, args.bodies, args.gaussians, args.seed)
         model = SpeechDeformer(DeformerConfig())
-        meta = supervise(model, template, clips, rigs, args)
+        meta = supervise(model, template, clips, rigs, args, fps)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
             save_deformer(model, work / STAGE1, {"training": meta})
     if args.distill_steps > 0:
-        meta["distill"] = distill(model, template, clips, args, fps)
+        meta["distill"] = distill(model, template, clips, args, run, fps)
     save_deformer(model, args.out, {"training": meta})
     return meta
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def checkpoint_meta(path: Path) -> dict:
@@ -231,7 +271,7 @@ def checkpoint_meta(path: Path) -> dict:
 
 
 def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[SpeechRig],
-              args: argparse.Namespace, fps: float = 25.0) -> dict:  # fmt: skip
+              args: argparse.Namespace, fps: float) -> dict:  # fmt: skip
     """Stage 1: regression on the teacher's template controls and lip displacements."""
     rng = np.random.default_rng(args.seed)
     t_ids = action_index(template, TEMPLATE_ACTIONS)
@@ -291,9 +331,8 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
     elapsed = time.perf_counter() - t0
-    return {"steps": args.steps, "clips": args.clips, "bodies": args.bodies, "seed": args.seed,
-            "train_seconds": round(elapsed, 1), "loss_first": mean_terms(history[:20]),
-            "loss_last": mean_terms(history[-50:])}  # fmt: skip
+    return {**{k: getattr(args, k) for k in STAGE1_SETTINGS}, "train_seconds": round(elapsed, 1),
+            "loss_first": mean_terms(history[:20]), "loss_last": mean_terms(history[-50:])}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,14 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-lr", type=float, default=3e-4, help="stage 2 learning rate")
     p.add_argument("--size", type=int, default=256, help="stage 2 render size in pixels")
     p.add_argument("--distill-gaussians", type=int, default=30000, help="per body in stage 2")
-    p.add_argument("--work", default="", help="stage 2 checkpoints (default: a temporary dir)")
-    p.add_argument("--resume", action="store_true", help="continue stage 2 from --work")
+    p.add_argument("--work", default="", help="keeps stage 1 and stage 2's checkpoints "
+                   "(default: a temporary folder)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue a killed run from --work")
     p.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this checkpoint")
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    meta = train(args)
+    try:
+        meta = train(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(meta, indent=1))
     return 0
 

@@ -180,7 +180,9 @@ def train(module: nn.Module, groups: list[dict], cfg: TrainConfig, work: str | P
     base_lr = [g["lr"] for g in opt.param_groups]
     step = load_checkpoint(work, module, opt, run) if resume else 0
     if step > cfg.steps:
-        raise ValueError(f"{work}: the checkpoint is at step {step}, past --steps {cfg.steps}")
+        raise ValueError(
+            f"{work}: the checkpoint is at step {step}, past the {cfg.steps} steps asked for"
+        )
     model = module
     if world > 1:
         dev = [torch.cuda.current_device()] if cuda else None

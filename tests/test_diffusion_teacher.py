@@ -232,3 +232,41 @@ def test_finetune_cli_with_a_diffusers_teacher(tiny, svd_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "with the diffusers teacher" in r.stdout and "vsd" in r.stdout
     assert load_checkpoint_info(tmp_path / "svd.avatar.train")["step"] == 1
+
+
+def test_hands_are_bound_by_place_and_left_out_with_a_frozen_skeleton(tiny, svd_dir, monkeypatch):
+    """MediaPipe hands (faked here at the hands' projections, listed right first) are bound to
+    the side whose Gaussians project there, whatever the detections' order; in the teacher's
+    frames each hand's keypoints are its own detection; a frozen skeleton (`bones`) drops them."""
+    import numpy as np
+
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from avatar.pipelines.finetune import load_clips
+    from distill import teachers
+    from distill.scene import DistillScene, Window, training_cameras
+    from reconstruct.canonical import PART_CODES
+
+    driver = Driver(Avatar.load(tiny / "t.avatar"), DriveConfig(size=64, framing="face"))
+    cams = training_cameras(driver.rig, 64)[3:]  # the upper body, hands in view
+    scene = DistillScene(driver.rig, load_clips([tiny / "a.wav"], 25.0), cams, 25.0)
+    parts = driver.rig.parts.long()
+    sides = [torch.nonzero(parts == PART_CODES[f"hand_{s}"]).flatten() for s in ("left", "right")]
+    with torch.no_grad():
+        uv = [cams[0].project(driver.rig.still().means[ids[:21]])[0].double().numpy()
+              for ids in sides]  # fmt: skip
+    fake = [uv[1] + 0.5, uv[0] - 0.5]
+    monkeypatch.setattr(teachers, "hand_detections", lambda frames: [fake for _ in frames])
+    teacher = teachers.make_teacher(f"diffusers:{svd_dir}")
+    teacher.prepare(scene)
+    ids = teacher.hand_ids[0]
+    assert torch.isin(ids[0], sides[0]).all() and torch.isin(ids[1], sides[1]).all()
+
+    clip = teacher(scene, Window(0, 0, 2, cams[0], 0))
+    hand = clip.keypoint_hand
+    assert int(hand.sum()) == 42 and clip.visible[:, hand].all()
+    got = clip.keypoints[:, hand].double().numpy()
+    np.testing.assert_allclose(got[:, :21], np.broadcast_to(uv[0] - 0.5, (2, 21, 2)), atol=1e-3)
+    np.testing.assert_allclose(got[:, 21:], np.broadcast_to(uv[1] + 0.5, (2, 21, 2)), atol=1e-3)
+    frozen = teacher(scene, Window(0, 0, 2, cams[0], 0), bones=torch.zeros(2, 1, 3))
+    assert not frozen.keypoint_hand.any() and len(frozen.keypoint_ids) == int((~hand).sum())

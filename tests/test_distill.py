@@ -314,6 +314,10 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     assert not any(k in same for k in after if k.split(".")[0] in ("mlp_xi", "g_out"))
     load_deformer(out)  # loads as a drive checkpoint
 
-    assert main(["--steps", "2", "--distill-steps", "3", "--resume", *tiny]) == 0
+    rows = (work / "metrics.csv").read_text().splitlines()
+    assert main(["--steps", "2", "--distill-steps", "3", "--resume", *tiny]) == 0  # skips stage 1
     meta = checkpoint_meta(out)["training"]
-    assert meta["init"] == str(work / STAGE1) and meta["distill"]["steps"] == 3
+    assert "init" not in meta and meta["steps"] == 2 and meta["distill"]["steps"] == 3
+    assert (work / "metrics.csv").read_text().splitlines()[:3] == rows  # continued, not redone
+    assert main(["--steps", "3", "--distill-steps", "3", "--resume", *tiny]) == 2  # other run
+    assert main(["--steps", "2", "--resume", "--out", str(out)]) == 2  # --resume needs --work

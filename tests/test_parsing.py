@@ -74,7 +74,7 @@ def test_no_person(parser):
 @needs_data
 def test_hands_assigned_by_place_agree_with_the_parser(parser):
     """The diffusion teacher's hands: MediaPipe hands on the whole image, each given to the
-    side whose expected place is nearest, are the parser's left and right hands."""
+    side whose expected place is nearest (within its reach), are the parser's left and right."""
     from distill.teachers import assign_hands
     from reconstruct.parsing import Hands
 
@@ -83,10 +83,14 @@ def test_hands_assigned_by_place_agree_with_the_parser(parser):
     with Hands() as hands:
         found = hands(rgb)
     assert len(found) == 2 and all(f.shape == (21, 2) for f in found)
-    sides = assign_hands(found, r.body[[15, 16], :2].astype(np.float64))  # wrists: left, right
+    wrists, reach = r.body[[15, 16], :2].astype(np.float64), np.array([150.0, 150.0])
+    sides = assign_hands(found, wrists, reach)  # the person's left, right
     for i, side in enumerate(("left", "right")):
         assert np.linalg.norm(sides[i] - r.hands[side], axis=1).mean() < 15.0
-    swapped = assign_hands(found[::-1], r.body[[15, 16], :2].astype(np.float64))
-    np.testing.assert_array_equal(swapped, sides)  # the order of detections does not matter
-    one = assign_hands(found[:1], np.array([[np.nan, np.nan], r.body[16, :2]]))
-    assert np.isnan(one[0]).all() and not np.isnan(one[1]).any()  # a side expected nowhere
+    np.testing.assert_array_equal(assign_hands(found[::-1], wrists, reach), sides)  # any order
+    right_only = np.array([[np.nan, np.nan], wrists[1]])
+    one = assign_hands(found, right_only, reach)
+    assert np.isnan(one[0]).all()
+    np.testing.assert_array_equal(one[1], sides[1])
+    left = found[int(np.argmin([np.linalg.norm(f.mean(0) - wrists[0]) for f in found]))]
+    assert np.isnan(assign_hands([left], right_only, reach)).all()  # too far from the right
