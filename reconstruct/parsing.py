@@ -102,11 +102,11 @@ class FaceMesh(_Graph):
                                                           refine_landmarks=True)  # fmt: skip
             self._graph.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
+    def __call__(self, rgb: np.ndarray, dtype=np.float64) -> np.ndarray | None:
         with _quiet_stderr():
             found = self._graph.process(np.ascontiguousarray(rgb)).multi_face_landmarks
         h, w = rgb.shape[:2]
-        return _points(found[0], w, h, np.float64) if found else None
+        return _points(found[0], w, h, dtype) if found else None
 
 
 class Hands(_Graph):
@@ -122,11 +122,11 @@ class Hands(_Graph):
                                                    model_complexity=1)  # fmt: skip
             self._graph.process(np.zeros((64, 64, 3), np.uint8))
 
-    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, rgb: np.ndarray, dtype=np.float64) -> list[np.ndarray]:
         with _quiet_stderr():
             found = self._graph.process(np.ascontiguousarray(rgb)).multi_hand_landmarks
         h, w = rgb.shape[:2]
-        return [_points(lm, w, h, np.float64) for lm in found or []]
+        return [_points(lm, w, h, dtype) for lm in found or []]
 
 
 def _crop(img: np.ndarray, cx: float, cy: float, side: float):
@@ -154,18 +154,18 @@ class PersonParser:
             self._selfie = [
                 s.selfie_segmentation.SelfieSegmentation(model_selection=k) for k in (0, 1)
             ]
-            self._face = s.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                              refine_landmarks=True)  # fmt: skip
-            self._hands = s.hands.Hands(static_image_mode=True, max_num_hands=2, model_complexity=1)
             blank = np.zeros((64, 64, 3), np.uint8)
             for graph in self._graphs:  # models load lazily and log: do it inside the quiet window
                 graph.process(blank)
+        self._face, self._hands = FaceMesh(still=True), Hands()
 
     @property
     def _graphs(self):
-        return (self._holistic, *self._selfie, self._face, self._hands)
+        return (self._holistic, *self._selfie)
 
     def close(self) -> None:
+        self._face.close()
+        self._hands.close()
         with _quiet_stderr():
             for graph in self._graphs:
                 graph.close()
@@ -227,28 +227,20 @@ class PersonParser:
         ears = np.linalg.norm(p[7] - p[8])
         nose_mouth = np.linalg.norm(p[0] - (p[9] + p[10]) / 2)
         crop, back = _crop(img, *p.mean(0), 2.2 * max(ears, 1.8 * nose_mouth, 8.0))
-        found = self._face.process(crop).multi_face_landmarks
-        if found:
-            return back(_points(found[0], CROP, CROP))
-        found = self._face.process(img).multi_face_landmarks
-        h, w = img.shape[:2]
-        return _points(found[0], w, h) if found else None
+        found = self._face(crop, np.float32)
+        return back(found) if found is not None else self._face(img, np.float32)
 
     def _assign_hands(self, img: np.ndarray, body: np.ndarray, hol) -> dict[str, np.ndarray | None]:
         h, w = img.shape[:2]
         torso = np.linalg.norm(body[[11, 12], :2].mean(0) - body[[23, 24], :2].mean(0))
         scale = max(torso, 1.3 * np.linalg.norm(body[11, :2] - body[12, :2]), 16.0)
-        found = [
-            ("full", _points(lm, w, h))
-            for lm in self._hands.process(img).multi_hand_landmarks or []
-        ]
+        found = [("full", pts) for pts in self._hands(img, np.float32)]
         for wrist, pinky, index in ((15, 17, 19), (16, 18, 20)):
             centre = body[wrist, :2] + 0.5 * (
                 (body[pinky, :2] + body[index, :2]) / 2 - body[wrist, :2]
             )
             crop, back = _crop(img, *centre, scale)
-            for lm in self._hands.process(crop).multi_hand_landmarks or []:
-                found.append(("crop", back(_points(lm, CROP, CROP))))
+            found += [("crop", back(pts)) for pts in self._hands(crop, np.float32)]
         hands = {}
         for side, wrist, other, extra in (("left", 15, 16, hol.left_hand_landmarks),
                                           ("right", 16, 15, hol.right_hand_landmarks)):  # fmt: skip
