@@ -337,6 +337,14 @@ def save_deformer(model: SpeechDeformer, path: str | Path, meta: dict | None = N
         save_file(state, str(tmp), metadata=meta)
 
 
+def deformer_meta(path: str | Path) -> dict:
+    """What `save_deformer` stored with a checkpoint besides its config (e.g. "training")."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "config"}
+
+
 def load_deformer(
     path: str | Path | None = None, audio_encoder: str | None = None
 ) -> SpeechDeformer:

@@ -244,14 +244,15 @@ class DiffusersTeacher:
                  for side in ("left", "right")]  # fmt: skip
         self.landmark_ids, self.hand_ids, self.hand_search = [], [], []
         for ref, cam in zip(self.references, scene.cameras, strict=True):
-            found = face_landmarks(to_uint8(ref[None]))[0]
+            rgb = to_uint8(ref)
+            found = face_landmarks(rgb[None])[0]
             ok = ~np.isnan(found[:, 0])
             ids = torch.full((len(FACE_LANDMARKS),), -1, dtype=torch.long)
             if ok.any() and len(candidates):
                 pts = torch.from_numpy(found[ok])
                 ids[torch.from_numpy(ok)] = bind_landmarks(pts, still, cam, candidates)
             self.landmark_ids.append(ids)
-            ids, search = bind_hands(to_uint8(ref), still, cam, sides)
+            ids, search = bind_hands(rgb, still, cam, sides)
             self.hand_ids.append(ids)
             self.hand_search.append(search)
         self.conditions = [None] * len(scene.cameras)

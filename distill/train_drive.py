@@ -49,6 +49,7 @@ from deform.deformer import (
     DEFAULT_CHECKPOINT,
     DeformerConfig,
     SpeechDeformer,
+    deformer_meta,
     load_deformer,
     save_deformer,
 )
@@ -63,7 +64,7 @@ from .phones import SENTENCES, align_phones, synthesize_speech
 from .scene import DistillScene, SpeechClip, training_cameras
 from .teacher import TeacherConfig, teach
 from .teachers import ProceduralTeacher
-from .trainer import TrainConfig, load_checkpoint_info
+from .trainer import TrainConfig, check_run, load_checkpoint_info
 from .trainer import train as train_loop
 
 log = logging.getLogger(__name__)
@@ -227,10 +228,8 @@ def train(args: argparse.Namespace) -> dict:
     run = {**settings, "init": file_digest(args.init) if args.init else "",
            "distill_gaussians": args.distill_gaussians, "size": args.size,
            "distill_lr": args.distill_lr}  # fmt: skip
-    info = load_checkpoint_info(work) if work is not None and args.resume else None
-    if info is not None and info.get("run") != json.loads(json.dumps(run)):
-        raise ValueError(f"{work}: its checkpoint is from a different run (other settings or "
-                         "--init); use another --work or drop --resume")  # fmt: skip
+    if work is not None and args.resume:  # before stage 1, not after it
+        check_run(work, run)
     torch.manual_seed(args.seed)
     template = load_template("anny")
     fps = 25.0
@@ -238,10 +237,10 @@ def train(args: argparse.Namespace) -> dict:
         clips = make_clips(template, args.clips, fps, args.seed, Path(tmp))
     if args.init is not None:
         model = load_deformer(args.init)
-        meta = dict(checkpoint_meta(args.init).get("training", {}), init=Path(args.init).name)
+        meta = dict(deformer_meta(args.init).get("training", {}), init=Path(args.init).name)
         meta.pop("distill", None)
     elif work is not None and args.resume and (work / STAGE1).is_file():  # stage 1 had finished
-        meta = checkpoint_meta(work / STAGE1).get("training", {})
+        meta = deformer_meta(work / STAGE1).get("training", {})
         if any(meta.get(k, v) != v for k, v in settings.items()):
             raise ValueError(f"{work / STAGE1}: stage 1 of a different run (other settings); "
                              "use another --work or drop --resume")  # fmt: skip
@@ -261,13 +260,6 @@ def train(args: argparse.Namespace) -> dict:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def checkpoint_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "config"}
 
 
 def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[SpeechRig],

@@ -105,21 +105,28 @@ def load_checkpoint_info(work: Path) -> dict | None:
         raise ValueError(f"{path}: not a valid checkpoint ({exc})") from None
 
 
+def check_run(work: Path, run: dict | None) -> dict | None:
+    """The work directory's checkpoint info (None without one), after checking that `run`
+    (what identifies the run: data, config) equals what the checkpoint was saved with."""
+    info = load_checkpoint_info(work)
+    if info is not None and run is not None and info.get("run") != json.loads(json.dumps(run)):
+        diff = sorted(
+            k for k in run if info.get("run", {}).get(k) != json.loads(json.dumps(run[k]))
+        )
+        raise ValueError(f"{work}: the checkpoint is from a different run (it differs in "
+                         f"{', '.join(diff) or 'its settings'}); use another --work or drop --resume")  # fmt: skip
+    return info
+
+
 def load_checkpoint(work: Path, module: nn.Module, opt: torch.optim.Optimizer,
                     run: dict | None = None) -> int:  # fmt: skip
     """Restore module and optimiser from the work directory; returns the step reached. `run`
     (what identifies the run: data, config) must equal what the checkpoint was saved with."""
     from safetensors.torch import load_file
 
-    info = load_checkpoint_info(work)
+    info = check_run(work, run)
     if info is None:
         raise ValueError(f"{work}: no checkpoint to resume from")
-    if run is not None and info.get("run") != json.loads(json.dumps(run)):
-        diff = sorted(
-            k for k in run if info.get("run", {}).get(k) != json.loads(json.dumps(run[k]))
-        )
-        raise ValueError(f"{work}: the checkpoint is from a different run (it differs in "
-                         f"{', '.join(diff) or 'its settings'}); use another --work or drop --resume")  # fmt: skip
     tensors = load_file(str(work / info["tensors"]))
     try:
         module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -1,7 +1,7 @@
 """Pinhole cameras in the OpenCV convention (see CONVENTIONS.md).
 
-`Cameras` batches C views of one image size. Builders: `look_at`, `orbit`, `fit_to_points` (with `scene_points`, a
-scene's robust bounding box).
+`Cameras` batches C views of one image size. Builders: `look_at`, `orbit`, `fit_to_points`
+(with `scene_points`, a scene's robust bounding box).
 """
 
 from __future__ import annotations

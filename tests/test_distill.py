@@ -297,15 +297,15 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     and the template head as stage 1 left them; --resume skips a finished stage 1."""
     from safetensors.torch import load_file
 
-    from deform.deformer import load_deformer
-    from distill.train_drive import STAGE1, checkpoint_meta, main
+    from deform.deformer import deformer_meta, load_deformer
+    from distill.train_drive import STAGE1, main
 
     work, out = tmp_path / "work", tmp_path / "d.safetensors"
     tiny = ["--clips", "1", "--bodies", "2", "--gaussians", "1500", "--gaussian-batch", "128",
             "--batch", "1", "--window", "8", "--distill-gaussians", "2500", "--size", "48",
             "--work", str(work), "--out", str(out)]  # fmt: skip
     assert main(["--steps", "2", "--distill-steps", "2", *tiny]) == 0
-    meta = checkpoint_meta(out)["training"]
+    meta = deformer_meta(out)["training"]
     assert meta["steps"] == 2 and meta["distill"]["steps"] == 2
     assert set(meta["distill"]["loss_last"]) >= {"img", "kpt", "reg"}
     before, after = load_file(str(work / STAGE1)), load_file(str(out))
@@ -316,7 +316,7 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
 
     rows = (work / "metrics.csv").read_text().splitlines()
     assert main(["--steps", "2", "--distill-steps", "3", "--resume", *tiny]) == 0  # skips stage 1
-    meta = checkpoint_meta(out)["training"]
+    meta = deformer_meta(out)["training"]
     assert "init" not in meta and meta["steps"] == 2 and meta["distill"]["steps"] == 3
     assert (work / "metrics.csv").read_text().splitlines()[:3] == rows  # continued, not redone
     assert main(["--steps", "3", "--distill-steps", "3", "--resume", *tiny]) == 2  # other run
