@@ -279,9 +279,11 @@ class SpeechDeformer(nn.Module):
         def heads_first(x: Tensor) -> Tensor:  # [..., L, d] -> [..., heads, L, d/heads]
             return x.unflatten(-1, (heads, d // heads)).transpose(-3, -2)
 
-        h = nn.functional.scaled_dot_product_attention(
-            heads_first(q), heads_first(tokens.keys), heads_first(tokens.values)
-        )
+        # keys and values expanded over the frames (a view): with equal batch dims the CPU uses
+        # its fused attention kernel, about 10x faster than the broadcasting math path
+        keys, values = (heads_first(x).expand(num_frames, -1, -1, -1)
+                        for x in (tokens.keys, tokens.values))  # fmt: skip
+        h = nn.functional.scaled_dot_product_attention(heads_first(q), keys, values)
         h = h.transpose(-3, -2).flatten(-2)  # [T, M, d]
         transforms, steps = state.transforms, []
         for i in range(num_frames):

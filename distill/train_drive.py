@@ -10,7 +10,9 @@ weights are not tied to one identity.
 
 Two stages, one command:
 1. **Supervised** (`--steps`): plain regression on the teacher's targets.
-   - template controls: driven-bone rotations and the large facial actions (`TEMPLATE_ACTIONS`);
+   - template controls: driven-bone rotations and the large facial actions (`TEMPLATE_ACTIONS`),
+     each control's error in units of its spread over the data: the jaw moves far less than an
+     arm in a beat gesture, yet lip sync hangs on it, so both weigh the same;
    - particles: the displacement that the fine lip actions (`PARTICLE_ACTIONS`) give each
      Gaussian, reproduced by the blended particle transforms plus the Gaussian head's Δp.
    Audio is augmented every step (gain, noise, spectral tilt) so real microphones generalise.
@@ -268,6 +270,9 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
     rng = np.random.default_rng(args.seed)
     t_ids = action_index(template, TEMPLATE_ACTIONS)
     p_ids = action_index(template, PARTICLE_ACTIONS)
+    # each control's error in units of its spread over the data (see the module docstring)
+    bone_std = torch.cat([c.bones for c in clips]).std(0).clamp_min(0.01)
+    action_std = torch.cat([c.actions[:, t_ids] for c in clips]).std(0).clamp_min(0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, args.lr, total_steps=args.steps, pct_start=0.05
@@ -292,10 +297,10 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
             motion, _ = model(samples, tokens, state, n, fps, text, gaussian_ids=sub)
             target_bones = clip.bones[start : start + n]
             target_actions = clip.actions[start : start + n]
-            losses["bones"] = losses["bones"] + ((motion.bones - target_bones) ** 2).mean() * 100
-            losses["actions"] = (
-                losses["actions"] + ((motion.actions - target_actions[:, t_ids]) ** 2).mean() * 10
-            )
+            err_b = (motion.bones - target_bones) / bone_std
+            err_a = (motion.actions - target_actions[:, t_ids]) / action_std
+            losses["bones"] = losses["bones"] + err_b.pow(2).mean()
+            losses["actions"] = losses["actions"] + err_a.pow(2).mean()
             # particles + Δp reproduce the fine lip actions' displacement (canonical space)
             idx = torch.searchsorted(rig.moving, sub)
             want = torch.einsum("te,enc->tnc", target_actions[:, p_ids], rig.basis[p_ids][:, idx])
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m distill.train_drive", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--steps", type=int, default=400, help="stage 1 steps")
+    p.add_argument("--steps", type=int, default=1000, help="stage 1 steps")
     p.add_argument("--clips", type=int, default=60, help="synthetic speech clips")
     p.add_argument("--bodies", type=int, default=4, help="body shapes")
     p.add_argument("--gaussians", type=int, default=8000, help="Gaussians per body")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from deform.audio import load_audio
+
 from .helpers import template_avatar
 from .test_deformer import speechlike
 
@@ -99,12 +101,15 @@ def test_drive_writes_video_with_sound(small, tmp_path):
 
 
 def test_the_mouth_moves_with_speech_and_rests_in_silence(small):
-    """The shipped deformer opens the jaw on speech, not in silence, and the video shows it."""
+    """The shipped deformer opens the jaw on speech, not in silence, and the video shows it
+    (1 s of silence, then 2 s of the packaged demo sentence)."""
     from avatar.asset import Avatar
     from avatar.pipelines.drive import DriveConfig, Driver
+    from avatar.scenes import demo_speech
 
     drv = Driver(Avatar.load(small), DriveConfig(size=96, framing="face"))
-    x = np.concatenate([np.zeros(16000, np.float32), speechlike(2.0).numpy()])
+    speech = load_audio(demo_speech()).samples[8000:40000]
+    x = np.concatenate([np.zeros(16000, np.float32), speech])
     with torch.no_grad():
         motion, _ = drv.model(
             torch.from_numpy(x), drv.tokens, drv.model.start(drv.tokens), 75, 25.0
