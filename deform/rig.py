@@ -120,6 +120,8 @@ class SpeechRig:
     def framing_points(self, framing: str) -> Tensor:  # [2, 3]
         """What a camera with this framing (`FRAMINGS`: full, upper or face) frames: the robust
         bounding box of the Gaussians in the base pose, all, above the hips or near the head."""
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing {framing!r}: use {', '.join(FRAMINGS)}")
         posed = self.still()
         if framing == "full":
             return scene_points(posed)
@@ -127,11 +129,9 @@ class SpeechRig:
         if framing == "upper":
             hip = joints[self.template.bone_names.index("upperleg01.L"), 1]
             keep = posed.means[:, 1] > hip
-        elif framing == "face":
+        else:  # face
             head = joints[self.template.bone_names.index("head")]
             keep = (posed.means - head).norm(dim=-1) < 0.16
-        else:
-            raise ValueError(f"framing {framing!r}: use full, upper or face")
         return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
 
     def pose(

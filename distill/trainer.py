@@ -109,10 +109,9 @@ def check_run(work: Path, run: dict | None) -> dict | None:
     """The work directory's checkpoint info (None without one), after checking that `run`
     (what identifies the run: data, config) equals what the checkpoint was saved with."""
     info = load_checkpoint_info(work)
-    if info is not None and run is not None and info.get("run") != json.loads(json.dumps(run)):
-        diff = sorted(
-            k for k in run if info.get("run", {}).get(k) != json.loads(json.dumps(run[k]))
-        )
+    want = json.loads(json.dumps(run))  # as the checkpoint stored it (tuples become lists)
+    if info is not None and want is not None and info.get("run") != want:
+        diff = sorted(k for k in want if info.get("run", {}).get(k) != want[k])
         raise ValueError(f"{work}: the checkpoint is from a different run (it differs in "
                          f"{', '.join(diff) or 'its settings'}); use another --work or drop --resume")  # fmt: skip
     return info

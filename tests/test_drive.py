@@ -162,6 +162,11 @@ def test_bad_arguments(small, tmp_path):
     )
     assert res.returncode == 2 and "--view" in res.stderr
     res = run_avatar(
+        "drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"), "--framing", "feet"
+    )
+    assert res.returncode == 2 and "--framing 'feet'" in res.stderr
+    assert not (tmp_path / "z.mp4").exists()
+    res = run_avatar(
         "drive", str(tmp_path / "nobody.avatar"), str(wav), "-o", str(tmp_path / "y.mp4")
     )
     assert res.returncode == 2 and "no such avatar" in res.stderr

@@ -112,10 +112,11 @@ class Driver:
 
     def cameras(self, num_frames: int) -> Cameras:
         cfg = self.cfg
-        if cfg.framing not in FRAMINGS:
-            raise AvatarError(f"--framing {cfg.framing!r}: use full, upper or face")
-        with torch.no_grad():
-            pts = self.rig.framing_points(cfg.framing)
+        try:
+            with torch.no_grad():
+                pts = self.rig.framing_points(cfg.framing)
+        except ValueError as exc:
+            raise AvatarError(f"--{exc}") from None
         return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
                              FRAMINGS[cfg.framing])  # fmt: skip
 
