@@ -114,7 +114,12 @@ class Wav2Vec2Encoder(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a wav2vec 2.0 model directory (no config.json)")
-        from transformers import Wav2Vec2Model
+        try:
+            from transformers import Wav2Vec2Model
+        except ImportError:
+            raise ValueError(
+                "wav2vec 2.0 needs transformers: pip install 'gsavatar[wav2vec]'"
+            ) from None
 
         self.model = Wav2Vec2Model.from_pretrained(str(path), local_files_only=True).eval()
         self.model.requires_grad_(False)

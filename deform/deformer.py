@@ -351,8 +351,11 @@ def load_deformer(
     path: str | Path | None = None, audio_encoder: str | None = None
 ) -> SpeechDeformer:
     """A deformer from a safetensors checkpoint (the shipped default when `path` is None).
-    `audio_encoder` swaps in wav2vec 2.0 from a local directory (its adapter starts untrained
-    unless the checkpoint has one)."""
+
+    A checkpoint trained on wav2vec 2.0 features (`python -m distill.train_drive --audio-encoder
+    DIR`) holds its adapter, not the wav2vec weights: those load from `audio_encoder`, or from
+    the directory it was trained with. A log-mel checkpoint cannot take a wav2vec encoder (its
+    adapter would be untrained and the motion noise)."""
     from safetensors import safe_open
 
     path = Path(path) if path else DEFAULT_CHECKPOINT
@@ -362,13 +365,23 @@ def load_deformer(
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     cfg = DeformerConfig(**json.loads(meta.get("config", "{}")))
-    if audio_encoder is not None:
+    if audio_encoder and not cfg.audio_encoder:
+        raise ValueError(
+            f"{path} was trained on log-mel features, so it has no wav2vec 2.0 adapter. Train "
+            f"one: python -m distill.train_drive --audio-encoder {audio_encoder} --out CKPT, "
+            "then pass that checkpoint (--deformer CKPT)"
+        )
+    if audio_encoder:  # the same model, wherever it lives now
         cfg = DeformerConfig(**{**asdict(cfg), "audio_encoder": str(audio_encoder)})
+    elif cfg.audio_encoder and not Path(cfg.audio_encoder).is_dir():
+        raise ValueError(f"{path} was trained on wav2vec 2.0 from {cfg.audio_encoder}, which is "
+                         "not there; pass the model's directory (--audio-encoder DIR)")  # fmt: skip
     model = SpeechDeformer(cfg)
-    if audio_encoder is not None:  # a different front-end: keep its own weights
-        state = {k: v for k, v in state.items() if not k.startswith("audio.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("audio.")]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ, e.g. a wav2vec model of another width
+        raise ValueError(f"{path}: checkpoint does not fit this deformer: {exc}") from None
+    missing = [k for k in missing if not k.startswith("audio.model.")]  # wav2vec: not saved
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the deformer ({missing[:3]} "
                          f"missing, {unexpected[:3]} unexpected)")  # fmt: skip

@@ -23,6 +23,10 @@ Two stages, one command:
    the audio front-end and the template head stay as stage 1 left them; the particle motion
    head, the Gaussian head and the avatar-token encoder learn.
 
+`--audio-encoder DIR` trains on a local wav2vec 2.0 model's features instead of log-mel: the
+model stays frozen, its adapter and everything after it learn, and the checkpoint keeps the
+adapter (not the wav2vec weights) and the directory (`avatar drive --deformer CKPT`).
+
 `--work DIR` keeps stage 1's result and stage 2's checkpoints: `--resume` then skips a finished
 stage 1 and continues stage 2 from its last checkpoint. `--init CKPT` skips stage 1 and distils
 an existing checkpoint.
@@ -72,7 +76,7 @@ from .trainer import train as train_loop
 log = logging.getLogger(__name__)
 STAGE1 = "stage1.safetensors"  # in --work: stage 1's result, so --resume skips it
 STAGE1_SETTINGS = ("steps", "clips", "bodies", "seed", "gaussians", "gaussian_batch", "batch",
-                   "window", "lr")  # fmt: skip
+                   "window", "lr", "audio_encoder")  # fmt: skip
 
 
 @dataclass
@@ -225,6 +229,8 @@ def train(args: argparse.Namespace) -> dict:
     """Both stages; returns the metadata saved with the checkpoint."""
     if args.resume and not args.work:
         raise ValueError("--resume needs --work (the folder the killed run trained in)")
+    if args.audio_encoder and Path(args.out).resolve() == DEFAULT_CHECKPOINT.resolve():
+        raise ValueError("--audio-encoder needs --out: the shipped checkpoint is the log-mel one")
     work = Path(args.work) if args.work else None
     settings = {k: getattr(args, k) for k in STAGE1_SETTINGS}
     run = {**settings, "init": file_digest(args.init) if args.init else "",
@@ -238,7 +244,7 @@ def train(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(template, args.clips, fps, args.seed, Path(tmp))
     if args.init is not None:
-        model = load_deformer(args.init)
+        model = load_deformer(args.init, args.audio_encoder or None)
         meta = dict(deformer_meta(args.init).get("training", {}), init=Path(args.init).name)
         meta.pop("distill", None)
     elif work is not None and args.resume and (work / STAGE1).is_file():  # stage 1 had finished
@@ -249,7 +255,7 @@ def train(args: argparse.Namespace) -> dict:
         model = load_deformer(work / STAGE1)
     else:
         rigs = make_bodies(template, args.bodies, args.gaussians, args.seed)
-        model = SpeechDeformer(DeformerConfig())
+        model = SpeechDeformer(DeformerConfig(audio_encoder=args.audio_encoder or None))
         meta = supervise(model, template, clips, rigs, args, fps)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
@@ -353,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: a temporary folder)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed run from --work")
     p.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this checkpoint")
+    p.add_argument("--audio-encoder", default="", metavar="DIR", help="a local wav2vec 2.0 "
+                   "model to train on (frozen; its adapter learns) instead of log-mel")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     args = p.parse_args(argv)
+    args.audio_encoder = str(Path(args.audio_encoder).resolve()) if args.audio_encoder else ""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:

@@ -71,3 +71,12 @@ def template_avatar(num: int = 4000, seed: int = 0):
     cam = Cameras(look_at(eye, torch.zeros(1, 3)), intrinsics(40, 256, 256)[None], 256, 256)
     pose = torch.zeros(tpl.num_bones, 3)
     return Avatar(g, b, "anny", shape, pose, torch.zeros(3), cam, {}, particles=particles)
+
+
+def tiny_wav2vec(folder: Path) -> Path:
+    """A randomly initialised, 2-layer wav2vec 2.0 model saved like a downloaded one."""
+    transformers = pytest.importorskip("transformers", reason="wav2vec 2.0 needs transformers")
+    cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, conv_dim=(32,) * 7)  # fmt: skip
+    transformers.Wav2Vec2Model(cfg).save_pretrained(folder)
+    return folder

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from deform.audio_features import LOOKAHEAD_S, LogMel, LogMelEncoder, mel_centre_index
 from deform.deformer import (
@@ -16,6 +19,8 @@ from deform.deformer import (
     speech_activity,
 )
 from deform.particles import Particles, knn_weights
+
+from .helpers import tiny_wav2vec
 
 FPS = 25.0
 
@@ -167,17 +172,30 @@ def test_checkpoint_roundtrip_and_shipped_default(tmp_path):
 
 
 def test_wav2vec2_encoder_from_a_local_directory(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="wav2vec 2.0 needs transformers")
-    cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, conv_dim=(32, 32, 32, 32, 32, 32, 32))  # fmt: skip
-    transformers.Wav2Vec2Model(cfg).save_pretrained(tmp_path / "w2v")
-    model = load_deformer(None, audio_encoder=str(tmp_path / "w2v")).eval()
+    """A wav2vec 2.0 deformer runs, saves its adapter without the wav2vec weights, and loads
+    from the directory it was trained with or from wherever that model is now; the log-mel
+    checkpoint refuses a wav2vec encoder instead of driving with an untrained adapter."""
+    w2v = tiny_wav2vec(tmp_path / "w2v")
+    model = SpeechDeformer(DeformerConfig(audio_encoder=str(w2v))).eval()
     tokens = tokens_for(model)
     with torch.no_grad():
-        motion, state = model(speechlike(1.0), tokens, model.start(tokens), 12, FPS)
+        motion, _ = model(speechlike(1.0), tokens, model.start(tokens), 12, FPS)
     assert motion.controls.shape[0] == 12 and torch.isfinite(motion.controls).all()
+    save_deformer(model, tmp_path / "w.safetensors")
+    saved = load_file(str(tmp_path / "w.safetensors"))
+    assert "audio.adapter.weight" in saved and not any(k.startswith("audio.model.") for k in saved)
+    for again in (load_deformer(tmp_path / "w.safetensors"),
+                  load_deformer(tmp_path / "w.safetensors", shutil.copytree(w2v, tmp_path / "b"))):  # fmt: skip
+        with torch.no_grad():
+            same, _ = again(speechlike(1.0), tokens, again.start(tokens), 12, FPS)
+        assert torch.allclose(same.controls, motion.controls, atol=1e-6)
+    shutil.rmtree(w2v)
+    with pytest.raises(ValueError, match="which is not there; pass the model's directory"):
+        load_deformer(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="trained on log-mel features"):
+        load_deformer(None, audio_encoder=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="not a wav2vec 2.0 model directory"):
-        load_deformer(None, audio_encoder=str(tmp_path))
+        SpeechDeformer(DeformerConfig(audio_encoder=str(tmp_path)))
 
 
 def test_particle_binding_weights():

@@ -18,7 +18,7 @@ from distill.losses import ArapGraph, Weight, loss_arap, loss_keypoints
 from distill.trainer import TrainConfig, load_checkpoint_info, train
 from render.rotations import axis_angle_to_rotmat
 
-from .helpers import template_avatar
+from .helpers import template_avatar, tiny_wav2vec
 from .test_deformer import speechlike
 from .test_drive import run_avatar, write_wav
 
@@ -321,3 +321,33 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     assert (work / "metrics.csv").read_text().splitlines()[:3] == rows  # continued, not redone
     assert main(["--steps", "3", "--distill-steps", "3", "--resume", *tiny]) == 2  # other run
     assert main(["--steps", "2", "--resume", "--out", str(out)]) == 2  # --resume needs --work
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_train_drive_on_wav2vec_features(tmp_path):
+    """--audio-encoder trains the adapter (wav2vec itself frozen) and both stages run; the
+    checkpoint drives with that model, and the shipped log-mel file is never overwritten."""
+    from safetensors.torch import load_file
+
+    from deform.deformer import DEFAULT_CHECKPOINT, deformer_meta, load_deformer
+    from distill.train_drive import main
+
+    w2v, out = tiny_wav2vec(tmp_path / "w2v"), tmp_path / "w.safetensors"
+    shipped = DEFAULT_CHECKPOINT.read_bytes()
+    tiny = ["--clips", "1", "--bodies", "1", "--gaussians", "1500", "--gaussian-batch", "128",
+            "--batch", "1", "--window", "8", "--distill-gaussians", "2500", "--size", "48",
+            "--audio-encoder", str(w2v)]  # fmt: skip
+    assert main(tiny) == 2  # no --out: would replace the shipped checkpoint
+    assert main(["--steps", "3", "--distill-steps", "1", "--out", str(out), *tiny]) == 0
+    assert DEFAULT_CHECKPOINT.read_bytes() == shipped
+    assert deformer_meta(out)["training"]["audio_encoder"] == str(w2v.resolve())
+    assert "audio.adapter.weight" in load_file(str(out))
+    model = load_deformer(out)
+    assert model.audio.kind == "wav2vec2" and model.audio.path == str(w2v.resolve())
+    assert all(p.requires_grad for p in model.audio.adapter.parameters())
+    assert not any(p.requires_grad for p in model.audio.model.parameters())
+    template_avatar(1500).save(tmp_path / "t.avatar")  # and drives a video
+    wav = write_wav(tmp_path / "s.wav", speechlike(0.4).numpy())
+    res = run_avatar("drive", str(tmp_path / "t.avatar"), str(wav), "-o", str(tmp_path / "t.mp4"),
+                     "--size", "64", "--deformer", str(out))  # fmt: skip
+    assert res.returncode == 0 and (tmp_path / "t.mp4").is_file(), res.stderr[-2000:]

@@ -166,6 +166,10 @@ def test_bad_arguments(small, tmp_path):
     )
     assert res.returncode == 2 and "--framing 'feet'" in res.stderr
     assert not (tmp_path / "z.mp4").exists()
+    res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"),
+                     "--audio-encoder", str(tmp_path))  # fmt: skip
+    assert res.returncode == 2 and "trained on log-mel features" in res.stderr
+    assert not (tmp_path / "z.mp4").exists()
     res = run_avatar(
         "drive", str(tmp_path / "nobody.avatar"), str(wav), "-o", str(tmp_path / "y.mp4")
     )

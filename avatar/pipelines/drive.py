@@ -48,7 +48,7 @@ class DriveConfig:
     transcript: str = ""
     """What is said (optional); the driving token mixes in its embedding."""
     audio_encoder: str = ""
-    """A local wav2vec 2.0 directory to use instead of the built-in log-mel encoder."""
+    """A local wav2vec 2.0 directory, for a --deformer trained on it (distill.train_drive)."""
     deformer: str = ""
     """A deformer checkpoint (.safetensors) instead of the avatar's own or the shipped one."""
     seed: int = 0
