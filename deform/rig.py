@@ -9,7 +9,8 @@ For a frame, in this order:
    from scales and rotation, so it stays positive definite), Δα on the opacity logit, Δc on the
    colour;
 4. linear blend skinning with the frame's template pose (the base pose with the driven bones
-   turned by the speech controls).
+   turned by the speech controls);
+5. blinks paint the lid over the eye the photo shows open (`deform.eyes`, when `rig.eyes` is set).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .controls import (
     check_template,
     compose_pose,
 )
+from .eyes import EyeCover
 from .particles import Particles
 from .skinning import blend_transforms
 from .surface import interpolate
@@ -79,6 +81,7 @@ class SpeechRig:
         per_gauss = per_gauss.unflatten(1, (-1, 3))  # [N, E, 3]
         self.moving = torch.nonzero(per_gauss.abs().amax((1, 2)) > 1e-6).flatten()  # [n]
         self.basis = per_gauss[self.moving].permute(1, 0, 2).contiguous()  # [E, n, 3]
+        self.eyes: EyeCover | None = None  # what blinks paint over the open eye (deform.eyes)
 
     def expression_offsets(self, actions: Tensor) -> Tensor:  # [T, E] -> [T, N, 3]
         out = actions.new_zeros(actions.shape[0], len(self.gaussians), 3)
@@ -166,4 +169,6 @@ class SpeechRig:
             sh = g.sh.clone()
             sh[:, 0] = sh[:, 0] + color / SH_C0
             out = out.replace(sh=sh)
+        if self.eyes is not None:
+            out = self.eyes.paint(out, float(actions[self.blink_ids].detach().mean()))
         return out

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from deform.audio import AudioError, load_audio
 from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer
+from deform.eyes import EyeCover, eye_cover
 from deform.particles import Particles, template_particles
 from deform.rig import FRAMINGS, SpeechRig
 from deform.templates import load_template
@@ -87,6 +88,29 @@ def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
         raise AvatarError(f"deformer: {exc}") from None
 
 
+def find_eyes(rig: SpeechRig, size: int = 512) -> EyeCover | None:
+    """The open eye of the avatar's front face close-up, outlined by MediaPipe's face mesh
+    (`deform.eyes`); None where it finds no face (blinks then only move the lids)."""
+    from reconstruct.parsing import FaceMesh
+
+    with torch.no_grad():
+        posed = rig.still()
+        cam = fit_to_points(rig.framing_points("face"), size, size, 0.0, 0.0, 30.0,
+                            FRAMINGS["face"])[0]  # fmt: skip
+        image = to_uint8(rasterize(posed, cam, background=torch.ones(3)).rgb[0, ..., :3])
+        with FaceMesh(still=True) as mesh:
+            landmarks = mesh(image)
+        if landmarks is None:
+            log.info("no face found on the avatar's front render: blinks move the lids only")
+            return None
+        t = rig.template
+        if not {"eye.L", "eye.R"} <= set(t.bone_names):
+            return None
+        joints = t(rig.shape[None], pose=rig.base_pose[None]).joints[0]
+        centres = joints[[t.bone_names.index("eye.L"), t.bone_names.index("eye.R")]]
+        return eye_cover(posed, centres, cam, image, landmarks)
+
+
 class Driver:
     """Everything drive needs for one avatar, built once; `frames` streams a clip."""
 
@@ -106,6 +130,7 @@ class Driver:
                                  avatar_particles(avatar, self.template), b.parts)  # fmt: skip
         except ValueError as exc:
             raise AvatarError(str(exc)) from None
+        self.rig.eyes = find_eyes(self.rig)
         self.model = load_motion_model(avatar, cfg)
         with torch.no_grad():
             self.tokens = self.rig.tokens(self.model)
