@@ -64,7 +64,7 @@ def test_rig_at_rest_matches_skinning_and_jaw_opens():
 
     avatar = template_avatar(3000)
     drv = Driver(avatar)
-    rig, tpl = drv.rig, drv.template
+    rig, tpl = drv.rig, drv.rig.template
     e = len(tpl.expression_names)
     with torch.no_grad():
         t0 = rig.transforms(torch.zeros(1, rig.driven.numel(), 3))[0]

@@ -26,7 +26,7 @@ from deform.particles import Particles, template_particles
 from deform.rig import FRAMINGS, SpeechRig
 from deform.templates import load_template
 from reconstruct.canonical import PART_CODES
-from render import Cameras, fit_to_points, rasterize, to_uint8
+from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 
 from ..asset import Avatar
 from ..errors import AvatarError
@@ -88,27 +88,50 @@ def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
         raise AvatarError(f"deformer: {exc}") from None
 
 
-def find_eyes(rig: SpeechRig, size: int = 512) -> EyeCover | None:
-    """The open eye of the avatar's front face close-up, outlined by MediaPipe's face mesh
-    (`deform.eyes`); None where it finds no face (blinks then only move the lids)."""
-    from reconstruct.parsing import FaceMesh
+def speech_rig(avatar: Avatar) -> SpeechRig:
+    """The avatar on its template, from its photo pose without the root (upright, facing +Z)."""
+    try:
+        template = load_template(avatar.template)
+    except ValueError as exc:
+        raise AvatarError(f"body template {avatar.template}: {exc}") from None
+    base = avatar.photo_pose.clone()
+    base[0] = 0
+    b = avatar.binding
+    try:
+        rig = SpeechRig(template, avatar.shape, base, avatar.gaussians, b.face_ids, b.bary,
+                        b.bone_ids, b.bone_weights, avatar_particles(avatar, template), b.parts)  # fmt: skip
+    except ValueError as exc:
+        raise AvatarError(str(exc)) from None
+    return rig
 
+
+def front_face(rig: SpeechRig, size: int = 512) -> tuple[Gaussians, Cameras, np.ndarray]:
+    """The avatar still (no speech motion), the front face close-up camera, and its render."""
     with torch.no_grad():
         posed = rig.still()
         cam = fit_to_points(rig.framing_points("face"), size, size, 0.0, 0.0, 30.0,
                             FRAMINGS["face"])[0]  # fmt: skip
-        image = to_uint8(rasterize(posed, cam, background=torch.ones(3)).rgb[0, ..., :3])
-        with FaceMesh(still=True) as mesh:
-            landmarks = mesh(image)
-        if landmarks is None:
-            log.info("no face found on the avatar's front render: blinks move the lids only")
-            return None
-        t = rig.template
-        if not {"eye.L", "eye.R"} <= set(t.bone_names):
-            return None
+        return posed, cam, to_uint8(rasterize(posed, cam, background=torch.ones(3)).rgb[0, ..., :3])
+
+
+def find_eyes(rig: SpeechRig) -> EyeCover | None:
+    """The open eye of the avatar's front face close-up, outlined by MediaPipe's face mesh
+    (`deform.eyes`); None where it finds no face (blinks then only move the lids)."""
+    from reconstruct.parsing import FaceMesh
+
+    t = rig.template
+    if not {"eye.L", "eye.R"} <= set(t.bone_names):
+        return None
+    posed, cam, image = front_face(rig)
+    with FaceMesh(still=True) as mesh:
+        landmarks = mesh(image)
+    if landmarks is None:
+        log.info("no face found on the avatar's front render: blinks move the lids only")
+        return None
+    with torch.no_grad():
         joints = t(rig.shape[None], pose=rig.base_pose[None]).joints[0]
-        centres = joints[[t.bone_names.index("eye.L"), t.bone_names.index("eye.R")]]
-        return eye_cover(posed, centres, cam, image, landmarks)
+    centres = joints[[t.bone_names.index("eye.L"), t.bone_names.index("eye.R")]]
+    return eye_cover(posed, centres, cam, image, landmarks)
 
 
 class Driver:
@@ -117,19 +140,7 @@ class Driver:
     def __init__(self, avatar: Avatar, cfg: DriveConfig = DriveConfig()):
         self.cfg = cfg
         self.avatar = avatar
-        try:
-            self.template = load_template(avatar.template)
-        except ValueError as exc:
-            raise AvatarError(f"body template {avatar.template}: {exc}") from None
-        base = avatar.photo_pose.clone()
-        base[0] = 0  # the body frame: upright, facing +Z
-        b = avatar.binding
-        try:
-            self.rig = SpeechRig(self.template, avatar.shape, base, avatar.gaussians, b.face_ids,
-                                 b.bary, b.bone_ids, b.bone_weights,
-                                 avatar_particles(avatar, self.template), b.parts)  # fmt: skip
-        except ValueError as exc:
-            raise AvatarError(str(exc)) from None
+        self.rig = speech_rig(avatar)
         self.rig.eyes = find_eyes(self.rig)
         self.model = load_motion_model(avatar, cfg)
         with torch.no_grad():
@@ -169,12 +180,7 @@ class Driver:
 
 def neutral_face(avatar: Avatar, size: int = 512) -> np.ndarray:
     """The avatar's face close-up from the front, no motion: the identity reference."""
-    driver = Driver(avatar, DriveConfig(size=size, framing="face"))
-    with torch.no_grad():
-        g = driver.rig.still()
-        return to_uint8(
-            rasterize(g, driver.cameras(1)[0], background=torch.ones(3)).rgb[0, ..., :3]
-        )
+    return front_face(speech_rig(avatar), size)[2]
 
 
 def frame_count(duration_s: float, fps: float) -> int:
