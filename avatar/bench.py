@@ -19,6 +19,7 @@ import torch
 
 from render import rasterize
 
+from .errors import AvatarError
 from .pipelines.render import OrbitConfig, orbit_cameras
 from .scenes import person_scene
 
@@ -188,14 +189,13 @@ def view_checks(avatar) -> dict:
     import cv2
     import numpy as np
 
-    from deform.templates import load_template
     from reconstruct.parsing import NoPersonError, PersonParser
     from render import to_uint8
 
     from .pipelines.create import posed_gaussians
     from .pipelines.render import OrbitConfig, orbit_cameras
 
-    template = load_template(avatar.template)
+    template = avatar.body_template()
     checks: dict = {}
     with torch.no_grad(), PersonParser() as parser:
         front = rasterize(posed_gaussians(avatar, template, "photo"), avatar.camera, background=1.0)
@@ -231,6 +231,8 @@ def view_checks(avatar) -> dict:
 class DriveBenchConfig:
     avatar: str = ""
     """The avatar to drive (default: one created from the demo photo first, not timed)."""
+    body: str = ""
+    """An SMPL-X avatar's template files (smplx:PATH); an avatar never names them itself."""
     audio: str = ""
     """Speech to drive with (default: the built-in demo clip), looped or cut to --seconds."""
     seconds: float = 10.0
@@ -243,33 +245,46 @@ class DriveBenchConfig:
     """full, upper or face."""
 
 
-def _drive_worker(avatar_path: str, audio_path: str, size: int, framing: str, queue) -> None:
+def _drive_worker(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, queue) -> None:
     import tempfile
 
     from .asset import Avatar
     from .pipelines.drive import DriveConfig, drive_avatar
 
-    avatar = Avatar.load(avatar_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        summary = drive_avatar(avatar, audio_path, Path(tmp) / "bench.mp4",
-                               DriveConfig(size=size, framing=framing), progress=False)  # fmt: skip
-        wall = time.perf_counter() - t0
+    try:
+        avatar = Avatar.load(avatar_path, cfg.body)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            summary = drive_avatar(avatar, audio_path, Path(tmp) / "bench.mp4",
+                                   DriveConfig(size=cfg.size, framing=cfg.framing), progress=False)  # fmt: skip
+            wall = time.perf_counter() - t0
+    except AvatarError as exc:
+        queue.put({"error": str(exc)})
+        return
     queue.put({"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), **summary})
 
 
 def _timed_drive(avatar_path: str, audio_path: str, cfg: DriveBenchConfig) -> dict:
     """One drive in a fresh process, so its peak memory is its own."""
     import multiprocessing as mp
+    import queue as queues
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(
-        target=_drive_worker, args=(avatar_path, audio_path, cfg.size, cfg.framing, queue)
-    )
+    proc = ctx.Process(target=_drive_worker, args=(avatar_path, audio_path, cfg, queue))
     proc.start()
-    result = queue.get()
+    while True:  # the worker's result, or its death
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queues.Empty:
+            if not proc.is_alive():
+                raise AvatarError(
+                    f"bench drive: the drive process died (exit code {proc.exitcode})"
+                ) from None
     proc.join()
+    if "error" in result:
+        raise AvatarError(result["error"])
     return result
 
 
@@ -285,6 +300,16 @@ def _speech_of_length(source: str, seconds: float, path: Path) -> None:
     write_wav(path, np.resize(samples, n), SAMPLE_RATE)
 
 
+def _check_speech(path: str) -> None:
+    from deform.audio import AudioError, load_audio
+
+    if path:
+        try:
+            load_audio(path)
+        except AudioError as exc:
+            raise AvatarError(str(exc)) from None
+
+
 def bench_drive(cfg: DriveBenchConfig) -> dict:
     import tempfile
 
@@ -293,6 +318,14 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         avatar_path = cfg.avatar
+        if avatar_path:  # a bad avatar or speech file fails here, before anything is timed
+            from .asset import Avatar
+            from .pipelines.drive import DriveConfig, load_motion_model
+
+            avatar = Avatar.load(avatar_path, cfg.body)
+            avatar.body_template()
+            load_motion_model(avatar, DriveConfig())
+        _check_speech(cfg.audio)
         if not avatar_path:
             from .pipelines.create import create_avatar
 
@@ -331,6 +364,8 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
 class FinetuneBenchConfig:
     avatar: str = ""
     """The avatar (default: one created from the demo photo first, not timed)."""
+    body: str = ""
+    """An SMPL-X avatar's template files (smplx:PATH); an avatar never names them itself."""
     audio: str = ""
     """Speech to train on (default: the built-in demo clip)."""
     size: int = 256
@@ -353,8 +388,9 @@ def bench_finetune(cfg: FinetuneBenchConfig) -> dict:
     from .pipelines.finetune import FinetuneOptions, build_objective
     from .scenes import demo_photo, demo_speech
 
+    _check_speech(cfg.audio)
     if cfg.avatar:
-        avatar = Avatar.load(cfg.avatar)
+        avatar = Avatar.load(cfg.avatar, cfg.body)
     else:
         from .pipelines.create import create_avatar
 

@@ -8,6 +8,7 @@ avatar demo [-o avatar-demo]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -79,12 +80,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     if isinstance(args.view, float):
         cfg = OrbitConfig(**{**cfg.__dict__, "yaw": args.view})
     if is_avatar_path(args.scene):
-        from deform.templates import load_template
-
         from .pipelines.create import posed_gaussians
 
-        avatar = Avatar.load(args.scene)
-        template = load_template(avatar.template)
+        avatar = Avatar.load(args.scene, args.body)
+        template = avatar.body_template()
         if args.view == "input":
             if args.pose == "rest":
                 raise AvatarError("--view input shows the photo's pose; drop --pose rest")
@@ -136,7 +135,7 @@ def cmd_drive(args: argparse.Namespace) -> int:
     check_output(out, args.force)
     if out.suffix.lower() != ".mp4":
         raise AvatarError(f"{out}: drive writes an .mp4 video")
-    avatar = Avatar.load(args.avatar)
+    avatar = Avatar.load(args.avatar, args.body)
     summary = drive_avatar(avatar, args.audio, out, config_from_args(DriveConfig, args))
     print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
           f"{summary['fps']:g} fps; audio {summary['audio_s']} s)")  # fmt: skip
@@ -155,7 +154,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     out = Path(args.output or args.avatar)
     check_output(out, force=args.force or out == Path(args.avatar))
-    avatar = Avatar.load(args.avatar)
+    avatar = Avatar.load(args.avatar, args.body)
     opts = config_from_args(FinetuneOptions, args)
     summary = finetune_avatar(avatar, args.audio, out, opts, config_from_args(FinetuneConfig, args))
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -179,7 +178,7 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
         from .asset import Avatar
         from .pipelines.drive import neutral_face
 
-        reference = neutral_face(Avatar.load(args.avatar), args.size)
+        reference = neutral_face(Avatar.load(args.avatar, args.body), args.size)
     result = evaluate_video(args.video, args.audio, reference)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
@@ -240,11 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     q = avatar.meta["quality"]
     print(f"wrote {path} in {times.total_s:.0f} s (input view: masked PSNR "
           f"{q['input_masked_psnr_db']} dB, SSIM {q['input_masked_ssim']})")  # fmt: skip
-    from deform.templates import load_template
-
-    scene = posed_gaussians(avatar, load_template(avatar.template), "body").to(
-        _resolve_device(args.device)
-    )
+    scene = posed_gaussians(avatar, avatar.body_template(), "body").to(_resolve_device(args.device))
     cfg = OrbitConfig(orbit=args.frames, size=args.size, elevation=5.0, fill=0.75)
     video = out_dir / "orbit.mp4"
     save_frames(video, render_frames(scene, orbit_cameras(scene, cfg)), fps=25)
@@ -265,8 +260,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------
+def _add_body(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--body", default="", metavar="smplx:PATH",
+                   help="an SMPL-X avatar's template: your SMPLX_NEUTRAL.npz (or its folder); "
+                   "an avatar never names files to load itself")  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)  # parsing leaves it as it was: build it once per process
 def build_parser() -> argparse.ArgumentParser:
     from distill.finetune import FinetuneConfig
 
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an avatar's pose: the photo's, or the canonical rest pose")  # fmt: skip
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_body(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("create", help="create an avatar from one photo",
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="OUT.mp4")
     add_config_args(p, DriveConfig)
     p.add_argument("--force", action="store_true", help="overwrite an existing video")
+    _add_body(p)
     p.set_defaults(func=cmd_drive)
 
     p = sub.add_parser("finetune", help="distil a teacher into an avatar's motion weights",
@@ -353,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, FinetuneOptions)
     add_config_args(p, FinetuneConfig)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_body(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="measure a talking video")
@@ -366,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--avatar", help="the avatar, for the identity similarity")
     e.add_argument("--size", type=int, default=512, help="reference render size (default: 512)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_body(e)
     e.set_defaults(func=cmd_eval_sync)
 
     p = sub.add_parser("demo", help="the main job on built-in inputs")
@@ -398,16 +402,26 @@ def _check_sizes(args: argparse.Namespace) -> None:
         raise AvatarError(f"--size {args.size} is too large (at most 8192)")
 
 
+def _error(exc: BaseException) -> None:
+    """One line on stderr, whatever the message holds."""
+    print(f"avatar: error: {' '.join(str(exc).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from deform.audio import AudioError
+    from render.io import SplatFileError
+
     args = build_parser().parse_args(argv)
     try:
         _check_sizes(args)
         return args.func(args)
     except AvatarError as exc:
-        print(f"avatar: error: {exc}", file=sys.stderr)
+        _error(exc)
         return exc.exit_code
-    except OSError as exc:  # unreadable input, unwritable output, full disk: no traceback
-        print(f"avatar: error: {exc}", file=sys.stderr)
+    # a bad input file reported by a library layer, unreadable input, unwritable output, a
+    # full disk: the message names the file; no traceback
+    except (AudioError, SplatFileError, OSError) as exc:
+        _error(exc)
         return 2
     except KeyboardInterrupt:
         print("avatar: interrupted; nothing was written", file=sys.stderr)

@@ -8,6 +8,7 @@ Everything a user can get wrong raises `PhotoError` with a message naming the fi
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,18 +60,24 @@ def read_photo(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Photo:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise PhotoError(f"{path}: a folder, not a photo")
     if not path.is_file():
         raise PhotoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise PhotoError(f"{path}: the file is empty")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise PhotoError(f"{path}: {img.width}x{img.height} is too large to load")
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            original = (img.width, img.height)
-            rgb, alpha = _to_rgb8(img)
+        with warnings.catch_warnings():  # our own limit below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise PhotoError(f"{path}: {img.width}x{img.height} is too large to load")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                original = (img.width, img.height)
+                rgb, alpha = _to_rgb8(img)
+    except Image.DecompressionBombError:
+        raise PhotoError(f"{path}: the image is too large to load") from None
     except UnidentifiedImageError:
         raise PhotoError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_RATE = 16_000  # Hz, every audio model in the project works at this rate
+MAX_SECONDS = 3 * 3600.0  # longer files are refused (their 16 kHz samples alone: 0.7 GB)
 
 
 class AudioError(ValueError):
@@ -38,6 +39,8 @@ def open_media(path: Path, kind: str, error: type[Exception]):
     something FFmpeg reads (`kind`: "an audio file", "a video")."""
     import av
 
+    if path.is_dir():
+        raise error(f"{path}: a folder, not a file")
     if not path.is_file():
         raise error(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -61,10 +64,14 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Audio
         # keep the channels through the resampler and average them here: FFmpeg's own
         # downmix sums stereo at 1/sqrt(2) each, which clips loud recordings
         resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=sample_rate)
-        chunks = []
+        chunks, total, cap = [], 0, int(MAX_SECONDS * sample_rate)
         try:
             for frame in container.decode(stream):
-                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                new = [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                chunks += new
+                total += sum(map(len, new))
+                if total > cap:
+                    raise AudioError(f"{path}: longer than the {MAX_SECONDS / 3600:g}-hour limit")
             chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
         except av.error.FFmpegError as exc:
             raise AudioError(f"{path}: the audio data is corrupt ({exc.strerror or exc})") from None

@@ -377,12 +377,22 @@ def load_deformer(
         raise ValueError(f"{path} was trained on wav2vec 2.0 from {cfg.audio_encoder}, which is "
                          "not there; pass the model's directory (--audio-encoder DIR)")  # fmt: skip
     model = SpeechDeformer(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ, e.g. a wav2vec model of another width
-        raise ValueError(f"{path}: checkpoint does not fit this deformer: {exc}") from None
-    missing = [k for k in missing if not k.startswith("audio.model.")]  # wav2vec: not saved
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the deformer ({missing[:3]} "
-                         f"missing, {unexpected[:3]} unexpected)")  # fmt: skip
+    load_exact(model, state, str(path))
     return model.eval()
+
+
+def load_exact(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Load `state` into `model` only if it fits exactly: the same keys (a frozen wav2vec 2.0
+    model's `audio.model.*` weights are never stored), shapes and dtypes; else a ValueError
+    naming `where` and the first difference. Never a partial load."""
+    want = {k: v for k, v in model.state_dict().items() if not k.startswith("audio.model.")}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        first = f"'{missing[0]}' is missing" if missing else f"'{unexpected[0]}' is unexpected"
+        raise ValueError(f"{where}: weights do not match the deformer ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected: {first})")  # fmt: skip
+    for k, v in state.items():
+        if v.shape != want[k].shape or v.dtype != want[k].dtype:
+            raise ValueError(f"{where}: weight '{k}' is {str(v.dtype)[6:]} {list(v.shape)}, the "
+                             f"deformer's is {str(want[k].dtype)[6:]} {list(want[k].shape)}")  # fmt: skip
+    model.load_state_dict(state, strict=False)  # exactly `want`'s keys, checked above

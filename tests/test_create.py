@@ -100,7 +100,7 @@ def test_broken_avatars_give_clear_errors(small_avatar, tmp_path):
     broken = tmp_path / "broken.avatar"
     shutil.copytree(small_avatar, broken)
     (broken / "binding.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(AvatarFileError, match="unreadable"):
+    with pytest.raises(AvatarFileError, match="binding.safetensors: not a readable safetensors"):
         Avatar.load(broken)
     (broken / "binding.safetensors").unlink()
     with pytest.raises(AvatarFileError, match="missing binding.safetensors"):

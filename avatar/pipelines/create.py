@@ -14,7 +14,7 @@ import torch
 
 from deform.particles import template_particles
 from deform.skinning import apply_blend
-from deform.templates import BodyTemplate, load_template
+from deform.templates import BodyTemplate, load_template, template_kind
 from reconstruct.canonical import PART_CODES, sample_canonical
 from reconstruct.feedforward import hand_boxes_from_landmarks, personalise_decoder, prepare_inputs
 from reconstruct.fit import FitConfig, fit_template
@@ -164,8 +164,9 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     if tpl.name == "anny":  # speech driving needs ARKit facial actions
         particles = template_particles(tpl, fit.shape, PART_CODES, binding.face_ids, binding.bary,
                                        seed=cfg.seed)  # fmt: skip
-    avatar = Avatar(canonical, binding, cfg.body, fit.shape, fit.pose, fit.translation, fit.camera,
-                    {"provenance": provenance, "quality": quality}, particles=particles)  # fmt: skip
+    avatar = Avatar(canonical, binding, template_kind(cfg.body), fit.shape, fit.pose,
+                    fit.translation, fit.camera, {"provenance": provenance, "quality": quality},
+                    particles=particles, body=cfg.body)  # fmt: skip
     return avatar, times
 
 

@@ -20,15 +20,14 @@ from tqdm import tqdm
 
 from deform.audio import AudioError, load_audio
 from deform.controls import blinks
-from deform.deformer import SpeechDeformer, load_deformer
+from deform.deformer import SpeechDeformer, load_deformer, load_exact
 from deform.eyes import EyeCover, eye_cover
 from deform.particles import Particles, template_particles
 from deform.rig import FRAMINGS, SpeechRig
-from deform.templates import load_template
 from reconstruct.canonical import PART_CODES
 from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 
-from ..asset import Avatar
+from ..asset import Avatar, AvatarFileError
 from ..errors import AvatarError
 from ..media import write_video
 
@@ -77,23 +76,29 @@ def avatar_particles(avatar: Avatar, template) -> Particles:
 
 
 def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
+    """--deformer, else the shipped deformer with the avatar's own fine-tuned weights (which
+    must fit it exactly: same keys, shapes and dtypes)."""
     try:
         if cfg.deformer:
             return load_deformer(cfg.deformer, cfg.audio_encoder or None)
         model = load_deformer(None, cfg.audio_encoder or None)
-        if avatar.deformer:  # the avatar's own fine-tuned weights
-            model.load_state_dict(avatar.deformer, strict=False)
-        return model
     except (ValueError, OSError) as exc:
         raise AvatarError(f"deformer: {exc}") from None
+    if avatar.deformer:
+        where = f"{avatar.source or 'the avatar'}/deformer.safetensors"
+        try:
+            load_exact(model, avatar.deformer, where)
+        except ValueError as exc:
+            raise AvatarFileError(
+                f"{exc}: these motion weights are not for this version's deformer; fine-tune "
+                f"the avatar again (avatar finetune {avatar.source or 'AVATAR'} --audio ...)"
+            ) from None
+    return model
 
 
 def speech_rig(avatar: Avatar) -> SpeechRig:
     """The avatar on its template, from its photo pose without the root (upright, facing +Z)."""
-    try:
-        template = load_template(avatar.template)
-    except ValueError as exc:
-        raise AvatarError(f"body template {avatar.template}: {exc}") from None
+    template = avatar.body_template()
     base = avatar.photo_pose.clone()
     base[0] = 0
     b = avatar.binding

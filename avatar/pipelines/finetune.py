@@ -77,9 +77,10 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
             Weight.parse(getattr(cfg, f"lambda_{name}"))
         except ValueError as exc:
             raise AvatarError(f"--lambda-{name}: {exc}") from None
-    driver = Driver(avatar, DriveConfig(size=opts.size, framing="face"))
-    fps = driver.cfg.fps
-    clips = load_clips(audio, fps)
+    drive_cfg = DriveConfig(size=opts.size, framing="face")
+    clips = load_clips(audio, drive_cfg.fps)  # bad speech fails before the rig is built
+    driver = Driver(avatar, drive_cfg)
+    fps = drive_cfg.fps
     scene = DistillScene(driver.rig, clips,
                          training_cameras(driver.rig, opts.size), fps)  # fmt: skip
     try:

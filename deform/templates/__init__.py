@@ -9,6 +9,7 @@ __all__ = [
     "Landmark",
     "TemplateOutput",
     "load_template",
+    "template_kind",
 ]
 
 
@@ -22,4 +23,12 @@ def load_template(name: str) -> BodyTemplate:
         from .smplx_body import SMPLXTemplate
 
         return SMPLXTemplate(name.split(":", 1)[1])
+    raise ValueError(f"unknown body template {name!r}; use anny or smplx:PATH")
+
+
+def template_kind(name: str) -> str:
+    """The kind of a template name ("anny", or "smplx" for `smplx:PATH`): what an avatar
+    records, never the path to any file."""
+    if name == "anny" or name.startswith("smplx:"):
+        return name.split(":", 1)[0]
     raise ValueError(f"unknown body template {name!r}; use anny or smplx:PATH")

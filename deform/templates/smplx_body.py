@@ -1,6 +1,8 @@
 """SMPL-X as a `BodyTemplate`, through the `smplx` package and the user's licensed model file.
 
-`--body smplx:PATH` points at `SMPLX_NEUTRAL.npz` (or a folder holding it). SMPL-X is already in
+`--body smplx:PATH` points at `SMPLX_NEUTRAL.npz` (or a folder holding it). The arrays are read
+with `allow_pickle=False` (the smplx package's own loader unpickles the file, which can run
+code); smplx supplies the joint names, landmark vertex ids and LBS maths. SMPL-X is already in
 the project's frame (+Y up, facing +Z, metres). Pose is parent-relative axis-angle for its 55
 joints (root, 21 body, jaw, 2 eyes, 30 finger joints); shape is 10 betas; expression is 10 PCA
 coefficients (not ARKit-named). Skinning here is plain LBS on the shaped, expressive rest mesh
@@ -10,8 +12,11 @@ Part masks come from the dominant skin weight, and landmarks from smplx's vertex
 
 from __future__ import annotations
 
+import functools
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,30 +52,99 @@ def _model_file(path: str | Path) -> Path:
     return path
 
 
+# the arrays the template needs, by their key in SMPL-X's npz: (dimensions, integer?)
+ARRAYS = {"v_template": ("V 3", False), "f": ("F 3", True), "J_regressor": ("55 V", False),
+          "kintree_table": ("2 55", True), "weights": ("V 55", False),
+          "shapedirs": ("V 3 B", False), "posedirs": ("V 3 486", False)}  # fmt: skip
+
+
+def read_model_arrays(file: Path) -> dict[str, np.ndarray]:
+    """The arrays of an SMPL-X npz that the template needs, read without pickle: an npz that
+    stores any of them as pickled Python objects is refused (smplx itself would unpickle it,
+    which can run code). Other keys (SMPL-X ships a few pickled dicts) are never read."""
+    sizes: dict[str, int] = {}
+    out = {}
+    if not zipfile.is_zipfile(file):  # np.load would take anything else for a pickle
+        raise ValueError(f"{file}: not a readable .npz file (not a zip archive of arrays)")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            for key, (dims, integer) in ARRAYS.items():
+                if key not in npz.files:
+                    raise ValueError(f"{file}: not an SMPL-X model file (no '{key}' array)")
+                try:
+                    a = npz[key]
+                except (
+                    ValueError
+                ) as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
+                    raise ValueError(
+                        f"{file}: '{key}' holds pickled Python objects; refusing to "
+                        "load it (SMPL-X's arrays are plain numbers)"
+                    ) from exc
+                if a.dtype.kind not in ("iu" if integer else "fiu"):
+                    raise ValueError(f"{file}: '{key}' has dtype {a.dtype}, expected numbers")
+                want = dims.split()
+                if a.ndim != len(want) or any(
+                    int(d) != n if d.isdigit() else sizes.setdefault(d, n) != n
+                    for d, n in zip(want, a.shape, strict=True)
+                ):
+                    raise ValueError(
+                        f"{file}: '{key}' has shape {list(a.shape)}, expected [{', '.join(want)}]"
+                    )
+                if not integer and not np.isfinite(a).all():
+                    raise ValueError(f"{file}: '{key}' holds NaN or infinite values")
+                out[key] = a
+    except (OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise ValueError(f"{file}: not a readable .npz file ({exc})") from None
+    if sizes["B"] < 20:
+        raise ValueError(
+            f"{file}: 'shapedirs' needs at least 20 components (10 shape, 10 expression)"
+        )
+    f, parents = out["f"], out["kintree_table"][0]
+    kids = parents[1:].astype(np.int64)
+    if f.min() < 0 or f.max() >= sizes["V"] or not ((kids >= 0) & (kids < np.arange(1, 55))).all():
+        raise ValueError(f"{file}: faces or the kinematic tree point outside the model")
+    return out
+
+
 class SMPLXTemplate(BodyTemplate):
     shape_range = (-3.0, 3.0)
+    SHAPE_SPACE = 300  # SMPL-X's shapedirs: 300 shape, then 100 expression components
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        import smplx
         from smplx.joint_names import JOINT_NAMES
         from smplx.vertex_ids import vertex_ids
 
         file = _model_file(path)
         self.name = f"smplx:{path}"
-        try:
-            model = smplx.SMPLX(str(file), num_betas=10, num_expression_coeffs=10, use_pca=False,
-                                flat_hand_mean=True, ext="npz")  # fmt: skip
-        except Exception as exc:  # smplx raises many kinds on a bad file
-            raise ValueError(f"{file}: not a usable SMPL-X model file ({exc})") from None
-        object.__setattr__(self, "_model", model)
+        a = read_model_arrays(file)
+        if a["v_template"].shape[0] <= max(vertex_ids["smplx"].values()):
+            raise ValueError(f"{file}: {a['v_template'].shape[0]} vertices is too few for SMPL-X")
+        dirs = a["shapedirs"]
+        # as smplx builds them: 10 betas; 10 expressions after the shape space (or after the
+        # 10 betas in a model with fewer components)
+        start = self.SHAPE_SPACE if dirs.shape[-1] >= self.SHAPE_SPACE + 100 else 10
+        as_float = functools.partial(torch.as_tensor, dtype=torch.float32)
+        self.register_buffer("v_template", as_float(a["v_template"]), persistent=False)
+        self.register_buffer("shapedirs", as_float(dirs[:, :, :10]), persistent=False)
+        self.register_buffer(
+            "expr_dirs", as_float(dirs[:, :, start : start + 10]), persistent=False
+        )
+        self.register_buffer("J_regressor", as_float(a["J_regressor"]), persistent=False)
+        posedirs = a["posedirs"].reshape(-1, a["posedirs"].shape[-1]).T  # [486, V*3]
+        self.register_buffer("posedirs", as_float(posedirs), persistent=False)
+        self.register_buffer("lbs_weights", as_float(a["weights"]), persistent=False)
+        parents = torch.as_tensor(a["kintree_table"][0].astype(np.int64))
+        parents[0] = -1
+        self.register_buffer("parents", parents, persistent=False)
         self.bone_names = list(JOINT_NAMES[:55])
         self.shape_names = [f"beta{i}" for i in range(10)]
-        self.expression_names = [f"expression{i}" for i in range(model.expr_dirs.shape[-1])]
-        self.register_buffer("faces", model.faces_tensor.long(), persistent=False)
-        top_w, top_ids = model.lbs_weights.float().topk(8, dim=-1)
+        self.expression_names = [f"expression{i}" for i in range(self.expr_dirs.shape[-1])]
+        self.register_buffer("faces", torch.as_tensor(a["f"].astype(np.int64)), persistent=False)
+        top_w, top_ids = self.lbs_weights.topk(8, dim=-1)
         self.register_buffer("skin_ids", top_ids, persistent=False)
-        self.register_buffer("skin_weights", top_w / top_w.sum(-1, keepdim=True), persistent=False)
+        self.register_buffer("skin_weights", top_w / top_w.sum(-1, keepdim=True).clamp_min(1e-12),
+                             persistent=False)  # fmt: skip
         ids = vertex_ids["smplx"]
         joint = self.bone_names.index
         self.body_landmarks = {k: Landmark("head", joint(v)) for k, v in BODY_JOINTS.items()}
@@ -92,25 +166,24 @@ class SMPLXTemplate(BodyTemplate):
     def forward(self, shape, pose=None, translation=None, expression=None) -> TemplateOutput:
         from smplx.lbs import batch_rigid_transform, batch_rodrigues, blend_shapes, vertices2joints
 
-        m = self._model
         batch = shape.shape[0]
-        v = m.v_template[None] + blend_shapes(shape.float(), m.shapedirs)
+        v = self.v_template[None] + blend_shapes(shape.float(), self.shapedirs)
         if expression is not None:
-            v = v + blend_shapes(expression.float(), m.expr_dirs)
-        joints = vertices2joints(m.J_regressor, v)  # [B, 55, 3]
+            v = v + blend_shapes(expression.float(), self.expr_dirs)
+        joints = vertices2joints(self.J_regressor, v)  # [B, 55, 3]
         if pose is None and translation is None:
             eye = torch.eye(4).expand(batch, len(self.bone_names), 4, 4)
             return TemplateOutput(v, v, eye, joints)
         if pose is None:
             pose = shape.new_zeros(batch, len(self.bone_names), 3)
         rot = batch_rodrigues(pose.reshape(-1, 3).float()).reshape(batch, -1, 3, 3)
-        posed_joints, transforms = batch_rigid_transform(rot, joints, m.parents)
+        posed_joints, transforms = batch_rigid_transform(rot, joints, self.parents)
         if translation is not None:
             transforms = transforms.clone()
             transforms[..., :3, 3] += translation[:, None].float()
             posed_joints = posed_joints + translation[:, None].float()
-        blend = torch.einsum("vj,bjkl->bvkl", m.lbs_weights.float(), transforms)
-        pose_offsets = ((rot[:, 1:] - torch.eye(3)).reshape(batch, -1) @ m.posedirs).reshape(
+        blend = torch.einsum("vj,bjkl->bvkl", self.lbs_weights.float(), transforms)
+        pose_offsets = ((rot[:, 1:] - torch.eye(3)).reshape(batch, -1) @ self.posedirs).reshape(
             batch, -1, 3
         )
         vp = v + pose_offsets
