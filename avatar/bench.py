@@ -158,8 +158,9 @@ def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
 def bench_create(photo: str | None, cfg) -> dict:
     """Stage timings, quality and peak memory of `avatar create` (default: the demo photo), and
     the issue's view checks: MediaPipe on the input-view render (are the photo's hands found?),
-    on renders from yaw +-45 (shoulders and hips visible at >= 0.5?), and holes in the back view
-    (share of the closed silhouette with alpha < 0.5)."""
+    on renders from yaw +-45 (shoulders and hips visible at >= 0.5?), holes in the back view
+    (share of the closed silhouette with alpha < 0.5), and `avatar eval views` (identity in
+    face close-ups, no face on the back of the head)."""
     from .pipelines.create import create_avatar
     from .scenes import demo_photo
 
@@ -181,6 +182,11 @@ def bench_create(photo: str | None, cfg) -> dict:
         "gaussians": len(avatar.gaussians),
     }
     result.update(view_checks(avatar))
+    if avatar.template == "anny":  # identity up close and the back of the head (avatar.views)
+        from .pipelines.drive import speech_rig
+        from .views import view_metrics
+
+        result["views"] = view_metrics(speech_rig(avatar), photo)
     result["config"] = asdict(cfg)
     return result
 

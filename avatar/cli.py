@@ -74,7 +74,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_output(out, args.force)
     device = _resolve_device(args.device)
-    cfg = config_from_args(OrbitConfig, args)
+    cfg = config_from_args(OrbitConfig, args, size=args.size or OrbitConfig.size)
     if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
         cfg = OrbitConfig(**{**cfg.__dict__, "orbit": 1})
     if isinstance(args.view, float):
@@ -88,7 +88,8 @@ def cmd_render(args: argparse.Namespace) -> int:
             if args.pose == "rest":
                 raise AvatarError("--view input shows the photo's pose; drop --pose rest")
             scene = posed_gaussians(avatar, template, "photo").to(device)
-            cams = avatar.camera.resized(cfg.size).to(device)
+            cams = avatar.camera  # the photo's whole frame at its size, unless --size is given
+            cams = (cams.resized(args.size) if args.size else cams).to(device)
         else:
             scene = posed_gaussians(
                 avatar, template, "body" if args.pose == "photo" else "rest"
@@ -184,6 +185,16 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_views(args: argparse.Namespace) -> int:
+    from .asset import Avatar
+    from .pipelines.drive import speech_rig
+    from .views import view_metrics
+
+    rig = speech_rig(Avatar.load(args.avatar, args.body))
+    _print_result(view_metrics(rig, args.photo, args.size, args.save), args.json)
+    return 0
+
+
 def _print_result(result: dict, as_json: bool) -> None:
     """A benchmark's figures: one JSON object, or aligned `key  value` lines."""
     if as_json:
@@ -221,6 +232,14 @@ def cmd_bench_create(args: argparse.Namespace) -> int:
     from .pipelines.create import CreateConfig
 
     _print_result(bench_create(args.photo, config_from_args(CreateConfig, args)), args.json)
+    return 0
+
+
+def cmd_bench_unseen(args: argparse.Namespace) -> int:
+    from .views import synthetic_views
+
+    result = synthetic_views(args.subjects, args.gaussians, args.crop, save=args.save)
+    _print_result(result, args.json)
     return 0
 
 
@@ -287,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scene", help="an avatar (folder or .zip), or a 3DGS .ply / .splat file")
     p.add_argument("-o", "--output", required=True, help="OUT.mp4, OUT.png or OUT_DIR")
     add_config_args(p, OrbitConfig)
+    p.set_defaults(size=None)  # --view input: the photo's own size; turntables: OrbitConfig's
     p.add_argument("--fps", type=float, default=25.0, help="video frame rate (default: 25)")
     p.add_argument("--background", type=_background, default="white",
                    help="white, black, grey or R,G,B in [0, 1] (default: white)")  # fmt: skip
@@ -326,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench_drive)
 
+    b = bench.add_parser("unseen", help="create's unseen sides against ground truth (synthetic)",
+                         description="Held-out synthetic subjects through create's appearance "
+                         "stage, rendered at yaw 0, ±45, ±90 and 180 against their truth: PSNR, "
+                         "SSIM and LPIPS per angle.")  # fmt: skip
+    b.add_argument("--subjects", type=int, default=6, help="held-out subjects (default: 6)")
+    b.add_argument("--gaussians", type=int, default=20_000, help="Gaussians each (default: 20000)")
+    b.add_argument("--crop", type=int, default=384, help="photo crop size (default: 384)")
+    b.add_argument("--save", metavar="DIR", help="also write truth|ours pairs as PNG files")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench_unseen)
     b = bench.add_parser("finetune", help="seconds per distillation step (256x256, 8 frames)")
     add_config_args(b, FinetuneBenchConfig)
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -371,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_body(e)
     e.set_defaults(func=cmd_eval_sync)
+    e = ev.add_parser("views", help="identity in face close-ups, no face on the back of the head",
+                      description="SFace identity between the photo's face and the avatar's face "
+                      "close-ups at yaw 0 and ±30 (target ≥ 0.6), and YuNet's best face score on "
+                      "full-body and close-up renders from behind, yaw 150-210 (target < 0.5).")  # fmt: skip
+    e.add_argument("avatar", help="an avatar (folder or .zip)")
+    e.add_argument("--photo", help="the photo it was made from (for the identity)")
+    e.add_argument("--size", type=int, default=512, help="render size (default: 512)")
+    e.add_argument("--save", metavar="DIR", help="also write the renders as PNG files here")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_body(e)
+    e.set_defaults(func=cmd_eval_views)
 
     p = sub.add_parser("demo", help="the main job on built-in inputs")
     p.add_argument(
@@ -398,7 +439,7 @@ def _check_sizes(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise AvatarError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "size", 1) > 8192:
+    if (getattr(args, "size", None) or 0) > 8192:
         raise AvatarError(f"--size {args.size} is too large (at most 8192)")
 
 

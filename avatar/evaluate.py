@@ -346,6 +346,11 @@ class FaceIdentity:
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
         """[5, 2] px of the highest-scoring face (score >= 0.6), decoded as FaceDetectorYN does."""
+        score, points = self.detect(rgb)
+        return points if score >= YUNET_SCORE else None
+
+    def detect(self, rgb: np.ndarray) -> tuple[float, np.ndarray]:
+        """YuNet's best face anywhere in the image: (score in [0, 1], its [5, 2] landmarks px)."""
         import cv2
 
         h, w = rgb.shape[:2]
@@ -356,15 +361,15 @@ class FaceIdentity:
         blob = np.zeros((1, 3, YUNET_SIZE, YUNET_SIZE), np.float32)  # BGR, 0-255, zero padding
         blob[0, :, : small.shape[0], : small.shape[1]] = small[..., ::-1].transpose(2, 0, 1)
         out = dict(zip(self._outputs, self._yunet.run(None, {"input": blob}), strict=True))
-        best, best_score = None, YUNET_SCORE
+        best, best_score = np.zeros((5, 2)), -1.0
         for stride in YUNET_STRIDES:
             cls, obj = (np.clip(out[f"{k}_{stride}"][0, :, 0], 0, 1) for k in ("cls", "obj"))
             i = int(np.argmax(score := np.sqrt(cls * obj)))
-            if score[i] >= best_score:  # cell (i % cols, i // cols) of this stride's grid
+            if score[i] > best_score:  # cell (i % cols, i // cols) of this stride's grid
                 cell = np.array([i % (YUNET_SIZE // stride), i // (YUNET_SIZE // stride)])
                 best = (out[f"kps_{stride}"][0, i].reshape(5, 2) + cell) * stride / s
-                best_score = score[i]
-        return best
+                best_score = float(score[i])
+        return best_score, best
 
     def embed(self, rgb: np.ndarray) -> np.ndarray | None:
         import cv2

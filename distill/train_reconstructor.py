@@ -47,8 +47,8 @@ from reconstruct.network import (
     load_reconstructor,
     part_groups,
 )
-from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
-from reconstruct.synthetic import Subject, load_subject, make_dataset
+from reconstruct.refine import RefineConfig, posed_blend, refine_appearance
+from reconstruct.synthetic import TEMPLATE, Subject, load_subject, make_dataset
 from render import Cameras, Gaussians, fit_to_points, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
@@ -228,10 +228,16 @@ def _view_psnr(pred: Gaussians, s: Subject, cams: list[Cameras], hands: bool = F
     return -10 * float(np.log10(max(err / max(count, 1.0), 1e-12)))
 
 
-def _photo_colours(g: Gaussians, s: Subject, cfg: RefineConfig) -> Gaussians:
+def _photo_colours(g: Gaussians, s: Subject) -> Gaussians:
     """`g` with the colour prior create's refinement starts from (no network)."""
-    objective = appearance_loss(g, s.binding, s.transforms, s.camera, s.image, s.mask, cfg)
-    return g.replace(sh=rgb_to_sh0(objective.prior)[:, None])
+    from deform.templates import load_template
+    from reconstruct.complete import colour_prior
+
+    face = s.binding.parts == 1
+    face_uv = s.camera.project(posed(g, s).means[face])[0].numpy()
+    rgb = colour_prior(g, s.binding, load_template(TEMPLATE), s.transforms, s.camera, s.image,
+                       s.mask, face_uv)  # fmt: skip
+    return g.replace(sh=rgb_to_sh0(rgb)[:, None])
 
 
 def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subjects: int = 4,
@@ -256,8 +262,8 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
         every = [s.camera.resized(size), *novel]
         fitted = fit_silhouette(s.template, part_groups(s.binding.parts),
                                 posed_blend(s.binding, s.transforms), s.camera, s.mask)  # fmt: skip
-        starts = {"template": s.template, "template+photo": _photo_colours(s.template, s, rcfg),
-                  "silhouette+photo": _photo_colours(fitted, s, rcfg)}  # fmt: skip
+        starts = {"template": s.template, "template+photo": _photo_colours(s.template, s),
+                  "silhouette+photo": _photo_colours(fitted, s)}  # fmt: skip
         for name, model in models.items():
             t0 = time.perf_counter()
             inp = prepare_inputs(s.template, s.binding, s.transforms, s.camera, s.image, s.mask,
@@ -276,9 +282,8 @@ def evaluate(models: dict[str, Reconstructor], files: list[Path], refine_subject
             r.setdefault("hand_psnr", []).append(_view_psnr(g, s, every, hands=True))
             if i < refine_subjects and name != "template":
                 trace: list[float] = []
-                colours = "photo" if name.endswith("+photo") else "given"
                 refine_appearance(g, s.binding, s.transforms, s.camera, s.image, s.mask, rcfg,
-                                  progress=False, colours=colours, trace=trace)  # fmt: skip
+                                  progress=False, trace=trace)  # fmt: skip
                 curves.setdefault(name, []).append(trace)
     summary = {
         name: {k: round(float(np.mean(v)), 2) for k, v in r.items()} for name, r in rows.items()

@@ -4,12 +4,11 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
     loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask
          + λ_silhouette |alpha - mask|²          everywhere (no floaters outside the person)
          + λ_offset |Δμ|² + λ_scale relu(s - s_max)²
-         + λ_prior |c - c_prior|² on Gaussians the photo does not see
+         + λ_prior |c - c_prior|² on Gaussians the photo does not see well
 
-Colours start from the photo itself: every posed Gaussian takes the pixel it projects to. Seen
-from the front, a Gaussian on the back projects onto its front counterpart: that is the
-front-to-back prior for the unseen side, taken from a blurred photo (the dominant local colour,
-not the print on a shirt's front); back-of-head Gaussians take the hair colour instead.
+Colours start from a prior (`reconstruct.complete.colour_prior`): the photo's own pixels where it
+sees a Gaussian well, and colours completed from parts like it everywhere else (hair on the
+back of the head, the same garment continued around a limb or the torso).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from deform.skinning import apply_blend, blend_transforms
 from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
-from .canonical import PART_CODES, Binding
+from .canonical import Binding
 from .losses import loss_dssim, loss_l1, on_white, psnr
 
 
@@ -93,49 +92,11 @@ def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
     return torch.from_numpy(num / np.maximum(den, 1e-3))
 
 
-def color_prior(posed: Gaussians, canonical: Gaussians, binding: Binding, cam: Cameras,
-                image: Tensor, mask: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
-    """[N, 3] colour prior from the photo (see the module docstring)."""
-    uv = cam.project(posed.means)[0]
-    blurred = _masked_blur(image, mask)
-    person = torch.where(mask[..., None] > 0.5, image, blurred)  # no background at the outline
-    rgb = torch.where(seen[:, None], sample_image(person, uv), sample_image(blurred, uv))
-    hair = _hair_color(image, mask, uv[binding.parts == PART_CODES["face"]])
-    if hair is not None:
-        rgb[_back_of_head(canonical, binding) & ~seen] = hair
-    return rgb.clamp(0, 1)
-
-
-def _hair_color(image: Tensor, mask: Tensor, face_uv: Tensor) -> Tensor | None:
-    """The colour just inside the top of the person mask, above the face."""
-    if len(face_uv) == 0:
-        return None
-    x = int(face_uv[:, 0].mean().clamp(0, image.shape[1] - 1))
-    rows = torch.nonzero(mask[:, max(0, x - 2) : x + 3].amax(1) > 0.5).flatten()
-    if len(rows) == 0:
-        return None
-    y = min(int(rows.min()) + max(2, int(0.02 * image.shape[0])), image.shape[0] - 1)
-    return image[y, x]
-
-
-def _back_of_head(canonical: Gaussians, binding: Binding) -> Tensor:
-    """Gaussians where hair usually is: on the head above the eyes (or anywhere on its back
-    half), facing away from the front."""
-    from render.rotations import quat_to_rotmat
-
-    normal = quat_to_rotmat(canonical.quats)[:, :, 2]
-    face_y = canonical.means[binding.parts == PART_CODES["face"], 1]
-    if len(face_y) == 0:
-        return torch.zeros(len(canonical), dtype=torch.bool)
-    chin, top = face_y.min(), face_y.max()
-    on_head = canonical.means[:, 1] > chin + 0.35 * (top - chin)
-    near = (
-        canonical.means[:, :2] - canonical.means[binding.parts == PART_CODES["face"], :2].mean(0)
-    ).norm(dim=-1) < 0.16
-    above_eyes = canonical.means[:, 1] > chin + 0.55 * (top - chin)
-    back = normal[:, 2] < -0.2
-    sides_or_top = (normal[:, 2] < 0.3) & above_eyes
-    return on_head & near & (back | sides_or_top | (normal[:, 1] > 0.6)) & (binding.parts == 0)
+def photo_pixels(posed: Gaussians, cam: Cameras, image: Tensor, mask: Tensor) -> Tensor:
+    """[N, 3] the photo's colour where each Gaussian projects; just outside the person (an
+    outline Gaussian a pixel off) the nearby person colour, never the background."""
+    person = torch.where(mask[..., None] > 0.5, image, _masked_blur(image, mask))
+    return sample_image(person, cam.project(posed.means)[0]).clamp(0, 1)
 
 
 class AppearanceLoss:
@@ -179,18 +140,17 @@ class AppearanceLoss:
 
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
                     image: Tensor, mask: Tensor, cfg: RefineConfig,
-                    colours: str = "photo") -> AppearanceLoss:  # fmt: skip
-    """The objective for these Gaussians; `colours` "photo": their colour prior comes from the
-    photo (`color_prior`), "given": it is their current colour (e.g. the reconstructor's)."""
-    if colours not in ("photo", "given"):
-        raise ValueError(f"colours must be 'photo' or 'given', not {colours!r}")
+                    prior: Tensor | None = None) -> AppearanceLoss:  # fmt: skip
+    """The objective for these Gaussians: Gaussians the photo does not see well keep near
+    `prior` [N, 3] (default: their current colours; see `reconstruct.complete`)."""
+    from .complete import WELL_SEEN, facing
+
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed0 = apply_blend(canonical, blend)
         seen = visible_in(posed0, cam, rasterize(posed0, cam).depth[0, ..., 0])
-        if colours == "photo":
-            prior = color_prior(posed0, canonical, binding, cam, image, mask, seen)
-        else:
+        seen &= facing(posed0, cam) <= WELL_SEEN
+        if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
     return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg)
 
@@ -204,17 +164,21 @@ def refine_appearance(
     mask: Tensor,  # [H, W] in [0, 1]
     config: RefineConfig | None = None,
     progress: bool = True,
-    colours: str = "photo",  # start from the photo's colour prior, or keep the "given" colours
+    prior: Tensor | None = None,  # [N, 3] start colours; unseen ones stay near (default: given)
     trace: list[float] | None = None,  # if given, each step's input-view masked PSNR
 ) -> Gaussians:
     """Returns the refined canonical Gaussians (same count and binding)."""
     cfg = config or RefineConfig()
-    objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, colours)
+    objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, prior)
     sh = canonical.sh.clone()
     sh[:, 0] = rgb_to_sh0(objective.prior)
     offsets = torch.zeros_like(canonical.means, requires_grad=True)
+    sh.requires_grad_()
+    # the photo only judges the colours it sees well: the rest keep their prior (an outline
+    # Gaussian would otherwise take whatever its few edge pixels hold, streaks from the side)
+    sh.register_hook(lambda grad: grad * objective.seen[:, None, None])
     params = {
-        "sh": sh.requires_grad_(),
+        "sh": sh,
         "opacity_logits": canonical.opacity_logits.clone().requires_grad_(),
         "log_scales": canonical.log_scales.clone().requires_grad_(),
     }

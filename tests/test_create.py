@@ -60,11 +60,12 @@ def test_render_avatar_views(small_avatar, tmp_path):
     assert res.returncode == 0, res.stderr
     img = iio.imread(tmp_path / "in.png")
     photo = np.asarray(Image.open(SHARED_DATA / "person_sweater_fullbody.png").convert("RGB"))
-    assert (
-        img.shape[0] == 512 and abs(img.shape[1] / img.shape[0] - 0.4) < 0.15
-    )  # the photo's framing
-    dark = img.sum(-1) < 300  # the navy sweater and black trousers are there
-    assert 0.1 < dark.mean() < 0.6 and photo.shape[0] > 0
+    assert img.shape == photo.shape  # the photo's whole frame, at its size: it lays over it
+    dark, photo_dark = img.sum(-1) < 300, photo.sum(-1) < 300  # the navy sweater, black trousers
+    assert (dark & photo_dark).sum() / (dark | photo_dark).sum() > 0.7
+    res = run_avatar("render", str(small_avatar), "--view", "input", "--size", "480", "-o",
+                     str(tmp_path / "small.png"))  # fmt: skip
+    assert res.returncode == 0 and iio.imread(tmp_path / "small.png").shape == (480, 360, 3)
     for view in ("yaw=45", "yaw=-45", "yaw=180"):
         res = run_avatar(
             "render", str(small_avatar), "--view", view, "-o", str(tmp_path / f"{view}.png")
@@ -160,7 +161,9 @@ def test_several_people_warn_and_use_the_largest(tmp_path):
 @needs_data
 def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
     """`--refine-steps 0`: the shipped reconstructor's one pass alone; `--reconstructor none`:
-    the template's Gaussians (grey); a bad `--reconstructor` is a clear error."""
+    the template's Gaussians with the photo's colours (where the photo sees them; completed
+    elsewhere), which the network's silhouette step and offsets beat; a bad `--reconstructor`
+    is a clear error."""
     photo = str(SHARED_DATA / "person_sweater_fullbody.png")
     fast = ["--gaussians", "8000", "--size", "256", "--fit-steps", "80", "--refine-steps", "0"]
     psnr = {}
@@ -171,7 +174,7 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
         psnr[name] = json.loads((out / "avatar.json").read_text())["quality"][
             "input_masked_psnr_db"
         ]
-    assert psnr["default"] > 17 and psnr["default"] > psnr["none"] + 5, psnr
+    assert psnr["default"] > 17 and psnr["default"] > psnr["none"] + 1, psnr
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     for bad, message in (
         (tmp_path / "missing", "not found"),

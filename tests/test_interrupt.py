@@ -3,6 +3,7 @@ writers, two commands on one avatar at once."""
 
 from __future__ import annotations
 
+import csv
 import random
 import shutil
 import signal
@@ -198,8 +199,18 @@ def test_killed_finetune_in_place_keeps_old_or_new_and_resumes_exactly(small_ava
     timed_run(["finetune", str(tuned), *settings, "--resume"])
     got = Avatar.load(tuned).deformer
     assert sorted(got) == sorted(want)
-    for k in want:  # the same weights as the run that was never interrupted
-        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    # the same weights as the run that was never interrupted, up to float noise: two processes
+    # differ by ~1e-7 now and then (MediaPipe's eye outline, thread scheduling), which Adam can
+    # turn into ~1e-5 on weights whose gradients are near zero; a resume that lost the optimiser
+    # state or restarted from a stale step is off by the learning rate (3e-4) per step
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-4), (
+            k,
+            float((got[k] - want[k]).abs().max()),
+        )
+    with open(work / "metrics.csv") as f:  # it continued: the resumed rows restart the clock
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    assert len(seconds) == 12 and seconds[step] < seconds[step - 1]
     assert hidden(tmp_path) == []
 
 

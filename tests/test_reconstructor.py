@@ -344,7 +344,7 @@ def test_personalising_the_decoder_fits_the_photo_and_leaves_the_model_alone(sub
         features = model.features(inp)
         start = model.decoder(features, inp)
     objective = appearance_loss(start, subject.binding, subject.transforms, subject.camera,
-                                subject.image, subject.mask, RefineConfig(), colours="given")  # fmt: skip
+                                subject.image, subject.mask, RefineConfig())  # fmt: skip
     tuned = personalise_decoder(model, inp, features, objective, 60, lr=3e-3, progress=False)
     with torch.no_grad():
         loss = [float(objective(g, g.means - inp.template.means)[0]) for g in (start, tuned)]

@@ -17,7 +17,7 @@ import pytest
 
 from avatar.cli import build_parser, main
 
-from . import bad_inputs
+from . import bad_avatars, bad_inputs
 from .bad_inputs import Case, Good, tree_digest
 from .helpers import template_avatar
 
@@ -58,6 +58,7 @@ AVATAR_COMMANDS = {
     "finetune": lambda a, g, t: ["finetune", a, "--audio", str(g.speech), "-o", _out(t, "x.avatar"),
                                  "--steps", "1", "--size", "32"],
     "eval-sync": lambda a, g, t: ["eval", "sync", str(g.video), "--avatar", a],
+    "eval-views": lambda a, g, t: ["eval", "views", a, "--size", "64"],
     "bench-drive": lambda a, g, t: ["bench", "drive", "--avatar", a, "--audio", str(g.speech),
                                     "--seconds", "1", "--long-seconds", "0", "--size", "32"],
     "bench-finetune": lambda a, g, t: ["bench", "finetune", "--avatar", a, "--audio", str(g.speech),
@@ -74,11 +75,12 @@ SPEECH_COMMANDS = {
 PHOTO_COMMANDS = {
     "create": lambda p, g, t: ["create", p, "-o", _out(t, "x.avatar"), "--size", "128"],
     "bench-create": lambda p, g, t: ["bench", "create", "--photo", p, "--size", "128"],
+    "eval-views": lambda p, g, t: ["eval", "views", str(g.avatar), "--photo", p, "--size", "64"],
 }  # fmt: skip
 VIDEO_COMMANDS = {"eval-sync": lambda v, g, t: ["eval", "sync", v]}
 SCENE_COMMANDS = {"render": lambda s, g, t: ["render", s, "-o", _out(t, "x.png"), "--size", "32"]}
 TABLES = {  # input kind -> (cases, commands)
-    "avatar": (bad_inputs.avatar_cases, AVATAR_COMMANDS),
+    "avatar": (bad_avatars.avatar_cases, AVATAR_COMMANDS),
     "speech": (bad_inputs.speech_cases, SPEECH_COMMANDS),
     "photo": (bad_inputs.photo_cases, PHOTO_COMMANDS),
     "video": (bad_inputs.video_cases, VIDEO_COMMANDS),
@@ -144,7 +146,8 @@ def test_every_command_has_bad_input_cases():
                 for c in cmds
                 if c.startswith(name + "-")
             }
-            assert set(inner) - {"render"} <= tables, (
+            no_input = {"render", "unseen"}  # bench render and bench unseen take no file
+            assert set(inner) - no_input <= tables, (
                 name,
                 set(inner) - tables,
             )  # bench render: no input
@@ -163,7 +166,7 @@ def run_avatar(*args: str) -> subprocess.CompletedProcess:
 def test_a_crafted_template_runs_nothing_in_a_real_process(good, tmp_path):
     """The reported exploit: avatar.json names `smplx:FOLDER` and the folder holds a pickled
     model that creates a file when unpickled. Every command exits 2 with one line; no file."""
-    case = next(c for c in bad_inputs.avatar_cases() if c.id == "crafted-smplx-template")
+    case = next(c for c in bad_avatars.avatar_cases() if c.id == "crafted-smplx-template")
     (tmp_path / "out").mkdir()
     bad = case.make(tmp_path, good)
     for command, argv in AVATAR_COMMANDS.items():
@@ -187,7 +190,7 @@ def test_one_line_in_a_real_process(command, good, tmp_path):
     elif command == "eval-sync":
         argv = VIDEO_COMMANDS["eval-sync"](str(good.speech), good, tmp_path)
     else:
-        bad = next(c for c in bad_inputs.avatar_cases() if c.id == "json-camera.K-inf")
+        bad = next(c for c in bad_avatars.avatar_cases() if c.id == "json-camera.K-inf")
         argv = AVATAR_COMMANDS["render"](str(bad.make(tmp_path, good)), good, tmp_path)
     res = run_avatar(*argv)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -15,18 +15,13 @@ import torch
 from deform.particles import template_particles
 from deform.skinning import apply_blend
 from deform.templates import BodyTemplate, load_template, template_kind
+from reconstruct.appearance import Observation, reconstruct_appearance
 from reconstruct.canonical import PART_CODES, sample_canonical
-from reconstruct.feedforward import hand_boxes_from_landmarks, personalise_decoder, prepare_inputs
-from reconstruct.fit import FitConfig, fit_template
+from reconstruct.feedforward import hand_boxes_from_landmarks
+from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import (
-    RefineConfig,
-    appearance_loss,
-    crop_image,
-    posed_blend,
-    refine_appearance,
-)
+from reconstruct.refine import crop_image, posed_blend
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -116,30 +111,13 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     times.sample_s = time.perf_counter() - t0
 
     transforms = posed.transforms[0]
-    refine = RefineConfig(steps=cfg.refine_steps)
-    colours = "photo"
-    if model is not None:
-        t0 = time.perf_counter()
-        boxes = hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop)
-        inp = prepare_inputs(canonical, binding, transforms, fit.camera, image, mask, model.cfg,
-                             hand_boxes=boxes, seed=cfg.seed)  # fmt: skip
-        with torch.no_grad():
-            features = model.features(inp)
-            canonical = model.decoder(features, inp)
-        times.reconstruct_s += time.perf_counter() - t0
-        colours = "given"
-        if cfg.refine_steps > 0 and cfg.personalise_steps > 0:
-            t0 = time.perf_counter()
-            objective = appearance_loss(canonical, binding, transforms, fit.camera, image, mask,
-                                        refine, colours="given")  # fmt: skip
-            canonical = personalise_decoder(model, inp, features, objective, cfg.personalise_steps,
-                                            refine.lr_decoder, progress)  # fmt: skip
-            times.refine_s += time.perf_counter() - t0
-    if cfg.refine_steps > 0:
-        t0 = time.perf_counter()
-        canonical = refine_appearance(canonical, binding, transforms, fit.camera, image, mask,
-                                      refine, progress=progress, colours=colours)  # fmt: skip
-        times.refine_s += time.perf_counter() - t0
+    obs = Observation(tpl, binding, transforms, fit.camera, image, mask,
+                      None if parse.face is None else fit.crop.to_crop(parse.face),
+                      hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop))  # fmt: skip
+    canonical, stage = reconstruct_appearance(obs, canonical, model, cfg.refine_steps,
+                                              cfg.personalise_steps, cfg.seed, progress)  # fmt: skip
+    times.reconstruct_s += stage["reconstruct_s"]
+    times.refine_s += stage["refine_s"]
     canonical = _dark_mouth(canonical, binding)
 
     with torch.no_grad():
@@ -164,8 +142,12 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     if tpl.name == "anny":  # speech driving needs ARKit facial actions
         particles = template_particles(tpl, fit.shape, PART_CODES, binding.face_ids, binding.bary,
                                        seed=cfg.seed)  # fmt: skip
+    h, w = photo.rgb.shape[:2]  # the photo's whole frame, at its own size: --view input
+    frame = photo_camera((h, w), Crop(0.0, 0.0, 1.0, w, h), cfg.fov).resized(
+        max(photo.original_size)
+    )
     avatar = Avatar(canonical, binding, template_kind(cfg.body), fit.shape, fit.pose,
-                    fit.translation, fit.camera, {"provenance": provenance, "quality": quality},
+                    fit.translation, frame, {"provenance": provenance, "quality": quality},
                     particles=particles, body=cfg.body)  # fmt: skip
     return avatar, times
 

@@ -31,7 +31,8 @@ class OrbitConfig:
     orbit: int = 60
     """Number of views around the full circle (the video's frame count)."""
     size: int = 512
-    """Square image size in pixels."""
+    """Square image size in pixels (--view input: the long side; there the default is the
+    photo's own size)."""
     elevation: float = 5.0
     """Camera height as an angle above the scene centre, degrees (positive looks down)."""
     fov: float = 30.0

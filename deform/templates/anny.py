@@ -56,6 +56,12 @@ BODY_BONES = {  # MediaPipe body landmark -> Anny bone head (the joint)
     "left_ankle": "foot.L", "right_ankle": "foot.R",
     "left_eye": "eye.L", "right_eye": "eye.R",
 }  # fmt: skip
+ANNY_SEGMENTS = {  # bone name without side and numbers -> body segment
+    "root": "torso", "pelvis": "torso", "spine": "torso", "clavicle": "torso", "shoulder": "torso",
+    "neck": "neck", "head": "head", "eye": "head", "upperarm": "upperarm", "lowerarm": "lowerarm",
+    "wrist": "hand", "finger": "hand", "metacarpal": "hand", "upperleg": "upperleg",
+    "lowerleg": "lowerleg", "foot": "foot", "toe": "foot",
+}  # fmt: skip
 
 
 def anny_cache_dir() -> Path:
@@ -101,6 +107,18 @@ class AnnyTemplate(BodyTemplate):
         self.body_landmarks, self.hand_landmarks = self._make_landmarks(rest)
 
     # ---- shape and posing --------------------------------------------------------------------
+    def bone_segments(self) -> list[str]:
+        out = []
+        for bone in self.bone_names:
+            stem, _, side = bone.partition(".")
+            segment = ANNY_SEGMENTS[stem.rstrip("0123456789-")]
+            out.append(
+                f"{segment}.{side}"
+                if side and segment not in ("torso", "neck", "head")
+                else segment
+            )
+        return out
+
     def default_shape(self) -> Tensor:
         return torch.tensor([DEFAULT_SHAPE[n] for n in self.shape_names])
 

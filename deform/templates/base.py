@@ -80,6 +80,11 @@ class BodyTemplate(nn.Module):
     ) -> TemplateOutput:
         raise NotImplementedError
 
+    def bone_segments(self) -> list[str]:
+        """Per bone, the body segment it moves: torso, neck, head, or upperarm, lowerarm, hand,
+        upperleg, lowerleg, foot with ".L" / ".R" for the person's left / right."""
+        raise NotImplementedError
+
     def part_masks(self) -> dict[str, Tensor]:
         """Vertex masks [V] bool: at least "face", "lips", "eyelids", "hand_left",
         "hand_right", "head" and "hidden" (inside the body, never seen)."""

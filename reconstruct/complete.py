@@ -1,0 +1,218 @@
+"""Colours for what the photo does not show, completed from parts that are like it.
+
+A Gaussian the photo sees well (facing its camera, not hidden, not edge-on) takes the pixel it
+projects to. Every other one must not: seen from the photo's camera, the back of the head
+projects onto the face and the back of a shirt onto its printed front, and a Gaussian seen
+edge-on at the outline reads a pixel smeared along it (streaks from the side). Instead:
+
+- **hair**: the back, sides and top of the head take the hair colour, the median of the
+  crown's pixels in the photo (under a hat, the hat's colour; on a bald head, skin);
+- **same part**: any other Gaussian takes the median colour of the nearest well-seen Gaussians
+  of its own body segment (upper arm, lower leg, torso, ...) on that segment's rim (its sides
+  as the photo shows them, turned 41-72° from the camera), neighbours at the same height
+  first: clothing continues around from the nearest visible region of the same part, and the
+  print on a shirt's front does not;
+- **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
+  (x → -x, left ↔ right) where that one is seen;
+- **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
+  the torso: a portrait's legs continue its clothes), and hidden hands take the face's skin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deform.templates import BodyTemplate
+from render import Cameras, Gaussians
+from render.rotations import quat_to_rotmat
+
+from .canonical import PART_CODES, Binding
+
+WELL_SEEN = -0.3  # cosine between a Gaussian's normal and the viewing ray, at most
+RIM = -0.75  # well seen, but turned at least 41° from the camera: the sides the photo shows
+MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour itself
+HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
+NEAR = 0.03  # metres
+K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
+
+
+def facing(posed: Gaussians, cam: Cameras) -> Tensor:
+    """[N] cosine between each Gaussian's normal and its viewing ray (-1: faces the camera)."""
+    view = cam.viewmats[0]
+    p = posed.means @ view[:3, :3].T + view[:3, 3]
+    normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
+    return (normal * F.normalize(p, dim=-1)).sum(-1)
+
+
+def segments(template: BodyTemplate, binding: Binding) -> tuple[Tensor, list[str]]:
+    """[N] segment index of each Gaussian, and the segments' names: its dominant bone's
+    segment (`BodyTemplate.bone_segments`), but "face" for the face's skin, lips and lids, so
+    an unseen cheek takes skin, not the hair beside it."""
+    names = sorted(set(template.bone_segments()) | {"face"})
+    of_bone = torch.tensor([names.index(s) for s in template.bone_segments()])
+    dominant = binding.bone_ids.gather(1, binding.bone_weights.argmax(1, keepdim=True))[:, 0]
+    codes = torch.tensor(
+        [PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype
+    )
+    face = torch.isin(binding.parts, codes)
+    return torch.where(face, names.index("face"), of_bone[dominant]), names
+
+
+def hair_region(canonical: Gaussians, binding: Binding) -> Tensor:
+    """[N] bool: Gaussians where hair usually is: on the head above the eyes (or anywhere on
+    its back half), facing away from the front; never the face itself."""
+    normal = quat_to_rotmat(canonical.quats)[:, :, 2]
+    face = canonical.means[binding.parts == PART_CODES["face"]]
+    if len(face) == 0:
+        return torch.zeros(len(canonical), dtype=torch.bool)
+    chin, top = face[:, 1].min(), face[:, 1].max()
+    on_head = canonical.means[:, 1] > chin + 0.35 * (top - chin)
+    near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < 0.16
+    above_eyes = canonical.means[:, 1] > chin + 0.55 * (top - chin)
+    back = normal[:, 2] < -0.2
+    sides_or_top = (normal[:, 2] < 0.3) & above_eyes
+    return on_head & near & (back | sides_or_top | (normal[:, 1] > 0.6)) & (binding.parts == 0)
+
+
+def hair_colour(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Tensor | None:
+    """The median colour of the crown: the person's pixels from the top of the head down a
+    quarter of the face's height, above the face's middle (face landmarks `face_uv` [P, 2] in
+    image pixels) and outside the face's own outline. A hat's colour under a hat, skin on a bald
+    head; None when the photo cuts the head off."""
+    import cv2
+
+    if face_uv is None or len(face_uv) < 3:
+        return None
+    h, w = mask.shape
+    lo, hi = face_uv.min(0), face_uv.max(0)
+    fw, fh = hi - lo
+    x0, x1 = int(max(0, lo[0] + 0.2 * fw)), int(min(w, hi[0] - 0.2 * fw + 1))
+    person = cv2.erode((mask.numpy() > 0.5).astype(np.uint8), np.ones((3, 3), np.uint8))
+    rows = np.nonzero(person[:, x0:x1].any(1))[0] if x1 > x0 else []
+    if len(rows) == 0 or rows[0] >= lo[1]:
+        return None
+    y0 = int(rows[0])
+    y1 = int(min(lo[1], y0 + max(3.0, 0.25 * fh)))
+    face = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(face, cv2.convexHull(face_uv.astype(np.int32)), 1)
+    sel = torch.from_numpy((person * (1 - face))[y0:y1, x0:x1].astype(bool))
+    pixels = image[y0:y1, x0:x1][sel]
+    if len(pixels) < 5:
+        return None
+    return pixels.median(0).values
+
+
+def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NEAREST) -> Tensor:
+    """Per channel, the median colour of each point's k nearest references; within NEAR of
+    the nearest one, blended toward its closest few (a pattern continues across the rim)."""
+    out = []
+    for s in range(0, len(points), 2048):
+        dist, idx = torch.cdist(points[s : s + 2048], refs).topk(
+            min(k, len(refs)), dim=1, largest=False
+        )
+        far = colours[idx].median(1).values
+        near = colours[idx[:, :4]].mean(1)
+        w = (1 - dist[:, :1] / NEAR).clamp(0, 1)
+        out.append(w * near + (1 - w) * far)
+    return torch.cat(out) if out else colours.new_zeros(0, 3)
+
+
+PARENT = {
+    "foot": "lowerleg",
+    "lowerleg": "upperleg",
+    "upperleg": "torso",
+    "hand": "lowerarm",
+    "lowerarm": "upperarm",
+    "upperarm": "torso",
+    "neck": "torso",
+    "head": "neck",
+    "face": "neck",
+}
+
+
+def _sources(name: str) -> list[tuple[str, bool]]:
+    """Where an unseen segment takes its colours from, in order: itself, its mirror image,
+    then up the body (a hidden shin from the thigh, then the torso), each with its mirror."""
+    out, seg = [], name
+    while seg:
+        stem, dot, side = seg.partition(".")
+        out.append((seg, False))
+        if side in ("L", "R"):
+            out.append((f"{stem}.{'R' if side == 'L' else 'L'}", True))
+        parent = PARENT.get(stem)
+        seg = parent + dot + side if parent and parent != "torso" else parent
+    return out
+
+
+def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTemplate,
+                     photo_rgb: Tensor, cos: Tensor, seen: Tensor,
+                     hair: Tensor | None) -> Tensor:  # fmt: skip
+    """[N, 3] colours: `photo_rgb` [N, 3] where the photo sees a Gaussian well (`seen` [N] and
+    `cos` [N] ≤ WELL_SEEN), completed elsewhere as the module docstring says."""
+    well = seen & (cos <= WELL_SEEN)
+    rgb = photo_rgb.clone()
+    todo = ~well
+    if hair is not None:
+        head = hair_region(canonical, binding) & todo
+        rgb[head] = hair.to(rgb)
+        todo &= ~head
+    if not well.any():
+        return rgb
+    seg, names = segments(template, binding)
+    x = canonical.means * torch.tensor([1.0, HEIGHT_WEIGHT, 1.0])  # garments run around the body
+    mirrored = x * torch.tensor([-1.0, 1.0, 1.0])
+    skin = binding.parts == PART_CODES["face"]
+    for i, name in enumerate(names):
+        need = todo & (seg == i)
+        if not need.any():
+            continue
+        if name.startswith("hand") and not (well & (seg == i)).any() and (well & skin).any():
+            rgb[need] = photo_rgb[well & skin].median(0).values  # unseen hands: the face's skin
+            continue
+        refs, mirror = _references(name, names, seg, well, well & (cos > RIM))
+        rgb[need] = _nearest_median((mirrored if mirror else x)[need], x[refs], photo_rgb[refs])
+    return rgb
+
+
+def _references(name: str, names: list[str], seg: Tensor, well: Tensor,
+                rim: Tensor) -> tuple[Tensor, bool]:  # fmt: skip
+    """The well-seen Gaussians an unseen part of segment `name` takes its colours from, and
+    whether they are its mirror image; failing all `_sources`, every well-seen Gaussian. Of a
+    segment, its rim where there is one: the sides the photo shows continue around the back,
+    the print at the front of a shirt does not."""
+    for source, mirror in _sources(name):
+        if source in names:
+            of_source = seg == names.index(source)
+            refs = well & of_source
+            if refs.sum() >= max(3, MIN_SEEN * of_source.sum()):
+                sides = refs & rim
+                return (sides if sides.sum() >= 10 else refs), mirror
+    return well, False
+
+
+def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate, transforms: Tensor,
+                 cam: Cameras, image: Tensor, mask: Tensor, face_uv: np.ndarray | None = None,
+                 given: Tensor | None = None) -> Tensor:  # fmt: skip
+    """[N, 3] the colours create's refinement starts from and keeps unseen Gaussians near: the
+    photo's pixels (or `given` [N, 3], e.g. the reconstructor's colours) where the photo sees a
+    Gaussian well, completed elsewhere (`complete_colours`). `face_uv` [P, 2]: the face's
+    landmarks in the image, for the hair colour."""
+    from deform.skinning import apply_blend
+    from render import rasterize
+
+    from .refine import photo_pixels, posed_blend, visible_in
+
+    with torch.no_grad():
+        posed = apply_blend(canonical, posed_blend(binding, transforms))
+        seen = visible_in(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
+        cos = facing(posed, cam)
+        pixels = photo_pixels(posed, cam, image, mask)
+        rgb = complete_colours(canonical, binding, template, pixels, cos, seen,
+                               hair_colour(image, mask, face_uv))  # fmt: skip
+        if given is not None:
+            well = seen & (cos <= WELL_SEEN)
+            rgb[well] = given[well].to(rgb)
+    return rgb
