@@ -190,8 +190,12 @@ def cmd_eval_views(args: argparse.Namespace) -> int:
     from .pipelines.drive import speech_rig
     from .views import view_metrics
 
-    rig = speech_rig(Avatar.load(args.avatar, args.body))
-    _print_result(view_metrics(rig, args.photo, args.size, args.save), args.json)
+    avatar = Avatar.load(args.avatar, args.body)
+    avatar.body_template()  # an SMPL-X avatar without --body: say so first
+    if avatar.template != "anny":
+        raise AvatarError(f"{args.avatar}: eval views frames faces with Anny's head bones; "
+                          f"this avatar is on {avatar.template}")  # fmt: skip
+    _print_result(view_metrics(speech_rig(avatar), args.photo, args.size, args.save), args.json)
     return 0
 
 

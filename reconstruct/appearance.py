@@ -24,7 +24,7 @@ from render.sh import rgb_to_sh0, sh0_to_rgb
 
 from .canonical import Binding
 from .complete import colour_prior
-from .refine import RefineConfig, appearance_loss, refine_appearance
+from .refine import RefineConfig, View, appearance_loss, refine_appearance
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Observation:
     mask: Tensor  # [H, W] in [0, 1]
     face_uv: np.ndarray | None = None  # [P, 2] the face's landmarks in the crop (hair colour)
     hand_boxes: dict | None = None  # "hand_left"/"hand_right" -> box in crop pixels
+    close_up: View | None = None  # the face at the photo's own resolution (refinement)
 
 
 def recolour(g: Gaussians, rgb: Tensor) -> Gaussians:
@@ -74,7 +75,7 @@ def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
     t0 = time.perf_counter()
     if model is not None and refine_steps > 0 and personalise_steps > 0:
         objective = appearance_loss(canonical, obs.binding, obs.transforms, obs.camera, obs.image,
-                                    obs.mask, refine, start)  # fmt: skip
+                                    obs.mask, refine, start, obs.close_up)  # fmt: skip
         tuned = personalise_decoder(model, inp, features, objective, personalise_steps,
                                     refine.lr_decoder, progress)  # fmt: skip
         seen = objective.seen[:, None]  # the decoder's new colours count only where seen
@@ -82,6 +83,7 @@ def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
     if refine_steps > 0:
         canonical = refine_appearance(canonical, obs.binding, obs.transforms, obs.camera,
                                       obs.image, obs.mask, refine, progress=progress,
-                                      prior=sh0_to_rgb(canonical.sh[:, 0]))  # fmt: skip
+                                      prior=sh0_to_rgb(canonical.sh[:, 0]),
+                                      close_up=obs.close_up)  # fmt: skip
     times["refine_s"] = time.perf_counter() - t0
     return canonical, times

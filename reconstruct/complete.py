@@ -61,20 +61,26 @@ def segments(template: BodyTemplate, binding: Binding) -> tuple[Tensor, list[str
     return torch.where(face, names.index("face"), of_bone[dominant]), names
 
 
-def hair_region(canonical: Gaussians, binding: Binding) -> Tensor:
+def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = False) -> Tensor:
     """[N] bool: Gaussians where hair usually is: on the head above the eyes (or anywhere on
-    its back half), facing away from the front; never the face itself."""
+    its back half above the mouth), facing away from the front; never the face itself. With
+    `facing_front`: the front of the scalp instead, above the eyes (what a front photo shows
+    of the hair)."""
     normal = quat_to_rotmat(canonical.quats)[:, :, 2]
     face = canonical.means[binding.parts == PART_CODES["face"]]
     if len(face) == 0:
         return torch.zeros(len(canonical), dtype=torch.bool)
     chin, top = face[:, 1].min(), face[:, 1].max()
-    on_head = canonical.means[:, 1] > chin + 0.35 * (top - chin)
+    y = canonical.means[:, 1]
     near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < 0.16
-    above_eyes = canonical.means[:, 1] > chin + 0.55 * (top - chin)
+    above_eyes = y > chin + 0.55 * (top - chin)
+    scalp = near & (binding.parts == 0)
+    if facing_front:
+        return scalp & above_eyes & (normal[:, 2] > 0)
+    on_head = y > chin + 0.35 * (top - chin)  # (down to the chin: worse on held-out subjects)
     back = normal[:, 2] < -0.2
     sides_or_top = (normal[:, 2] < 0.3) & above_eyes
-    return on_head & near & (back | sides_or_top | (normal[:, 1] > 0.6)) & (binding.parts == 0)
+    return scalp & on_head & (back | sides_or_top | (normal[:, 1] > 0.6))
 
 
 def hair_colour(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Tensor | None:
@@ -103,6 +109,18 @@ def hair_colour(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Tens
     if len(pixels) < 5:
         return None
     return pixels.median(0).values
+
+
+def scalp_colour(canonical: Gaussians, binding: Binding, photo_rgb: Tensor, cos: Tensor,
+                 seen: Tensor) -> Tensor | None:  # fmt: skip
+    """The median photo colour of the head's hair region where the photo sees it well (the
+    crown and temples, seen from the front): hair, a hat or a bald scalp; None when too little
+    of it is seen."""
+    well = seen & (cos <= WELL_SEEN)
+    scalp = well & hair_region(canonical, binding, facing_front=True)
+    if scalp.sum() < 20:
+        return None
+    return photo_rgb[scalp].median(0).values
 
 
 def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NEAREST) -> Tensor:
@@ -210,8 +228,10 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
         seen = visible_in(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
         cos = facing(posed, cam)
         pixels = photo_pixels(posed, cam, image, mask)
-        rgb = complete_colours(canonical, binding, template, pixels, cos, seen,
-                               hair_colour(image, mask, face_uv))  # fmt: skip
+        hair = hair_colour(image, mask, face_uv)  # the crown; else the scalp it sees
+        if hair is None:
+            hair = scalp_colour(canonical, binding, pixels, cos, seen)
+        rgb = complete_colours(canonical, binding, template, pixels, cos, seen, hair)
         if given is not None:
             well = seen & (cos <= WELL_SEEN)
             rgb[well] = given[well].to(rgb)

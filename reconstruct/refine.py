@@ -99,39 +99,60 @@ def photo_pixels(posed: Gaussians, cam: Cameras, image: Tensor, mask: Tensor) ->
     return sample_image(person, cam.project(posed.means)[0]).clamp(0, 1)
 
 
+@dataclass
+class View:
+    """A camera and what it shows: the photo (or a part of it) and the person mask there."""
+
+    camera: Cameras  # 1 view
+    image: Tensor  # [H, W, 3] in [0, 1]
+    mask: Tensor  # [H, W] in [0, 1]
+
+
 class AppearanceLoss:
     """The refinement objective of the module docstring, for canonical Gaussians posed by
     `transforms` and seen by `cam`; `prior` [N, 3] holds the colours that Gaussians the photo
-    does not see (`seen` [N]) should keep."""
+    does not see (`seen` [N]) should keep. `close_up`: the same photo around the face at its
+    own resolution (the working crop shrinks a full-body photo's face to a few dozen pixels),
+    whose image terms are added."""
 
     def __init__(self, transforms: Tensor, binding: Binding, cam: Cameras, image: Tensor,
-                 mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig) -> None:  # fmt: skip
+                 mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig,
+                 close_up: View | None = None) -> None:  # fmt: skip
         self.blend = posed_blend(binding, transforms).detach()
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
-        self.target, self.soft = image[None], mask[None, ..., None]
-        self.m = (self.soft > 0.5).to(self.soft.dtype)  # photometric terms: outline pixels mix
-        self.target_on_white = on_white(self.target, self.m)  # in the background
+        self.views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
+        self.target, self.m = image[None], (mask[None, ..., None] > 0.5).to(mask.dtype)
+
+    def _image_terms(self, posed: Gaussians, view: View) -> tuple[Tensor, Tensor, Tensor]:
+        """(image loss, silhouette loss, the render [1, H, W, 3]) in one view: the render on
+        white against the photo inside the person, and against the photo on white for SSIM (its
+        windows at the outline must see the same surroundings)."""
+        cfg = self.cfg
+        target, soft = view.image[None], view.mask[None, ..., None]
+        m = (soft > 0.5).to(soft.dtype)  # photometric terms: outline pixels mix
+        out = rasterize(posed, view.camera, background=1.0)
+        loss_img = (1 - cfg.lambda_ssim) * loss_l1(
+            out.rgb, target, m
+        ) + cfg.lambda_ssim * loss_dssim(out.rgb, on_white(target, m), m)
+        return loss_img, ((out.alpha - soft) ** 2).mean(), out.rgb
 
     def __call__(self, g: Gaussians, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(total loss, image loss, the render [1, H, W, 3]) for canonical Gaussians `g` that
-        sit `offsets` [N, 3] off the template."""
+        """(total loss, image loss, the main view's render [1, H, W, 3]) for canonical Gaussians
+        `g` that sit `offsets` [N, 3] off the template."""
         cfg = self.cfg
-        out = rasterize(apply_blend(g, self.blend), self.cam, background=1.0)
-        # the render on white against the photo inside the person, and against the photo on
-        # white for SSIM (its windows at the outline must see the same surroundings)
-        loss_img = (1 - cfg.lambda_ssim) * loss_l1(
-            out.rgb, self.target, self.m
-        ) + cfg.lambda_ssim * loss_dssim(out.rgb, self.target_on_white, self.m)
+        posed = apply_blend(g, self.blend)
+        terms = [self._image_terms(posed, view) for view in self.views]
+        loss_img = sum(t[0] for t in terms)
         loss = (
             loss_img
-            + cfg.lambda_silhouette * ((out.alpha - self.soft) ** 2).mean()
+            + cfg.lambda_silhouette * sum(t[1] for t in terms)
             + cfg.lambda_offset * (offsets**2).sum(-1).mean()
             + cfg.lambda_scale * F.relu(g.log_scales.exp() - cfg.max_scale).pow(2).mean()
         )
         if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
-        return loss, loss_img, out.rgb
+        return loss, loss_img, terms[0][2]
 
     def psnr(self, rgb: Tensor) -> float:
         """Masked PSNR of a render against the photo (what `masked_quality` reports)."""
@@ -139,8 +160,8 @@ class AppearanceLoss:
 
 
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
-                    image: Tensor, mask: Tensor, cfg: RefineConfig,
-                    prior: Tensor | None = None) -> AppearanceLoss:  # fmt: skip
+                    image: Tensor, mask: Tensor, cfg: RefineConfig, prior: Tensor | None = None,
+                    close_up: View | None = None) -> AppearanceLoss:  # fmt: skip
     """The objective for these Gaussians: Gaussians the photo does not see well keep near
     `prior` [N, 3] (default: their current colours; see `reconstruct.complete`)."""
     from .complete import WELL_SEEN, facing
@@ -152,7 +173,7 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
         seen &= facing(posed0, cam) <= WELL_SEEN
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
-    return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg)
+    return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up)
 
 
 def refine_appearance(
@@ -166,10 +187,12 @@ def refine_appearance(
     progress: bool = True,
     prior: Tensor | None = None,  # [N, 3] start colours; unseen ones stay near (default: given)
     trace: list[float] | None = None,  # if given, each step's input-view masked PSNR
+    close_up: View | None = None,  # the face at the photo's own resolution
 ) -> Gaussians:
     """Returns the refined canonical Gaussians (same count and binding)."""
     cfg = config or RefineConfig()
-    objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, prior)
+    objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, prior,
+                                close_up)  # fmt: skip
     sh = canonical.sh.clone()
     sh[:, 0] = rgb_to_sh0(objective.prior)
     offsets = torch.zeros_like(canonical.means, requires_grad=True)

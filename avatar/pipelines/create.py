@@ -21,7 +21,7 @@ from reconstruct.feedforward import hand_boxes_from_landmarks
 from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import crop_image, posed_blend
+from reconstruct.refine import View, crop_image, posed_blend
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -113,7 +113,8 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     transforms = posed.transforms[0]
     obs = Observation(tpl, binding, transforms, fit.camera, image, mask,
                       None if parse.face is None else fit.crop.to_crop(parse.face),
-                      hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop))  # fmt: skip
+                      hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop),
+                      face_close_up(photo.rgb, parse, cfg.fov, fit.crop.scale))  # fmt: skip
     canonical, stage = reconstruct_appearance(obs, canonical, model, cfg.refine_steps,
                                               cfg.personalise_steps, cfg.seed, progress)  # fmt: skip
     times.reconstruct_s += stage["reconstruct_s"]
@@ -153,6 +154,25 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
 
 
 MOUTH_RGB = (0.32, 0.1, 0.1)  # inside of the mouth: never seen in a closed-mouth photo
+CLOSE_UP_PX = 256  # the face close-up the refinement also fits, at most this many pixels wide
+
+
+def face_close_up(rgb, parse, fov: float, crop_scale: float) -> View | None:
+    """The photo around the face (twice the face mesh's extent) at the photo's own resolution,
+    up to CLOSE_UP_PX, with its camera: the refinement fits the face there too. None without a
+    face, or where the working crop already holds the face at that resolution."""
+    if parse.face is None:
+        return None
+    lo, hi = parse.face.min(0), parse.face.max(0)
+    side = 2.0 * float((hi - lo).max())
+    scale = min(1.0, CLOSE_UP_PX / side)
+    if scale <= 1.2 * crop_scale:  # no sharper than the working crop: nothing to add
+        return None
+    centre = (lo + hi) / 2
+    px = max(8, round(side * scale))
+    crop = Crop(float(centre[0] - side / 2), float(centre[1] - side / 2), scale, px, px)
+    camera = photo_camera(rgb.shape[:2], crop, fov)
+    return View(camera, crop_image(rgb, crop), crop_image(parse.mask, crop))
 
 
 def _load_reconstructor(name: str):
