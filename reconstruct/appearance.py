@@ -5,8 +5,8 @@ out come the avatar's canonical Gaussians.
 2. colours for what the photo does not see well, completed from parts like it
    (`reconstruct.complete`), replacing whatever the pass put there;
 3. personalisation: a copy of the reconstructor's Gaussian decoder fine-tuned on the photo;
-4. per-Gaussian refinement against the photo (`reconstruct.refine`), unseen colours held near
-   their completion.
+4. per-Gaussian refinement against the photo (`reconstruct.refine`), which changes only the
+   colours the photo sees well: the completed ones stay as they are.
 """
 
 from __future__ import annotations

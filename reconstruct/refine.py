@@ -4,7 +4,9 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
     loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask
          + λ_silhouette |alpha - mask|²          everywhere (no floaters outside the person)
          + λ_offset |Δμ|² + λ_scale relu(s - s_max)²
-         + λ_prior |c - c_prior|² on Gaussians the photo does not see well
+         + λ_prior |c - c_prior|² on Gaussians the photo does not see well (what holds a
+                                           personalised decoder's unseen colours; the
+                                           per-Gaussian refinement leaves them fixed)
 
 Colours start from a prior (`reconstruct.complete.colour_prior`): the photo's own pixels where it
 sees a Gaussian well, and colours completed from parts like it everywhere else (hair on the

@@ -100,8 +100,8 @@ def test_one_layer_of_the_surface_is_opaque():
     from reconstruct.canonical import PART_CODES
     from render import fit_to_points, rasterize, scene_points
 
-    g = template_avatar(50000).gaussians
-    parts = template_avatar(50000).binding.parts
+    avatar = template_avatar(50000)
+    g, parts = avatar.gaussians, avatar.binding.parts
     face = torch.isin(parts, torch.tensor([PART_CODES[p] for p in ("face", "lips", "eyelids")],
                                           dtype=parts.dtype))  # fmt: skip
     sub = g.replace(means=g.means[face], quats=g.quats[face], log_scales=g.log_scales[face],
