@@ -37,7 +37,7 @@ class Observation:
     camera: Cameras  # 1 view, the working crop
     image: Tensor  # [H, W, 3] in [0, 1]
     mask: Tensor  # [H, W] in [0, 1]
-    face_uv: np.ndarray | None = None  # [P, 2] the face's landmarks in the crop (hair colour)
+    face_uv: np.ndarray | None = None  # [P, 2] the face's landmarks in the crop
     hand_boxes: dict | None = None  # "hand_left"/"hand_right" -> box in crop pixels
     close_up: View | None = None  # the face at the photo's own resolution (refinement)
 
@@ -75,7 +75,7 @@ def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
     t0 = time.perf_counter()
     if model is not None and refine_steps > 0 and personalise_steps > 0:
         objective = appearance_loss(canonical, obs.binding, obs.transforms, obs.camera, obs.image,
-                                    obs.mask, refine, start, obs.close_up)  # fmt: skip
+                                    obs.mask, refine, start, obs.close_up, obs.face_uv)  # fmt: skip
         tuned = personalise_decoder(model, inp, features, objective, personalise_steps,
                                     refine.lr_decoder, progress)  # fmt: skip
         seen = objective.seen[:, None]  # the decoder's new colours count only where seen
@@ -84,6 +84,6 @@ def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
         canonical = refine_appearance(canonical, obs.binding, obs.transforms, obs.camera,
                                       obs.image, obs.mask, refine, progress=progress,
                                       prior=sh0_to_rgb(canonical.sh[:, 0]),
-                                      close_up=obs.close_up)  # fmt: skip
+                                      close_up=obs.close_up, face_uv=obs.face_uv)  # fmt: skip
     times["refine_s"] = time.perf_counter() - t0
     return canonical, times

@@ -12,6 +12,9 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
   as the photo shows them, turned 41-72° from the camera), neighbours at the same height
   first: clothing continues around from the nearest visible region of the same part, and the
   print on a shirt's front does not;
+- **its mirror image**: a point of the face, head, neck or torso whose mirror image (x → -x)
+  the photo sees well takes its colour: a cheek turned away from the camera looks like the one
+  it shows;
 - **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
   (x → -x, left ↔ right) where that one is seen;
 - **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
@@ -36,6 +39,7 @@ RIM = -0.75  # well seen, but turned at least 41° from the camera: the sides th
 MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour itself
 HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
 NEAR = 0.03  # metres
+MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Gaussian
 K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
 
 
@@ -47,6 +51,47 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
     return (normal * F.normalize(p, dim=-1)).sum(-1)
 
 
+def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
+              face_uv: np.ndarray | None = None) -> Tensor:  # fmt: skip
+    """[N] bool: the Gaussians whose colour the photo judges: unhidden, facing its camera
+    (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline (the hull
+    of its landmarks `face_uv` [P, 2] in image pixels). A face Gaussian that projects outside it
+    sees the hair or the background beside a turned cheek, which must not end up on the cheek."""
+    from render import rasterize
+
+    from .refine import visible_in
+
+    seen = visible_in(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
+    seen &= facing(posed, cam) <= WELL_SEEN
+    if face_uv is not None and len(face_uv) >= 3:
+        seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)
+    return seen
+
+
+def face_parts(binding: Binding) -> Tensor:
+    """[N] bool: the face's skin, lips and lids."""
+    codes = torch.tensor([PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype)
+    return torch.isin(binding.parts, codes)
+
+
+def inside_outline(cam: Cameras, uv: Tensor, face_uv: np.ndarray, margin: float = 0.03) -> Tensor:
+    """[N] bool: image points `uv` [N, 2] inside the convex hull of `face_uv` [P, 2], shrunk by
+    `margin` of the face's size (its outline pixels mix face and surroundings)."""
+    import cv2
+
+    h, w = cam.height, cam.width
+    hull = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(face_uv).astype(np.int32)), 1)
+    r = int(round(margin * float(np.ptp(face_uv, 0).max())))
+    if r > 0:
+        hull = cv2.erode(hull, np.ones((2 * r + 1, 2 * r + 1), np.uint8))
+    px = uv.round().long()
+    ok = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+    out = torch.zeros(len(uv), dtype=torch.bool)
+    out[ok] = torch.from_numpy(hull.astype(bool))[px[ok, 1], px[ok, 0]]
+    return out
+
+
 def segments(template: BodyTemplate, binding: Binding) -> tuple[Tensor, list[str]]:
     """[N] segment index of each Gaussian, and the segments' names: its dominant bone's
     segment (`BodyTemplate.bone_segments`), but "face" for the face's skin, lips and lids, so
@@ -54,11 +99,7 @@ def segments(template: BodyTemplate, binding: Binding) -> tuple[Tensor, list[str
     names = sorted(set(template.bone_segments()) | {"face"})
     of_bone = torch.tensor([names.index(s) for s in template.bone_segments()])
     dominant = binding.bone_ids.gather(1, binding.bone_weights.argmax(1, keepdim=True))[:, 0]
-    codes = torch.tensor(
-        [PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype
-    )
-    face = torch.isin(binding.parts, codes)
-    return torch.where(face, names.index("face"), of_bone[dominant]), names
+    return torch.where(face_parts(binding), names.index("face"), of_bone[dominant]), names
 
 
 def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = False) -> Tensor:
@@ -111,12 +152,11 @@ def hair_colour(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Tens
     return pixels.median(0).values
 
 
-def scalp_colour(canonical: Gaussians, binding: Binding, photo_rgb: Tensor, cos: Tensor,
-                 seen: Tensor) -> Tensor | None:  # fmt: skip
-    """The median photo colour of the head's hair region where the photo sees it well (the
-    crown and temples, seen from the front): hair, a hat or a bald scalp; None when too little
-    of it is seen."""
-    well = seen & (cos <= WELL_SEEN)
+def scalp_colour(canonical: Gaussians, binding: Binding, photo_rgb: Tensor,
+                 well: Tensor) -> Tensor | None:  # fmt: skip
+    """The median photo colour of the head's hair region where the photo sees it well (`well`
+    [N], the crown and temples seen from the front): hair, a hat or a bald scalp; None when too
+    little of it is seen."""
     scalp = well & hair_region(canonical, binding, facing_front=True)
     if scalp.sum() < 20:
         return None
@@ -166,11 +206,11 @@ def _sources(name: str) -> list[tuple[str, bool]]:
 
 
 def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTemplate,
-                     photo_rgb: Tensor, cos: Tensor, seen: Tensor,
+                     photo_rgb: Tensor, cos: Tensor, well: Tensor,
                      hair: Tensor | None) -> Tensor:  # fmt: skip
-    """[N, 3] colours: `photo_rgb` [N, 3] where the photo sees a Gaussian well (`seen` [N] and
-    `cos` [N] ≤ WELL_SEEN), completed elsewhere as the module docstring says."""
-    well = seen & (cos <= WELL_SEEN)
+    """[N, 3] colours: `photo_rgb` [N, 3] where the photo sees a Gaussian well (`well` [N],
+    `well_seen`), completed elsewhere as the module docstring says; `cos` [N] (`facing`) finds
+    the rim."""
     rgb = photo_rgb.clone()
     todo = ~well
     if hair is not None:
@@ -182,6 +222,15 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
     seg, names = segments(template, binding)
     x = canonical.means * torch.tensor([1.0, HEIGHT_WEIGHT, 1.0])  # garments run around the body
     mirrored = x * torch.tensor([-1.0, 1.0, 1.0])
+    for i, name in enumerate(names):  # a cheek turned away looks like the one the photo shows
+        if "." not in name:
+            need, refs = todo & (seg == i), well & (seg == i)
+            if need.any() and refs.any():
+                dist, idx = torch.cdist(mirrored[need], x[refs]).topk(min(4, int(refs.sum())), dim=1, largest=False)
+                hit = dist[:, 0] < MIRROR_NEAR
+                rows = torch.nonzero(need)[:, 0][hit]
+                rgb[rows] = photo_rgb[refs][idx[hit]].mean(1)
+                todo[rows] = False
     skin = binding.parts == PART_CODES["face"]
     for i, name in enumerate(names):
         need = todo & (seg == i)
@@ -219,20 +268,17 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
     Gaussian well, completed elsewhere (`complete_colours`). `face_uv` [P, 2]: the face's
     landmarks in the image, for the hair colour."""
     from deform.skinning import apply_blend
-    from render import rasterize
 
-    from .refine import photo_pixels, posed_blend, visible_in
+    from .refine import photo_pixels, posed_blend
 
     with torch.no_grad():
         posed = apply_blend(canonical, posed_blend(binding, transforms))
-        seen = visible_in(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
-        cos = facing(posed, cam)
+        well = well_seen(posed, cam, binding, face_uv)
         pixels = photo_pixels(posed, cam, image, mask)
         hair = hair_colour(image, mask, face_uv)  # the crown; else the scalp it sees
         if hair is None:
-            hair = scalp_colour(canonical, binding, pixels, cos, seen)
-        rgb = complete_colours(canonical, binding, template, pixels, cos, seen, hair)
+            hair = scalp_colour(canonical, binding, pixels, well)
+        rgb = complete_colours(canonical, binding, template, pixels, facing(posed, cam), well, hair)
         if given is not None:
-            well = seen & (cos <= WELL_SEEN)
             rgb[well] = given[well].to(rgb)
     return rgb

@@ -4,6 +4,9 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
     loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask
          + λ_silhouette |alpha - mask|²          everywhere (no floaters outside the person)
          + λ_offset |Δμ|² + λ_scale relu(s - s_max)²
+         + λ_slide (Δμ·d)² + λ_depth relu(σ_d - σ_d⁰)²     the photo cannot judge depth: no
+                                           sliding along its rays d, no growing along them
+                                           (σ_d: a Gaussian's extent along its ray)
          + λ_prior |c - c_prior|² on Gaussians the photo does not see well (what holds a
                                            personalised decoder's unseen colours; the
                                            per-Gaussian refinement leaves them fixed)
@@ -40,6 +43,8 @@ class RefineConfig:
     lambda_offset: float = 30.0
     lambda_scale: float = 1e4
     lambda_prior: float = 0.05
+    lambda_slide: float = 300.0
+    lambda_depth: float = 1e4
     max_scale: float = 0.03
     """Largest standard deviation a Gaussian may grow to, metres."""
     lr_color: float = 0.025
@@ -74,6 +79,18 @@ def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
     normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
     facing = (normal * F.normalize(p, dim=-1)).sum(-1) < grazing  # normal back toward the camera
     return facing & unoccluded(posed, cam, depth, tolerance)
+
+
+def along_rays(posed: Gaussians, cam: Cameras) -> tuple[Tensor, Tensor]:
+    """([N, 3] unit directions of the rays from the camera to each Gaussian, [N] each
+    Gaussian's standard deviation along its ray, metres)."""
+    from render.rotations import quat_to_rotmat
+
+    view = cam.viewmats[0]
+    centre = -view[:3, :3].T @ view[:3, 3]
+    d = F.normalize(posed.means - centre, dim=-1)
+    local = (quat_to_rotmat(posed.quats) * d[:, :, None]).sum(1)  # d in each Gaussian's axes
+    return d, ((local * posed.log_scales.exp()) ** 2).sum(-1).sqrt()
 
 
 def unoccluded(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03) -> Tensor:
@@ -119,8 +136,13 @@ class AppearanceLoss:
 
     def __init__(self, transforms: Tensor, binding: Binding, cam: Cameras, image: Tensor,
                  mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig,
-                 close_up: View | None = None) -> None:  # fmt: skip
+                 close_up: View | None = None, start: Gaussians | None = None) -> None:  # fmt: skip
         self.blend = posed_blend(binding, transforms).detach()
+        self.start = None  # the posed start: its means, rays and extents along them
+        if start is not None:
+            with torch.no_grad():
+                posed = apply_blend(start, self.blend)
+                self.start = (posed.means, *along_rays(posed, cam))
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
         self.target, self.m = image[None], (mask[None, ..., None] > 0.5).to(mask.dtype)
@@ -151,6 +173,11 @@ class AppearanceLoss:
             + cfg.lambda_offset * (offsets**2).sum(-1).mean()
             + cfg.lambda_scale * F.relu(g.log_scales.exp() - cfg.max_scale).pow(2).mean()
         )
+        if self.start is not None:
+            means0, rays, extent0 = self.start
+            slide = ((posed.means - means0) * rays).sum(-1)
+            grow = F.relu(along_rays(posed, self.cam)[1] - extent0)
+            loss = loss + cfg.lambda_slide * slide.pow(2).mean() + cfg.lambda_depth * grow.pow(2).mean()
         if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
@@ -163,19 +190,20 @@ class AppearanceLoss:
 
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
                     image: Tensor, mask: Tensor, cfg: RefineConfig, prior: Tensor | None = None,
-                    close_up: View | None = None) -> AppearanceLoss:  # fmt: skip
-    """The objective for these Gaussians: Gaussians the photo does not see well keep near
-    `prior` [N, 3] (default: their current colours; see `reconstruct.complete`)."""
-    from .complete import WELL_SEEN, facing
+                    close_up: View | None = None,
+                    face_uv: np.ndarray | None = None) -> AppearanceLoss:  # fmt: skip
+    """The objective for these Gaussians: Gaussians the photo does not see well
+    (`reconstruct.complete.well_seen`; `face_uv` [P, 2] the face's landmarks in the image) keep
+    near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`)."""
+    from .complete import well_seen
 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
-        posed0 = apply_blend(canonical, blend)
-        seen = visible_in(posed0, cam, rasterize(posed0, cam).depth[0, ..., 0])
-        seen &= facing(posed0, cam) <= WELL_SEEN
+        seen = well_seen(apply_blend(canonical, blend), cam, binding, face_uv)
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
-    return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up)
+    return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up,
+                          canonical)  # fmt: skip
 
 
 def refine_appearance(
@@ -190,11 +218,12 @@ def refine_appearance(
     prior: Tensor | None = None,  # [N, 3] start colours; unseen ones stay near (default: given)
     trace: list[float] | None = None,  # if given, each step's input-view masked PSNR
     close_up: View | None = None,  # the face at the photo's own resolution
+    face_uv: np.ndarray | None = None,  # [P, 2] the face's landmarks in the image
 ) -> Gaussians:
     """Returns the refined canonical Gaussians (same count and binding)."""
     cfg = config or RefineConfig()
     objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, prior,
-                                close_up)  # fmt: skip
+                                close_up, face_uv)  # fmt: skip
     sh = canonical.sh.clone()
     sh[:, 0] = rgb_to_sh0(objective.prior)
     offsets = torch.zeros_like(canonical.means, requires_grad=True)

@@ -78,6 +78,79 @@ def test_hidden_legs_continue_the_clothes_above(scene):
     assert (rgb[legs] - RED).norm(dim=-1).median() < 0.1
 
 
+def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
+    """The face turned to one side: its hidden cheek copies its mirror image, not the
+    nose and lips beside it."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import complete_colours
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means[:, 0]
+    face = b.parts == PART_CODES["face"]
+    photo = photo.clone()
+    photo[face & (x < -0.025)] = SKIN  # the cheek the photo shows
+    photo[face & (x.abs() <= 0.025)] = GREEN  # the middle of the face, a different colour
+    hidden = face & (x > 0.025)
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~hidden, HAIR)
+    cheek = hidden & (x > 0.04) & (cos < -0.3)
+    assert cheek.sum() > 30
+    assert (rgb[cheek] - SKIN).norm(dim=-1).median() < 0.05
+
+
+def test_face_gaussians_outside_the_face_outline_are_not_judged():
+    """A face Gaussian that projects outside the face's outline in the photo sees hair or the
+    background beside a turned cheek: its colour is not taken from there."""
+    from reconstruct.complete import face_parts, well_seen
+    from render import fit_to_points, scene_points
+
+    avatar = template_avatar(12000)
+    g, b = avatar.gaussians, avatar.binding
+    face = face_parts(b)
+    cam = fit_to_points(scene_points(g[face]), 256, 256, torch.zeros(1, dtype=torch.float64),
+                        0.0, 30.0, 0.6)[0]  # fmt: skip
+    uv = cam.project(g.means)[0]
+    everywhere = well_seen(g, cam, b)
+    centre = uv[face].mean(0)
+    half = (uv[face] - centre).abs().amax(0)
+    outline = (centre + 0.5 * half * torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]])).numpy()
+    judged = well_seen(g, cam, b, outline)
+    outside = face & everywhere & ((uv - centre).abs() > 0.55 * half).any(-1)
+    inside = face & everywhere & ((uv - centre).abs() < 0.4 * half).all(-1)
+    assert outside.sum() > 20 and inside.sum() > 20
+    assert not judged[outside].any() and judged[inside].all()
+    assert torch.equal(judged[~face], everywhere[~face])  # the rest of the body as before
+
+
+def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
+    """Depth is what the photo cannot judge: moving along its rays, or growing along them,
+    is penalised on top of the plain offset term."""
+    from dataclasses import replace
+
+    from reconstruct.refine import RefineConfig, along_rays, appearance_loss
+    from render import fit_to_points, scene_points
+
+    avatar = template_avatar(3000)
+    g, b = avatar.gaussians, avatar.binding
+    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    image, mask = torch.ones(64, 64, 3), torch.zeros(64, 64)
+    rays, extent = along_rays(g, cam)
+    assert torch.all(extent > 0) and torch.allclose(rays.norm(dim=-1), torch.ones(len(g)))
+    cfg = RefineConfig(lambda_offset=0.0)
+    free = appearance_loss(g, b, transforms, cam, image, mask, replace(cfg, lambda_slide=0.0,
+                                                                        lambda_depth=0.0))  # fmt: skip
+    held = appearance_loss(g, b, transforms, cam, image, mask, cfg)
+    offsets = 0.01 * rays
+    moved = g.replace(means=g.means + offsets)
+    slide = float(held(moved, offsets)[0] - free(moved, offsets)[0])
+    assert slide == pytest.approx(cfg.lambda_slide * 1e-4, rel=1e-3)
+    grown = g.replace(log_scales=g.log_scales + 0.5)
+    grow = float(held(grown, torch.zeros_like(g.means))[0] - free(grown, torch.zeros_like(g.means))[0])
+    want = cfg.lambda_depth * ((extent * (math.exp(0.5) - 1)) ** 2).mean()
+    assert grow == pytest.approx(float(want), rel=1e-3)
+
+
 def test_hair_colour_is_the_hair_around_the_face():
     from reconstruct.complete import hair_colour
 
