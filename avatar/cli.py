@@ -175,13 +175,42 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_video
 
     reference = None
-    if args.avatar:
+    if args.photo:  # the person: what identity means
+        from .views import photo_face
+
+        reference = photo_face(args.photo, args.size)
+    elif args.avatar:  # only whether the video keeps the avatar's own face
         from .asset import Avatar
         from .pipelines.drive import neutral_face
 
         reference = neutral_face(Avatar.load(args.avatar, args.body), args.size)
-    result = evaluate_video(args.video, args.audio, reference)
+    result = evaluate_video(args.video, args.audio, reference, args.transcript)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_eval_speech(args: argparse.Namespace) -> int:
+    from distill.phones import EspeakError
+
+    from .articulation import measure_avatar
+    from .asset import Avatar
+
+    reference = None
+    if args.photo:  # a bad photo fails before anything is driven
+        from .views import photo_face
+
+        reference = photo_face(args.photo, args.size)
+    avatar = Avatar.load(args.avatar, args.body)
+    avatar.body_template()
+    if avatar.template != "anny":
+        raise AvatarError(f"{args.avatar}: eval speech frames faces with Anny's head bones; "
+                          f"this avatar is on {avatar.template}")  # fmt: skip
+    try:
+        result = measure_avatar(avatar, args.seed, args.size, reference, args.particles,
+                                body=not args.face_only)  # fmt: skip
+    except EspeakError as exc:
+        raise AvatarError(f"eval speech makes its words with espeak-ng: {exc}") from None
+    _print_result(result, args.json)
     return 0
 
 
@@ -394,17 +423,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="measure a talking video")
     ev = p.add_subparsers(dest="eval", required=True, metavar="WHAT")
-    e = ev.add_parser("sync", help="lip-sync proxy, jitter and (with --avatar) identity",
+    e = ev.add_parser("sync", help="lip sync, mouth shapes, jitter and identity",
                       description="MediaPipe inner-lip opening against 300-3000 Hz loudness "
                       "(Pearson r at lags -5..5), voiced/silent opening ratio, landmark jitter "
-                      "in silence, and SFace identity against the avatar's neutral face.")  # fmt: skip
+                      "in silence; with --transcript the mouth's shapes at its phones; SFace "
+                      "identity against --photo (or the avatar's neutral face).")  # fmt: skip
     e.add_argument("video", help="a talking video (MP4 with its audio track)")
     e.add_argument("--audio", help="the speech, if the video has no audio track")
-    e.add_argument("--avatar", help="the avatar, for the identity similarity")
+    e.add_argument("--photo", help="the avatar's input photo: identity against the person")
+    e.add_argument(
+        "--avatar",
+        help="without --photo: identity against the avatar's own "
+        "neutral render (does the video keep its face?)",
+    )
+    e.add_argument(
+        "--transcript",
+        help="what is said: rounding (/uw ow/ over /iy ih/), "
+        "closure (/p b m/) and speaking-over-pause gap at its aligned phones",
+    )
     e.add_argument("--size", type=int, default=512, help="reference render size (default: 512)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_body(e)
     e.set_defaults(func=cmd_eval_sync)
+    e = ev.add_parser("speech", help="drive an avatar with known words and measure its mouth, "
+                      "face and body", description="Drives the avatar with words espeak-ng says "
+                      "one by one (rounded, spread and bilabial), then measures with MediaPipe: "
+                      "lip rounding (≤ 0.85), bilabial closure (≤ 0.15) and speaking-over-pause "
+                      "gap (≥ 2) in the face close-up, SFace identity against --photo (≥ 0.6), the "
+                      "upper arms' angle from the torso (≤ 25°) and wrist motion in speech over "
+                      "pauses (≥ 2) in the full framing. Needs espeak-ng.")  # fmt: skip
+    e.add_argument("avatar", help="an avatar (folder or .zip)")
+    e.add_argument("--photo", help="the photo it was made from (for the identity)")
+    e.add_argument("--seed", type=int, default=0, help="which words, voice and speed (default: 0)")
+    e.add_argument("--size", type=int, default=256, help="face close-up size (default: 256)")
+    e.add_argument(
+        "--no-particles",
+        dest="particles",
+        action="store_false",
+        help="drive without particle twists and Gaussian residuals (the ablation)",
+    )
+    e.add_argument("--face-only", action="store_true", help="skip the full-body measures")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_body(e)
+    e.set_defaults(func=cmd_eval_speech)
     e = ev.add_parser("views", help="identity in face close-ups, no face on the back of the head",
                       description="SFace identity between the photo's face and the avatar's face "
                       "close-ups at yaw 0 and ±30 (target ≥ 0.6), and YuNet's best face score on "

@@ -192,22 +192,21 @@ def flow_motion(before: np.ndarray, after: np.ndarray, points: np.ndarray) -> fl
 
 def mouth_track(frames: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
     """Face mesh over a stream of RGB frames -> [T] arrays, NaN where a face is missing:
-    "opening" (tracking mesh), "motion" (px since the previous frame of that frame's still-image
+    "opening" and "width" (the inner mouth's, 78-308, over the face height; tracking mesh), "motion" (px since the previous frame of that frame's still-image
     landmarks, followed by optical flow) and "mesh_motion" (the still-image landmarks of two
     frames compared). Frames are not kept."""
     import cv2
 
     from reconstruct.parsing import FaceMesh
 
-    out: dict[str, list[float]] = {"opening": [], "motion": [], "mesh_motion": []}
+    out: dict[str, list[float]] = {"opening": [], "width": [], "motion": [], "mesh_motion": []}
     last, last_grey = None, None
     with FaceMesh(still=False) as tracking, FaceMesh(still=True) as still:
         for rgb in frames:
             p = tracking(rgb)
-            out["opening"].append(
-                np.nan if p is None
-                else np.linalg.norm(p[13] - p[14]) / max(np.linalg.norm(p[10] - p[152]), 1e-6)
-            )  # fmt: skip
+            height = np.nan if p is None else max(np.linalg.norm(p[10] - p[152]), 1e-6)
+            out["opening"].append(np.nan if p is None else np.linalg.norm(p[13] - p[14]) / height)
+            out["width"].append(np.nan if p is None else np.linalg.norm(p[78] - p[308]) / height)
             p, grey = still(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             seen = last is not None
             out["motion"].append(flow_motion(last_grey, grey, last) if seen else np.nan)
@@ -218,9 +217,11 @@ def mouth_track(frames: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | None = None,
-                 fps: float | None = None) -> dict:  # fmt: skip
+                 fps: float | None = None, transcript: str | None = None) -> dict:  # fmt: skip
     """Lip-sync proxy of a talking video (module docstring). `audio_path` replaces the video's own
-    audio track (both start at time 0); `fps` overrides the container's frame rate."""
+    audio track (both start at time 0); `fps` overrides the container's frame rate. With the
+    `transcript` of the speech, also the mouth's shapes at its phones (`avatar.articulation`:
+    rounding, closure, speaking over pause), which do not share the loudness signal."""
     fps = float(fps) if fps else video_fps(video_path)
     try:
         samples = track_audio(video_path) if audio_path is None else load_audio(audio_path).samples
@@ -244,6 +245,17 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
     )
     jitter = float(pairs.mean()) if len(pairs) else float("nan")
     face = float(np.isfinite(raw_opening).mean())
+    shapes = None
+    if transcript:
+        from distill.phones import AlignmentError
+
+        from .articulation import articulation, phone_spans
+
+        try:
+            spans = phone_spans(samples, transcript)
+        except AlignmentError as exc:
+            raise EvaluationError(f"--transcript: {exc}") from None
+        shapes = articulation(raw_opening, track["width"], spans, fps)
     synced = best_lag is not None and best_r >= TARGETS["r"] and abs(best_lag) <= TARGETS["lag"]
     return {
         "frames": len(raw_opening), "fps": fps, "face_found_fraction": face,
@@ -251,6 +263,7 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
         "open_ratio": ratio, "voiced_frames": voiced, "silent_frames": silent,
         "jitter_px": jitter, "jitter_pairs": len(pairs),
         "jitter_px_mesh": float(mesh_pairs.mean()) if len(mesh_pairs) else float("nan"),
+        "articulation": shapes,
         "pass": {"sync": synced, "open_ratio": bool(ratio >= TARGETS["open_ratio"]),
                  "jitter": bool(jitter <= TARGETS["jitter_px"]),
                  "face_found": face >= TARGETS["face_found"]},
@@ -406,10 +419,11 @@ def evaluate_video(
     video_path: str | os.PathLike,
     audio_path: str | os.PathLike | None = None,
     reference_image: np.ndarray | str | os.PathLike | None = None,  # [H, W, 3] uint8 RGB or a path
+    transcript: str | None = None,
 ) -> dict:
     """{"sync": sync_metrics(...), "identity": identity_similarity(...) or None}. Identity uses
     at most IDENTITY_FRAMES frames, evenly spread; `reference_image` is RGB or a photo's path."""
-    sync = sync_metrics(video_path, audio_path)
+    sync = sync_metrics(video_path, audio_path, transcript=transcript)
     identity = None
     if reference_image is not None:
         if not isinstance(reference_image, np.ndarray):

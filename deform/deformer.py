@@ -150,6 +150,14 @@ class Motion:
     def actions(self) -> Tensor:  # [T, A] in [0, 1]
         return self.controls[:, 3 * len(DRIVEN_BONES) :]
 
+    def without_particles(self) -> Motion:
+        """The same bones and template actions with still particles (identity transforms) and
+        no Gaussian residuals: the paper's ablation of driving the Gaussians directly."""
+        eye = torch.eye(4, dtype=self.particles.dtype).expand_as(self.particles)
+        return Motion(self.controls, eye, torch.zeros_like(self.offsets),
+                      torch.zeros_like(self.log_scales), torch.zeros_like(self.opacity),
+                      torch.zeros_like(self.color), self.gate)  # fmt: skip
+
 
 class SpeechDeformer(nn.Module):
     def __init__(self, cfg: DeformerConfig = DeformerConfig()):

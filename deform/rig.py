@@ -38,6 +38,49 @@ from .skinning import blend_transforms
 from .surface import interpolate
 
 FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # how much of the frame each framing fills
+RELAXED_DEG = (25.0, 12.0)  # an upper arm further than 25° from the torso's side hangs at 12°
+
+
+def arm_angles(template, joints: Tensor) -> Tensor:
+    """[B, 2] each upper arm's angle from the torso's side, degrees (left, right): between
+    shoulder → elbow and the torso's down axis (neck → root), from template joints [B, J, 3]."""
+    seg = template.bone_segments()
+    first = {
+        s: seg.index(s) for s in ("neck", "upperarm.L", "upperarm.R", "lowerarm.L", "lowerarm.R")
+    }
+    down = torch.nn.functional.normalize(joints[:, 0] - joints[:, first["neck"]], dim=-1)
+    out = []
+    for side in "LR":
+        arm = joints[:, first[f"lowerarm.{side}"]] - joints[:, first[f"upperarm.{side}"]]
+        cos = (torch.nn.functional.normalize(arm, dim=-1) * down).sum(-1)
+        out.append(torch.rad2deg(torch.acos(cos.clamp(-1, 1))))
+    return torch.stack(out, -1)
+
+
+def relax_arms(template, shape: Tensor, pose: Tensor, steps: int = 4) -> Tensor:
+    """`pose` [J, 3] with any upper arm raised more than RELAXED_DEG[0] from the torso's side
+    lowered to RELAXED_DEG[1] (a photo that does not show the arms leaves them in the template's
+    A-pose; a talking person's arms hang). Each arm turns at its shoulder bone, the forearm and
+    hand follow: Gauss-Newton on the shoulder's axis-angle, its Jacobian by finite differences
+    in one batched template call per step."""
+    most, to = RELAXED_DEG
+    seg = template.bone_segments()
+    bones = torch.tensor([seg.index(f"upperarm.{side}") for side in "LR"])
+    shapes = shape[None].expand(4, -1).float()
+    pose, todo, eps = pose.clone().float(), None, 1e-3
+    for _ in range(steps):
+        trial = pose[None].repeat(4, 1, 1)
+        for k in range(3):  # batch k + 1 nudges component k of both shoulders
+            trial[k + 1, bones, k] += eps
+        with torch.no_grad():
+            angles = arm_angles(template, template(shapes, pose=trial).joints)  # [4, 2]
+        todo = angles[0] > most if todo is None else todo
+        err = torch.where(todo, angles[0] - to, torch.zeros(()))  # [2] degrees
+        if err.abs().max() < 0.5:
+            break
+        jac = (angles[1:] - angles[:1]).T / eps  # [2, 3] degrees per radian
+        pose[bones] -= jac * (err / (jac * jac).sum(-1).clamp_min(1e-9))[:, None]
+    return pose
 
 
 def expression_basis(template, shape: Tensor) -> Tensor:

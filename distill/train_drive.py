@@ -1,6 +1,6 @@
 """Train the shipped speech-deformer checkpoint from scratch, offline, on the CPU.
 
-    python -m distill.train_drive --out deform/weights/speech_deformer.safetensors
+    python -m distill.train_drive --out deform/weights/speech_deformer.safetensors --replace-shipped
 
 Data the project makes itself: English sentences (`distill.phones.SENTENCES`) spoken by espeak-ng
 with varied voices, joined with pauses; the procedural teacher (`distill.teacher`) turns each
@@ -229,6 +229,9 @@ def train(args: argparse.Namespace) -> dict:
     """Both stages; returns the metadata saved with the checkpoint."""
     if args.resume and not args.work:
         raise ValueError("--resume needs --work (the folder the killed run trained in)")
+    if Path(args.out).resolve() == DEFAULT_CHECKPOINT.resolve() and not args.replace_shipped:
+        raise ValueError(f"--out {args.out} is the shipped checkpoint: add --replace-shipped to "
+                         "overwrite it (a release does), or write another file")  # fmt: skip
     if args.audio_encoder and Path(args.out).resolve() == DEFAULT_CHECKPOINT.resolve():
         raise ValueError("--audio-encoder needs --out: the shipped checkpoint is the log-mel one")
     work = Path(args.work) if args.work else None
@@ -361,7 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this checkpoint")
     p.add_argument("--audio-encoder", default="", metavar="DIR", help="a local wav2vec 2.0 "
                    "model to train on (frozen; its adapter learns) instead of log-mel")  # fmt: skip
-    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("speech_deformer.safetensors"),
+        help="the checkpoint to write (default: speech_deformer.safetensors here)",
+    )
+    p.add_argument(
+        "--replace-shipped",
+        action="store_true",
+        help="allow --out to be the shipped checkpoint (what a release does)",
+    )
     args = p.parse_args(argv)
     args.audio_encoder = str(Path(args.audio_encoder).resolve()) if args.audio_encoder else ""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -70,7 +70,9 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
 
 def face_parts(binding: Binding) -> Tensor:
     """[N] bool: the face's skin, lips and lids."""
-    codes = torch.tensor([PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype)
+    codes = torch.tensor(
+        [PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype
+    )
     return torch.isin(binding.parts, codes)
 
 
@@ -226,7 +228,9 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
         if "." not in name:
             need, refs = todo & (seg == i), well & (seg == i)
             if need.any() and refs.any():
-                dist, idx = torch.cdist(mirrored[need], x[refs]).topk(min(4, int(refs.sum())), dim=1, largest=False)
+                dist, idx = torch.cdist(mirrored[need], x[refs]).topk(
+                    min(4, int(refs.sum())), dim=1, largest=False
+                )
                 hit = dist[:, 0] < MIRROR_NEAR
                 rows = torch.nonzero(need)[:, 0][hit]
                 rgb[rows] = photo_rgb[refs][idx[hit]].mean(1)

@@ -177,7 +177,11 @@ class AppearanceLoss:
             means0, rays, extent0 = self.start
             slide = ((posed.means - means0) * rays).sum(-1)
             grow = F.relu(along_rays(posed, self.cam)[1] - extent0)
-            loss = loss + cfg.lambda_slide * slide.pow(2).mean() + cfg.lambda_depth * grow.pow(2).mean()
+            loss = (
+                loss
+                + cfg.lambda_slide * slide.pow(2).mean()
+                + cfg.lambda_depth * grow.pow(2).mean()
+            )
         if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()

@@ -146,7 +146,9 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     slide = float(held(moved, offsets)[0] - free(moved, offsets)[0])
     assert slide == pytest.approx(cfg.lambda_slide * 1e-4, rel=1e-3)
     grown = g.replace(log_scales=g.log_scales + 0.5)
-    grow = float(held(grown, torch.zeros_like(g.means))[0] - free(grown, torch.zeros_like(g.means))[0])
+    grow = float(
+        held(grown, torch.zeros_like(g.means))[0] - free(grown, torch.zeros_like(g.means))[0]
+    )
     want = cfg.lambda_depth * ((extent * (math.exp(0.5) - 1)) ** 2).mean()
     assert grow == pytest.approx(float(want), rel=1e-3)
 

@@ -321,6 +321,11 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     assert (work / "metrics.csv").read_text().splitlines()[:3] == rows  # continued, not redone
     assert main(["--steps", "3", "--distill-steps", "3", "--resume", *tiny]) == 2  # other run
     assert main(["--steps", "2", "--resume", "--out", str(out)]) == 2  # --resume needs --work
+    from deform.deformer import DEFAULT_CHECKPOINT
+
+    shipped = DEFAULT_CHECKPOINT.read_bytes()  # never overwritten without --replace-shipped
+    assert main(["--steps", "2", *tiny[:-2], "--out", str(DEFAULT_CHECKPOINT)]) == 2
+    assert DEFAULT_CHECKPOINT.read_bytes() == shipped
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -337,7 +342,7 @@ def test_train_drive_on_wav2vec_features(tmp_path):
     tiny = ["--clips", "1", "--bodies", "1", "--gaussians", "1500", "--gaussian-batch", "128",
             "--batch", "1", "--window", "8", "--distill-gaussians", "2500", "--size", "48",
             "--audio-encoder", str(w2v)]  # fmt: skip
-    assert main(tiny) == 2  # no --out: would replace the shipped checkpoint
+    assert main(["--out", str(DEFAULT_CHECKPOINT), *tiny]) == 2  # the shipped one: refused
     assert main(["--steps", "3", "--distill-steps", "1", "--out", str(out), *tiny]) == 0
     assert DEFAULT_CHECKPOINT.read_bytes() == shipped
     assert deformer_meta(out)["training"]["audio_encoder"] == str(w2v.resolve())

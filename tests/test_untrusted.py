@@ -59,6 +59,7 @@ AVATAR_COMMANDS = {
                                  "--steps", "1", "--size", "32"],
     "eval-sync": lambda a, g, t: ["eval", "sync", str(g.video), "--avatar", a],
     "eval-views": lambda a, g, t: ["eval", "views", a, "--size", "64"],
+    "eval-speech": lambda a, g, t: ["eval", "speech", a, "--size", "64", "--face-only"],
     "bench-drive": lambda a, g, t: ["bench", "drive", "--avatar", a, "--audio", str(g.speech),
                                     "--seconds", "1", "--long-seconds", "0", "--size", "32"],
     "bench-finetune": lambda a, g, t: ["bench", "finetune", "--avatar", a, "--audio", str(g.speech),
@@ -76,6 +77,8 @@ PHOTO_COMMANDS = {
     "create": lambda p, g, t: ["create", p, "-o", _out(t, "x.avatar"), "--size", "128"],
     "bench-create": lambda p, g, t: ["bench", "create", "--photo", p, "--size", "128"],
     "eval-views": lambda p, g, t: ["eval", "views", str(g.avatar), "--photo", p, "--size", "64"],
+    "eval-speech": lambda p, g, t: ["eval", "speech", str(g.avatar), "--photo", p, "--size", "64",
+                                    "--face-only"],
 }  # fmt: skip
 VIDEO_COMMANDS = {"eval-sync": lambda v, g, t: ["eval", "sync", v]}
 SCENE_COMMANDS = {"render": lambda s, g, t: ["render", s, "-o", _out(t, "x.png"), "--size", "32"]}

@@ -23,7 +23,7 @@ from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer, load_exact
 from deform.eyes import EyeCover, eye_cover
 from deform.particles import Particles, template_particles
-from deform.rig import FRAMINGS, SpeechRig
+from deform.rig import FRAMINGS, SpeechRig, relax_arms
 from reconstruct.canonical import PART_CODES
 from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 
@@ -53,6 +53,9 @@ class DriveConfig:
     """A deformer checkpoint (.safetensors) instead of the avatar's own or the shipped one."""
     seed: int = 0
     """Seed of the blinks."""
+    particles: bool = True
+    """False: no particle twists or Gaussian residuals, only the template's bones and actions
+    (the paper's ablation: what driving the Gaussians directly adds)."""
 
 
 def _yaws(view: str, num_frames: int) -> torch.Tensor:
@@ -97,10 +100,12 @@ def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
 
 
 def speech_rig(avatar: Avatar) -> SpeechRig:
-    """The avatar on its template, from its photo pose without the root (upright, facing +Z)."""
+    """The avatar on its template, from its photo pose without the root (upright, facing +Z),
+    raised arms relaxed (`deform.rig.relax_arms`)."""
     template = avatar.body_template()
     base = avatar.photo_pose.clone()
     base[0] = 0
+    base = relax_arms(template, avatar.shape, base)
     b = avatar.binding
     try:
         rig = SpeechRig(template, avatar.shape, base, avatar.gaussians, b.face_ids, b.bary,
@@ -176,6 +181,8 @@ class Driver:
                 for start in range(0, num_frames, CHUNK):
                     n = min(CHUNK, num_frames - start)
                     motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                    if not cfg.particles:
+                        motion = motion.without_particles()
                     blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
                     for i, g in enumerate(rig.posed_frames(motion, blink)):
                         cam = cams[min(start + i, len(cams) - 1)]
