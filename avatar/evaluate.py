@@ -4,9 +4,8 @@
 
 - mouth opening: MediaPipe face mesh (tracking mode, 478 refined landmarks), the inner-lip gap
   |p13 - p14| over the face height |p10 - p152| (pixel coordinates); NaN without a face;
-- loudness: RMS of the 300-3000 Hz band (4th-order Butterworth run forwards and backwards by
-  scipy's `sosfiltfilt`, so no phase lag; scipy comes with mediapipe) over frame t's window
-  [t/fps, (t+1)/fps);
+- loudness: RMS of the 300-3000 Hz band over frame t's window [t/fps, (t+1)/fps)
+  (`deform.audio_features.band_loudness`, the one the deformer and the teacher use);
 - both smoothed with a centred 3-frame mean (of the finite values), then Pearson r at lags -5..+5,
   a positive lag meaning the mouth moves after the sound: r(opening[t + lag], loudness[t]);
 - voiced frames (smoothed loudness > 30 % of its 95th percentile) against silent ones (< 10 %):
@@ -35,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from deform.audio import SAMPLE_RATE, AudioError, load_audio
+from deform.audio_features import band_loudness
 
 from .errors import AvatarError
 
-BAND_HZ = (300.0, 3000.0)
 MAX_LAG = 5  # frames, each way
 VOICED, SILENT = 0.3, 0.1  # loudness thresholds, as fractions of its 95th percentile
 TARGETS = dict(r=0.4, lag=2, open_ratio=1.5, jitter_px=0.5, face_found=0.9)
@@ -123,20 +122,6 @@ def track_audio(path: str | os.PathLike) -> np.ndarray:
 
 
 # ---- lip sync ------------------------------------------------------------------------------------
-def band_loudness(samples: np.ndarray, sample_rate: int, fps: float, num_frames: int,
-                  band: tuple[float, float] = BAND_HZ) -> np.ndarray:  # fmt: skip
-    """[T] RMS of the band-passed `samples` over each frame's window; NaN past the audio's end."""
-    from scipy.signal import butter, sosfiltfilt
-
-    sos = butter(4, band, btype="bandpass", fs=sample_rate, output="sos")
-    x = sosfiltfilt(sos, samples.astype(np.float64)) if len(samples) > 64 else 0.0 * samples
-    energy = np.concatenate([[0.0], np.cumsum(x * x)])
-    bounds = np.round(np.arange(num_frames + 1) * sample_rate / fps).astype(np.int64)
-    lo, hi = np.minimum(bounds[:-1], len(x)), np.minimum(bounds[1:], len(x))
-    mean_square = np.maximum(energy[hi] - energy[lo], 0) / np.maximum(hi - lo, 1)
-    return np.where(hi > lo, np.sqrt(mean_square), np.nan)
-
-
 def smooth3(x: np.ndarray) -> np.ndarray:
     """Centred 3-frame mean of the finite values in each window (NaN where none is)."""
     padded = np.pad(np.asarray(x, np.float64), 1, constant_values=np.nan)
@@ -232,7 +217,7 @@ def sync_metrics(video_path: str | os.PathLike, audio_path: str | os.PathLike | 
     if len(raw_opening) == 0:
         raise EvaluationError(f"{video_path}: the video holds no frames")
     opening = smooth3(raw_opening)
-    loudness = smooth3(band_loudness(samples, SAMPLE_RATE, fps, len(raw_opening)))
+    loudness = smooth3(band_loudness(samples, fps, 0, len(raw_opening)))
     r = lagged_pearson(opening, loudness)
     finite = {lag: v for lag, v in r.items() if np.isfinite(v)}
     best_lag = max(finite, key=finite.__getitem__) if finite else None

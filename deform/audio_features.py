@@ -141,22 +141,34 @@ class Wav2Vec2Encoder(nn.Module):
         return self.adapter(hidden[idx])
 
 
-def frame_loudness(samples: np.ndarray | Tensor, start: int, stop: int, fps: float,
-                   band: tuple[float, float] = (300.0, 3000.0)) -> Tensor:  # fmt: skip
-    """[stop - start] RMS of the speech band over each video frame's own window [t/fps,
-    (t+1)/fps), frame by frame, so chunks give exactly the values of the whole file (and no
-    frame looks further ahead than 20 ms at 25 fps, within the encoders' look-ahead)."""
-    x = torch.as_tensor(samples, dtype=torch.float32)
-    edges = np.round(np.arange(start, stop + 1) / fps * SAMPLE_RATE).astype(np.int64)
-    size = int(np.max(np.diff(edges)))
-    freqs = torch.fft.rfftfreq(size, 1 / SAMPLE_RATE)
-    keep = (freqs >= band[0]) & (freqs <= band[1])
-    out = torch.zeros(stop - start)
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-        seg = x[min(lo, len(x)) : min(hi, len(x))]
-        if len(seg):  # Parseval over the band (the one-sided spectrum counted twice)
-            spec = torch.fft.rfft(seg, n=size)[keep].abs().pow(2)
-            out[i] = torch.sqrt(2 * spec.sum() / (size * len(seg)))
+BAND_HZ = (300.0, 3000.0)  # the speech band: loudness here is what the jaw follows
+
+
+def band_loudness(samples: np.ndarray | Tensor, fps: float, start: int = 0,
+                  stop: int | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:  # fmt: skip
+    """[stop - start] RMS of the speech band (`BAND_HZ`) over each video frame's own window
+    [t/fps, (t+1)/fps) (Parseval over the band of the frame's spectrum), NaN for frames past the
+    audio's end; `stop` defaults to the last frame the audio reaches. Each frame reads only its
+    own samples, so chunks give exactly the values of the whole file and no frame looks further
+    ahead than its own end (40 ms at 25 fps). The one speech-band loudness of the toolkit: the
+    deformer's speech activity, the teacher's jaw and the sync measure all use it."""
+    x = np.asarray(samples, dtype=np.float32)
+    if stop is None:
+        stop = math.ceil(len(x) / sample_rate * fps)
+    edges = np.round(np.arange(start, stop + 1) / fps * sample_rate).astype(np.int64)
+    lo, hi = np.minimum(edges[:-1], len(x)), np.minimum(edges[1:], len(x))
+    size = max(int(np.max(np.diff(edges), initial=1)), 1)
+    freqs = np.fft.rfftfreq(size, 1 / sample_rate)
+    keep = (freqs >= BAND_HZ[0]) & (freqs <= BAND_HZ[1])
+    out = np.full(stop - start, np.nan)
+    for b in range(0, stop - start, 1024):  # blocks of frames: memory stays flat with length
+        idx = lo[b : b + 1024, None] + np.arange(size)[None]
+        inside = idx < hi[b : b + 1024, None]
+        seg = np.where(inside, x[np.clip(idx, 0, max(len(x) - 1, 0))] if len(x) else 0.0, 0.0)
+        power = np.abs(np.fft.rfft(seg, axis=1)[:, keep]) ** 2
+        count = inside.sum(1)
+        loud = np.sqrt(2 * power.sum(1) / (size * np.maximum(count, 1)))
+        out[b : b + 1024] = np.where(count > 0, loud, np.nan)
     return out
 
 

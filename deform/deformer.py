@@ -28,10 +28,11 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .audio_features import frame_loudness, make_audio_encoder
+from .audio_features import band_loudness, make_audio_encoder
 from .controls import DRIVEN_BONES, DRIVEN_HEAD, TEMPLATE_ACTIONS
 from .se3 import exp as se3_exp
 
@@ -268,7 +269,9 @@ class SpeechDeformer(nn.Module):
         bones = controls[:, :n_bones]
         # causal smoothing of the pose: no jitter while speaking, and in pauses the pose
         # settles slowly (rate `pause_smoothing`) instead of snapping back to rest
-        loudness = frame_loudness(samples, start, start + num_frames, fps)
+        loudness = torch.from_numpy(
+            np.nan_to_num(band_loudness(samples, fps, start, start + num_frames))
+        ).float()
         activity, ref, last = speech_activity(loudness, fps, *state.activity)
         speaking = torch.full((n_bones,), cfg.bone_smoothing)
         speaking[: 3 * DRIVEN_HEAD] = cfg.head_smoothing

@@ -58,10 +58,14 @@ def _inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 
 
 def eye_cover(posed: Gaussians, eye_centres: Tensor, camera: Cameras, image: np.ndarray,
-              landmarks: np.ndarray) -> EyeCover:  # fmt: skip
+              landmarks: np.ndarray, lids: Tensor | None = None) -> EyeCover:  # fmt: skip
     """The open-eye Gaussians of `posed` (the avatar as rendered into `image` by `camera`),
     from the face mesh `landmarks` [478, 2] of that image; `eye_centres` [2, 3] are the
-    template's eyeballs, so only Gaussians on the front of an eye count, not the head behind."""
+    template's eyeballs, so only Gaussians on the front of an eye count, not the head behind.
+    `lids` [N] bool marks the Gaussians the blink moves (the template's lids): those in front of
+    an eye, in its outline or around it, take its lid colour from the blink's start (height 0),
+    so where the photo's eye was painted onto the template's lid a few millimetres off, the lid
+    does not drag the iris and lashes down the eye as it closes."""
     uv = camera.project(posed.means)[0].numpy()
     near = torch.cdist(posed.means, eye_centres).min(1).values.numpy() < 0.025
     front = (posed.means[:, 2] > eye_centres[:, 2].min()).numpy()  # the body faces +Z
@@ -80,6 +84,16 @@ def eye_cover(posed: Gaussians, eye_centres: Tensor, camera: Cameras, image: np.
         probe = np.round(top[1:-1] - [0.0, 0.5 * opening]).astype(int)
         probe = np.clip(probe, 0, [image.shape[1] - 1, image.shape[0] - 1])
         lid = np.median(image[probe[:, 1], probe[:, 0]].astype(np.float64) / 255.0, axis=0)
+        h = heights[-1]
+        if lids is not None:  # this eye's lid Gaussians, in the opening or around it
+            centres = [landmarks[list(a + b)].mean(0) for a, b in EYE_OUTLINES]
+            d = np.stack([np.linalg.norm(uv - c, axis=1) for c in centres])
+            which = d.argmin(0) == len(ids)  # the outline nearest in the image is its eye
+            on_lid = np.nonzero(lids.numpy() & near & front & which)[0]
+            h = np.where(np.isin(mine, on_lid), 0.0, h)  # the lid moves as one: covered at once
+            extra = np.setdiff1d(on_lid, mine)
+            mine, h = np.concatenate([mine, extra]), np.concatenate([h, np.zeros(len(extra))])
+            heights[-1] = h
         colours.append(np.repeat(lid[None], len(mine), axis=0))
         ids.append(mine)
     return EyeCover(

@@ -45,6 +45,15 @@ class Particles:
         )
         return (transforms[:, ids] * w[None, :, :, None, None]).sum(2)
 
+    def move(self, means: Tensor, transforms: Tensor, offsets: Tensor | None = None,
+             index: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Canonical Gaussian centres [N, 3] (or those in `index`) moved by particle transforms
+        [B, M, 4, 4], then by the Gaussian head's Δp [B, N, 3]: `B_n μ + Δp` with B_n the
+        blended transform. Returns the positions [B, n, 3] and B_n [B, n, 4, 4]."""
+        b = self.blend(transforms, index)
+        pos = (b[..., :3, :3] @ means[..., None])[..., 0] + b[..., :3, 3]
+        return (pos if offsets is None else pos + offsets), b
+
 
 def triangle_codes(faces: Tensor, masks: dict[str, Tensor], codes: dict[str, int]) -> Tensor:
     """Per-triangle part codes; finer parts (later in `codes`) win."""

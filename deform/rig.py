@@ -33,6 +33,7 @@ from .controls import (
     compose_pose,
 )
 from .eyes import EyeCover
+from .hands import HandShaper
 from .particles import Particles
 from .skinning import blend_transforms
 from .surface import interpolate
@@ -125,14 +126,34 @@ class SpeechRig:
         self.moving = torch.nonzero(per_gauss.abs().amax((1, 2)) > 1e-6).flatten()  # [n]
         self.basis = per_gauss[self.moving].permute(1, 0, 2).contiguous()  # [E, n, 3]
         self.eyes: EyeCover | None = None  # what blinks paint over the open eye (deform.eyes)
+        arm_ids = [[DRIVEN_BONES.index(f"{b}.{s}") for b in ("lowerarm01", "wrist")] for s in "LR"]
+        self.hands = HandShaper(template, self.shape, torch.tensor(arm_ids))
+        self.finger_ids = torch.tensor([template.bone_names.index(n) for n in self.hands.names])
+
+    @classmethod
+    def from_avatar(cls, template, shape: Tensor, photo_pose: Tensor, gaussians: Gaussians,
+                    binding, particles: Particles) -> SpeechRig:  # fmt: skip
+        """The one way to rig an avatar's files (drive, finetune, eval, bench): its photo pose
+        without the root (upright, facing +Z), raised arms relaxed (`relax_arms`), its
+        canonical Gaussians bound as `binding` (reconstruct.canonical.Binding) says."""
+        base = photo_pose.clone()
+        base[0] = 0
+        base = relax_arms(template, shape, base)
+        b = binding
+        return cls(template, shape, base, gaussians, b.face_ids, b.bary, b.bone_ids,
+                   b.bone_weights, particles, b.parts)  # fmt: skip
 
     def expression_offsets(self, actions: Tensor) -> Tensor:  # [T, E] -> [T, N, 3]
         out = actions.new_zeros(actions.shape[0], len(self.gaussians), 3)
         out[:, self.moving] = torch.einsum("te,enc->tnc", actions, self.basis)
         return out
 
-    def transforms(self, bones: Tensor) -> Tensor:  # [T, B, 3] deltas -> [T, J, 4, 4]
+    def transforms(self, bones: Tensor, fingers: Tensor | None = None) -> Tensor:
+        """[T, B, 3] deltas of DRIVEN_BONES (and [T, 30, 3] finger rotations from
+        `deform.hands`, replacing the photo's finger pose) -> [T, J, 4, 4]."""
         pose = compose_pose(self.base_pose, self.driven, bones.float())
+        if fingers is not None:
+            pose[:, self.finger_ids] = fingers.to(pose)
         shape = self.shape[None].expand(len(pose), -1)
         return self.template(shape, pose=pose).transforms
 
@@ -147,10 +168,13 @@ class SpeechRig:
         )
         return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights)
 
-    def posed_frames(self, motion, blink: Tensor) -> Iterator[Gaussians]:
+    def posed_frames(
+        self, motion, blink: Tensor, fingers: Tensor | None = None
+    ) -> Iterator[Gaussians]:
         """The avatar posed by each frame of a deformer's `Motion` (bones, template actions,
-        particle transforms, residuals), with blink weights [T] (`controls.blinks`)."""
-        transforms = self.transforms(motion.bones)
+        particle transforms, residuals), with blink weights [T] (`controls.blinks`) and finger
+        rotations [T, 30, 3] (`deform.hands`; None keeps the photo's hands)."""
+        transforms = self.transforms(motion.bones, fingers)
         actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
         actions[:, self.template_ids] = motion.actions
         actions[:, self.blink_ids] = blink[:, None].to(actions)
@@ -195,9 +219,8 @@ class SpeechRig:
         lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None])[0]  # [N,4,4]
         lin = lbs[:, :3, :3]
         if particle_transforms is not None:
-            p = self.particles.blend(particle_transforms[None])[0]
-            means = (p[:, :3, :3] @ means[..., None])[..., 0] + p[:, :3, 3]
-            lin = lin @ p[:, :3, :3]
+            moved, p = self.particles.move(means, particle_transforms[None])
+            means, lin = moved[0], lin @ p[0, :, :3, :3]
         if offsets is not None:
             means = means + offsets
         means = (lbs[:, :3, :3] @ means[..., None])[..., 0] + lbs[:, :3, 3]

@@ -138,11 +138,7 @@ class FinetuneObjective(nn.Module):
         loss = loss_arap(self.particle_graph, moved, t[..., :3, :3])
         loss = loss + self.cfg.particle_anchor * ((moved - parts.rest) ** 2).sum(-1).mean()
         ids = self.arap_ids
-        b = parts.blend(t, ids)  # [T, n, 4, 4]
-        mu = self.canonical.means[ids]
-        pos = (
-            (b[..., :3, :3] @ mu[None, :, :, None])[..., 0] + b[..., :3, 3] + motion.offsets[:, ids]
-        )
+        pos, b = parts.move(self.canonical.means[ids], t, motion.offsets[:, ids], ids)
         with torch.no_grad():  # ARAP's local step: the nearest rotation, held fixed
             u, _, vh = torch.linalg.svd(b[..., :3, :3])
             rot = u @ vh

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from deform.audio import SAMPLE_RATE
+from deform.audio_features import band_loudness
 from deform.controls import BLINK_ACTIONS, DRIVEN_BONES, Controls, blinks
 
 log = logging.getLogger(__name__)
@@ -60,25 +61,9 @@ class TeacherConfig:
 
 
 # ---- signal analysis -----------------------------------------------------------------------------
-def band_loudness(samples: np.ndarray, num_frames: int, fps: float,
-                  band: tuple[float, float] = (300.0, 3000.0)) -> np.ndarray:  # fmt: skip
-    """RMS of the band-passed signal over each frame's window [t/fps, (t+1)/fps) -> [T]."""
-    n = len(samples)
-    spec = np.fft.rfft(samples.astype(np.float64))
-    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    spec[(freqs < band[0]) | (freqs > band[1])] = 0
-    x = np.fft.irfft(spec, n)
-    edges = np.round(np.arange(num_frames + 1) / fps * SAMPLE_RATE).astype(int)
-    out = np.zeros(num_frames)
-    for t in range(num_frames):
-        seg = x[min(edges[t], n) : min(edges[t + 1], n)]
-        out[t] = np.sqrt(np.mean(seg**2)) if len(seg) else 0.0
-    return out
-
-
 def frame_features(samples: np.ndarray, num: int, rate: float = RATE):
     """Per-track-frame loudness (300-3000 Hz RMS), spectral centroid and pitch (0 if unvoiced)."""
-    loud = band_loudness(samples, num, rate)
+    loud = np.nan_to_num(band_loudness(samples, rate, 0, num))
     hop = SAMPLE_RATE / rate
     win = 640
     centroid, pitch = np.zeros(num), np.zeros(num)

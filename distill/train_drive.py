@@ -313,11 +313,8 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
             # particles + Δp reproduce the fine lip actions' displacement (canonical space)
             idx = torch.searchsorted(rig.moving, sub)
             want = torch.einsum("te,enc->tnc", target_actions[:, p_ids], rig.basis[p_ids][:, idx])
-            blend = p.blend(motion.particles, sub)  # [T, n, 4, 4]
             mu = g.means[sub]
-            moved = (
-                (blend[..., :3, :3] @ mu[..., None])[..., 0] + blend[..., :3, 3] + motion.offsets
-            )
+            moved, _ = p.move(mu, motion.particles, motion.offsets, sub)
             losses["particles"] = (
                 losses["particles"] + (((moved - mu) - want) ** 2).sum(-1).mean() / 0.002**2
             )

@@ -3,6 +3,10 @@
 The photo's camera is a pinhole at the origin looking down -Z (+Y up), with an assumed vertical
 field of view; the person is placed in front of it, facing it. Everything is found by Adam on
   loss = keypoints (robust, visibility-weighted, body + hands)
+       + face (MediaPipe face-mesh eyes, nose, lip corners and inner lip edges where the face
+         detector found the face (not Holistic's guess at a masked one), robust at a
+         quarter of the face's height: the body landmarks alone left the template's mouth a few
+         millimetres off the photo's, so the jaw opened a hole in the painted upper lip)
        + silhouette (the template's vertices splatted through `render.rasterize` vs the mask)
        + priors (small bone rotations, phenotype near average),
 coarse to fine: first root rotation and translation from the torso, then everything.
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deform.templates import MEDIAPIPE_BODY, MEDIAPIPE_HAND, BodyTemplate
+from deform.templates import MEDIAPIPE_BODY, MEDIAPIPE_FACE, MEDIAPIPE_HAND, BodyTemplate
 from render import Cameras, Gaussians, look_at, rasterize
 
 from .parsing import PersonParse
@@ -36,6 +40,9 @@ class FitConfig:
     steps: int = 220
     """Adam steps on everything."""
     lambda_keypoints: float = 1.0
+    lambda_face: float = 3.0
+    face_sigma: float = 0.25
+    """Scale of the face term's robust loss, as a fraction of the face's brow-chin height."""
     lambda_silhouette: float = 2.0
     lambda_pose: float = 2e-3
     lambda_shape: float = 2e-2
@@ -97,7 +104,9 @@ def _geman_mcclure(sq: Tensor, sigma: float) -> Tensor:
 class _Targets:
     """2D targets in crop pixels with weights, in the template's landmark order."""
 
-    def __init__(self, template: BodyTemplate, parse: PersonParse, crop: Crop) -> None:
+    def __init__(
+        self, template: BodyTemplate, parse: PersonParse, crop: Crop, face_sigma: float
+    ) -> None:
         body = crop.to_crop(parse.body[:, :2])
         order = [MEDIAPIPE_BODY.index(n) for n in template.body_landmarks]
         self.body = torch.from_numpy(body[order])
@@ -114,6 +123,12 @@ class _Targets:
             if pts is not None:
                 assert len(pts) == len(MEDIAPIPE_HAND)
                 self.hands[side] = torch.from_numpy(crop.to_crop(pts).astype(np.float32))
+        self.face = self.face_sigma = None
+        if parse.face is not None and parse.face_detected and template.face_landmarks:
+            pts = crop.to_crop(parse.face[list(MEDIAPIPE_FACE.values())]).astype(np.float32)
+            self.face = torch.from_numpy(pts)
+            height = np.linalg.norm(parse.face[10] - parse.face[152]) * crop.scale  # brow-chin
+            self.face_sigma = max(face_sigma * float(height), 1.0)
         ys = body[order][vis > 0.5, 1]
         self.person_px = float(ys.max() - ys.min()) if len(ys) > 1 else float(crop.height)
 
@@ -161,7 +176,7 @@ def fit_template(
     cfg = config or FitConfig()
     crop = person_crop(parse, image_hw, cfg.size)
     cam = photo_camera(image_hw, crop, cfg.fov_deg)
-    tgt = _Targets(template, parse, crop)
+    tgt = _Targets(template, parse, crop, cfg.face_sigma)
     names = list(template.body_landmarks)
 
     # silhouette target at low resolution, and the camera for it
@@ -225,6 +240,13 @@ def fit_template(
                 hp = cam.project(template.landmarks(out, template.hand_landmarks[side])[0])[0]
                 loss_kp = (
                     loss_kp + 0.5 * _geman_mcclure(((hp - target) ** 2).sum(-1), 0.5 * sigma).mean()
+                )
+            if tgt.face is not None:
+                fp = cam.project(template.landmarks(out, template.face_landmarks)[0])[0]
+                loss_kp = (
+                    loss_kp
+                    + cfg.lambda_face
+                    * _geman_mcclure(((fp - tgt.face) ** 2).sum(-1), tgt.face_sigma).mean()
                 )
         return out, pts, loss_kp, shape
 

@@ -37,6 +37,8 @@ class PersonParse:
     face: np.ndarray | None  # [478, 2] px
     hands: dict[str, np.ndarray | None]  # "left"/"right" (the person's) -> [21, 2] px
     num_people: int  # people-sized regions seen; the parse is of the largest
+    face_detected: bool = True  # False: `face` is Holistic's guess (the face detector missed,
+    # e.g. a masked face), good for where the face is, not for placing the template's features
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
@@ -192,10 +194,11 @@ class PersonParser:
             if (mask > 0.5).sum() < 0.002 * h * w:
                 raise NoPersonError("no person found in the image (the person mask is empty)")
             face = self._face_mesh(img, body)
+            detected = face is not None
             if face is None and hol.face_landmarks is not None and body[0, 2] > 0.8:
                 face = _points(hol.face_landmarks, w, h)  # e.g. a masked face the detector misses
             hands = self._assign_hands(img, body, hol)
-        return PersonParse(mask, body, face, hands, people)
+        return PersonParse(mask, body, face, hands, people, detected)
 
     # ---- pieces --------------------------------------------------------------------------------
     def _mask(self, img: np.ndarray, pose_mask: np.ndarray, body: np.ndarray):

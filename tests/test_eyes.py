@@ -60,6 +60,16 @@ def test_eye_cover_finds_the_open_eye_and_sweeps_the_lid_down():
     assert painted(half)[upper_half].all() and not painted(half)[lower_half].any()
     assert torch.equal(full.means, posed.means)
 
+    # a lid Gaussian above the outline (the photo's eye painted a little off the template's)
+    # takes the lid colour from the blink's start; one behind the eye does not
+    lid_at = torch.cat([means, eyes[:1] + torch.tensor([[0.0, 0.02, 0.012]])])
+    posed = dots(lid_at, torch.full((len(lid_at), 3), 0.1))
+    lids = torch.zeros(len(lid_at), dtype=torch.bool)
+    lids[[-1, -2]] = True
+    with_lids = eye_cover(posed, eyes, cam, image, landmarks, lids)
+    assert len(with_lids.ids) == len(cover.ids) + 1 and with_lids.ids[-1] == len(lid_at) - 1
+    assert with_lids.height[-1] == 0 and painted(with_lids.paint(posed, 0.2))[-1]
+
 
 def test_rig_paints_blinks_only_when_it_has_an_eye_cover():
     from .helpers import template_avatar

@@ -22,8 +22,9 @@ from deform.audio import AudioError, load_audio
 from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer, load_exact
 from deform.eyes import EyeCover, eye_cover
+from deform.hands import HandState
 from deform.particles import Particles, template_particles
-from deform.rig import FRAMINGS, SpeechRig, relax_arms
+from deform.rig import FRAMINGS, SpeechRig
 from reconstruct.canonical import PART_CODES
 from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 
@@ -100,19 +101,14 @@ def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
 
 
 def speech_rig(avatar: Avatar) -> SpeechRig:
-    """The avatar on its template, from its photo pose without the root (upright, facing +Z),
-    raised arms relaxed (`deform.rig.relax_arms`)."""
+    """The avatar on its template (`SpeechRig.from_avatar`), its particles computed if the file
+    has none."""
     template = avatar.body_template()
-    base = avatar.photo_pose.clone()
-    base[0] = 0
-    base = relax_arms(template, avatar.shape, base)
-    b = avatar.binding
     try:
-        rig = SpeechRig(template, avatar.shape, base, avatar.gaussians, b.face_ids, b.bary,
-                        b.bone_ids, b.bone_weights, avatar_particles(avatar, template), b.parts)  # fmt: skip
+        return SpeechRig.from_avatar(template, avatar.shape, avatar.photo_pose, avatar.gaussians,
+                                     avatar.binding, avatar_particles(avatar, template))  # fmt: skip
     except ValueError as exc:
         raise AvatarError(str(exc)) from None
-    return rig
 
 
 def front_face(rig: SpeechRig, size: int = 512) -> tuple[Gaussians, Cameras, np.ndarray]:
@@ -141,7 +137,9 @@ def find_eyes(rig: SpeechRig) -> EyeCover | None:
     with torch.no_grad():
         joints = t(rig.shape[None], pose=rig.base_pose[None]).joints[0]
     centres = joints[[t.bone_names.index("eye.L"), t.bone_names.index("eye.R")]]
-    return eye_cover(posed, centres, cam, image, landmarks)
+    lids = torch.zeros(len(posed), dtype=torch.bool)  # what a blink moves by over a millimetre
+    lids[rig.moving] = rig.basis[rig.blink_ids].norm(dim=-1).amax(0) > 1e-3
+    return eye_cover(posed, centres, cam, image, landmarks, lids)
 
 
 class Driver:
@@ -152,6 +150,7 @@ class Driver:
         self.avatar = avatar
         self.rig = speech_rig(avatar)
         self.rig.eyes = find_eyes(self.rig)
+        self.rig.hands.seed = cfg.seed
         self.model = load_motion_model(avatar, cfg)
         with torch.no_grad():
             self.tokens = self.rig.tokens(self.model)
@@ -176,6 +175,7 @@ class Driver:
         with torch.no_grad():
             text = model.transcript_embedding(cfg.transcript)
             state = model.start(self.tokens)
+            hands = HandState()
             bar = tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress)
             with bar:
                 for start in range(0, num_frames, CHUNK):
@@ -184,7 +184,8 @@ class Driver:
                     if not cfg.particles:
                         motion = motion.without_particles()
                     blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
-                    for i, g in enumerate(rig.posed_frames(motion, blink)):
+                    fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
+                    for i, g in enumerate(rig.posed_frames(motion, blink, fingers)):
                         cam = cams[min(start + i, len(cams) - 1)]
                         yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
                         bar.update(1)

@@ -23,7 +23,7 @@ from distill.trainer import TrainConfig, distributed, train
 
 from ..asset import Avatar
 from ..errors import AvatarError
-from .drive import DriveConfig, Driver, frame_count
+from .drive import DriveConfig, find_eyes, frame_count, load_motion_model, speech_rig
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,17 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
             raise AvatarError(f"--lambda-{name}: {exc}") from None
     drive_cfg = DriveConfig(size=opts.size, framing="face")
     clips = load_clips(audio, drive_cfg.fps)  # bad speech fails before the rig is built
-    driver = Driver(avatar, drive_cfg)
+    rig = speech_rig(avatar)
+    rig.eyes = find_eyes(rig)
+    model = load_motion_model(avatar, drive_cfg)
     fps = drive_cfg.fps
-    scene = DistillScene(driver.rig, clips,
-                         training_cameras(driver.rig, opts.size), fps)  # fmt: skip
+    scene = DistillScene(rig, clips, training_cameras(rig, opts.size), fps)
     try:
         teacher = make_teacher(opts.teacher, opts.seed)
         teacher.prepare(scene)
     except (ValueError, OSError) as exc:
         raise AvatarError(f"teacher: {exc}") from None
-    return FinetuneObjective(driver.model, scene, teacher, cfg)
+    return FinetuneObjective(model, scene, teacher, cfg)
 
 
 def finetune_avatar(avatar: Avatar, audio: list[str | Path], out: str | Path,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import MEDIAPIPE_HAND, BodyTemplate, Landmark, TemplateOutput
+from .base import MEDIAPIPE_FACE, MEDIAPIPE_HAND, BodyTemplate, Landmark, TemplateOutput
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class AnnyTemplate(BodyTemplate):
             rest = self.forward(self.default_shape()[None])
         self._rest_default = rest
         self.body_landmarks, self.hand_landmarks = self._make_landmarks(rest)
+        self.face_landmarks = self._face_landmarks(rest)
 
     # ---- shape and posing --------------------------------------------------------------------
     def bone_segments(self) -> list[str]:
@@ -246,6 +247,30 @@ class AnnyTemplate(BodyTemplate):
             body[f"{side}_heel"] = Landmark("vertex", int(foot[v[foot, 2].argmin()]))
             body[f"{side}_foot_index"] = Landmark("vertex", int(toes[v[toes, 2].argmax()]))
         return body, hands
+
+    def _face_landmarks(self, rest: TemplateOutput) -> dict[str, Landmark]:
+        """Where MEDIAPIPE_FACE's points sit: the nose tip, the eyes' bones, the lips' corners,
+        and the inner lip edges in the middle: of the front lip vertices on the midline, the
+        lowest that jawOpen leaves in place (upper lip) and the highest it moves (lower)."""
+        v = rest.rest_vertices[0]
+        expr = torch.zeros(1, len(self.expression_names))
+        expr[0, self.expression_names.index("jawOpen")] = 1.0
+        with torch.no_grad():
+            moved = (self.forward(self.default_shape()[None], expression=expr).rest_vertices[0]
+                     - v).norm(dim=-1)  # fmt: skip
+        lips = torch.nonzero(self._masks["lips"]).flatten()
+        mid = lips[v[lips, 0].abs() < 0.004]
+        front = mid[v[mid, 2] > v[mid, 2].max() - 0.006]
+        lower = moved[front] > 0.3 * moved[front].max()
+        upper_ids, lower_ids = front[~lower], front[lower]
+        b = self.body_landmarks
+        table = {
+            "nose_tip": b["nose"], "mouth_left": b["mouth_left"], "mouth_right": b["mouth_right"],
+            "upper_lip_inner": Landmark("vertex", int(upper_ids[v[upper_ids, 1].argmin()])),
+            "lower_lip_inner": Landmark("vertex", int(lower_ids[v[lower_ids, 1].argmax()])),
+            "left_eye": b["left_eye"], "right_eye": b["right_eye"],
+        }  # fmt: skip
+        return {name: table[name] for name in MEDIAPIPE_FACE}
 
     def _parent(self, j: int) -> int:
         return int(self._anny.bone_parents[j])

@@ -37,6 +37,13 @@ MEDIAPIPE_HAND = (
     "ring_pip", "ring_dip", "ring_tip", "pinky_mcp", "pinky_pip", "pinky_dip", "pinky_tip",
 )  # fmt: skip
 
+# MediaPipe face-mesh points the fit places the template's face by (refined mesh: 478 points;
+# 473 / 468 are the iris centres; left / right are the person's own)
+MEDIAPIPE_FACE = {
+    "nose_tip": 1, "upper_lip_inner": 13, "lower_lip_inner": 14, "mouth_left": 291,
+    "mouth_right": 61, "left_eye": 473, "right_eye": 468,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Landmark:
@@ -59,6 +66,7 @@ class BodyTemplate(nn.Module):
     skin_weights: Tensor  # [V, K]
     body_landmarks: dict[str, Landmark]  # MediaPipe body landmark name -> template location
     hand_landmarks: dict[str, dict[str, Landmark]]  # "left"/"right" -> hand landmark -> location
+    face_landmarks: dict[str, Landmark]  # MEDIAPIPE_FACE name -> location; {} when unknown
 
     @property
     def num_bones(self) -> int:

@@ -157,6 +157,7 @@ class SMPLXTemplate(BodyTemplate):
             {k: Landmark("vertex", ids[v]) for k, v in BODY_VERTICES.items()}
         )
         self.hand_landmarks = {}
+        self.face_landmarks = {}  # the fit places the head by the body landmarks alone
         for side, s in (("left", "l"), ("right", "r")):
             table = {"wrist": Landmark("head", joint(f"{side}_wrist"))}
             for finger, (name, parts) in FINGERS.items():
