@@ -142,33 +142,38 @@ class Wav2Vec2Encoder(nn.Module):
 
 
 BAND_HZ = (300.0, 3000.0)  # the speech band: loudness here is what the jaw follows
+MIN_WINDOW_S = 0.04  # shorter frames are measured over this much audio around their centre
 
 
 def band_loudness(samples: np.ndarray | Tensor, fps: float, start: int = 0,
                   stop: int | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:  # fmt: skip
-    """[stop - start] RMS of the speech band (`BAND_HZ`) over each video frame's own window
-    [t/fps, (t+1)/fps) (Parseval over the band of the frame's spectrum), NaN for frames past the
-    audio's end; `stop` defaults to the last frame the audio reaches. Each frame reads only its
-    own samples, so chunks give exactly the values of the whole file and no frame looks further
-    ahead than its own end (40 ms at 25 fps). The one speech-band loudness of the toolkit: the
-    deformer's speech activity, the teacher's jaw and the sync measure all use it."""
+    """[stop - start] RMS of the speech band (`BAND_HZ`) of each video frame: Parseval over the
+    band of the spectrum of the frame's own window [t/fps, (t+1)/fps), widened about its centre
+    to `MIN_WINDOW_S` when the frame is shorter (at 100 Hz a 10 ms window has 100 Hz bins and
+    lets a low voice's pitch into the band); NaN for frames past the audio's end. `stop`
+    defaults to the last frame the audio reaches. Every frame's window has the same length and
+    depends on nothing else, so chunks give exactly the values of the whole file, and at 25 fps
+    no frame reads past its own end. The toolkit's one speech-band loudness: the deformer's
+    speech activity, the teacher's jaw and the sync measure all use it."""
     x = np.asarray(samples, dtype=np.float32)
     if stop is None:
         stop = math.ceil(len(x) / sample_rate * fps)
-    edges = np.round(np.arange(start, stop + 1) / fps * sample_rate).astype(np.int64)
-    lo, hi = np.minimum(edges[:-1], len(x)), np.minimum(edges[1:], len(x))
-    size = max(int(np.max(np.diff(edges), initial=1)), 1)
+    num = max(stop - start, 0)
+    size = max(math.ceil(sample_rate / fps), math.ceil(MIN_WINDOW_S * sample_rate))
+    frames = np.arange(start, start + num)
+    own_lo = np.round(frames / fps * sample_rate).astype(np.int64)
+    own_hi = np.round((frames + 1) / fps * sample_rate).astype(np.int64)
+    lo = (own_lo + own_hi) // 2 - size // 2  # the window, centred on the frame
     freqs = np.fft.rfftfreq(size, 1 / sample_rate)
     keep = (freqs >= BAND_HZ[0]) & (freqs <= BAND_HZ[1])
-    out = np.full(stop - start, np.nan)
-    for b in range(0, stop - start, 1024):  # blocks of frames: memory stays flat with length
+    out = np.full(num, np.nan)
+    for b in range(0, num, 1024):  # blocks of frames: memory stays flat with length
         idx = lo[b : b + 1024, None] + np.arange(size)[None]
-        inside = idx < hi[b : b + 1024, None]
+        inside = (idx >= 0) & (idx < len(x))
         seg = np.where(inside, x[np.clip(idx, 0, max(len(x) - 1, 0))] if len(x) else 0.0, 0.0)
         power = np.abs(np.fft.rfft(seg, axis=1)[:, keep]) ** 2
-        count = inside.sum(1)
-        loud = np.sqrt(2 * power.sum(1) / (size * np.maximum(count, 1)))
-        out[b : b + 1024] = np.where(count > 0, loud, np.nan)
+        loud = np.sqrt(2 * power.sum(1) / (size * np.maximum(inside.sum(1), 1)))
+        out[b : b + 1024] = np.where(own_lo[b : b + 1024] < len(x), loud, np.nan)
     return out
 
 

@@ -14,7 +14,8 @@ chunk by chunk like the deformer:
 
 A shape is a flexion angle per finger joint (index to pinky, 3 joints each; the thumb's three)
 and a spread per finger. Flexion turns each bone about the axis across its rest direction and
-the palm's normal, towards the palm; spread turns it about the palm's normal.
+the palm's normal, towards the palm; spread turns it about the palm's normal, positive towards
+the pinky's side on both hands (the hands are mirror images).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def finger_axes(template, shape: Tensor) -> tuple[Tensor, list[str]]:
             d = nxt - head[name] if nxt is not None else head[name] - prev
             d = torch.nn.functional.normalize(d, dim=0)
             flex = torch.nn.functional.normalize(torch.linalg.cross(d, normal), dim=0)
-            axes.append(torch.stack([flex, normal]))
+            # positive spread turns the finger towards the pinky's side on either hand
+            towards_pinky = torch.linalg.cross(normal, d) @ -across
+            axes.append(torch.stack([flex, normal * torch.sign(towards_pinky)]))
             names.append(name)
     return torch.stack(axes), names
 
@@ -107,6 +110,8 @@ class HandShaper:
         self.angles = torch.stack([shape_angles(n) for n in self.order])  # [S, 15, 2]
 
     def step(self, bones: Tensor, fps: float, state: HandState) -> tuple[Tensor, HandState]:
+        if len(bones) == 0:
+            return bones.new_zeros(0, len(self.names), 3), state
         arms = bones[:, self.arm_ids].float()  # [T, 2, 2, 3]
         prev = arms[:1] if state.prev is None else state.prev[None]
         speed = (torch.cat([prev, arms]).diff(dim=0).norm(dim=-1).sum(-1) * fps).numpy()  # [T,2]

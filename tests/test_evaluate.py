@@ -82,6 +82,21 @@ def test_band_loudness_passes_speech_band_and_stops_hum():
     assert hum[3:-3].max() < 0.01  # 50 Hz is far below the 300 Hz edge
 
 
+def test_band_loudness_is_chunk_exact_at_any_frame_rate():
+    """Every frame's window has the same length whatever the chunk, so a stream of chunks gives
+    the whole file's values (at 30 and 100 fps too, where frames are not whole 40 ms)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(16_000).astype(np.float32)
+    for fps in (25.0, 30.0, 100.0):
+        whole = band_loudness(x, fps)
+        parts = np.concatenate([band_loudness(x, fps, s, min(s + 7, len(whole)))
+                                for s in range(0, len(whole), 7)])  # fmt: skip
+        np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    assert band_loudness(x, 25.0, 10, 5).shape == (0,)
+    low = 0.5 * np.sin(2 * np.pi * 120 * np.arange(16_000) / 16_000)  # a low voice's pitch
+    assert np.nanmax(band_loudness(low, 100.0)[5:-5]) < 0.05
+
+
 def test_smooth3_centred_and_nan_aware():
     out = ev.smooth3(np.array([0.0, 3.0, 6.0, np.nan, 3.0]))
     np.testing.assert_allclose(out, [1.5, 3.0, 4.5, 4.5, 3.0])

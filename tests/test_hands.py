@@ -95,3 +95,24 @@ def test_drive_moves_the_fingers_while_talking():
     assert sum(state.beats) >= 2
     change = fingers.diff(dim=0).norm(dim=-1).sum(-1)  # [T-1] finger motion per frame
     assert change[60:].sum() > 5 * change[5:45].sum() + 1e-3  # speech, not the first silence
+
+
+def test_the_hands_are_mirror_images(shaper):
+    """The open palm fans both hands' fingers out alike (spread turns towards the pinky on
+    either hand), wider than the relaxed curl."""
+    tpl, hs = shaper
+    shape = tpl.default_shape()
+    ids = [tpl.bone_names.index(n) for n in hs.names]
+    fan = {}
+    for name in ("relaxed", "open"):
+        w = torch.zeros(1, 2, len(hs.order))
+        w[0, :, hs.order.index(name)] = 1
+        pose = torch.zeros(1, tpl.num_bones, 3)
+        pose[0, ids] = hs.rotations(w)[0]
+        out = tpl(shape[None], pose=pose)
+        for side in ("left", "right"):
+            tips = tpl.landmarks(out, {k: tpl.hand_landmarks[side][k]
+                                       for k in ("index_tip", "pinky_tip")})[0]  # fmt: skip
+            fan[name, side] = (tips[0] - tips[1]).norm().item()
+    assert abs(fan["open", "left"] - fan["open", "right"]) < 0.03 * fan["open", "left"], fan
+    assert fan["open", "left"] > 1.1 * fan["relaxed", "left"], fan

@@ -137,8 +137,8 @@ def find_eyes(rig: SpeechRig) -> EyeCover | None:
     with torch.no_grad():
         joints = t(rig.shape[None], pose=rig.base_pose[None]).joints[0]
     centres = joints[[t.bone_names.index("eye.L"), t.bone_names.index("eye.R")]]
-    lids = torch.zeros(len(posed), dtype=torch.bool)  # what a blink moves by over a millimetre
-    lids[rig.moving] = rig.basis[rig.blink_ids].norm(dim=-1).amax(0) > 1e-3
+    lids = torch.zeros(len(posed), dtype=torch.bool)  # what a blink moves down over a mm: the
+    lids[rig.moving] = rig.basis[rig.blink_ids][..., 1].amin(0) < -1e-3  # upper lid, not the lower
     return eye_cover(posed, centres, cam, image, landmarks, lids)
 
 
