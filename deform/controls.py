@@ -31,6 +31,20 @@ PARTICLE_ACTIONS = ("mouthClose", "mouthPressLeft", "mouthPressRight", "mouthFun
                     "mouthRollUpper", "mouthLowerDownLeft", "mouthLowerDownRight",
                     "mouthUpperUpLeft", "mouthUpperUpRight", "mouthShrugUpper")  # fmt: skip
 BLINK_ACTIONS = ("eyeBlinkLeft", "eyeBlinkRight")
+# mouth shapes (visemes) and the fine lip actions each makes at full strength; the teacher mixes
+# them by its phone tracks, the deformer by the probabilities it hears. The template's pucker and
+# stretch move the lips a few millimetres at weight 1, less than a real /u:/ or /i:/: the
+# particles follow those blendshapes past their end (2.2 and 1.8)
+VISEMES = ("rest", "open", "round", "spread", "closed")
+VISEME_LIPS = {
+    "rest": {},
+    "open": {"mouthLowerDownLeft": 0.4, "mouthLowerDownRight": 0.4},
+    "round": {"mouthPucker": 2.2, "mouthFunnel": 0.3},  # more funnel tears the Gaussian lips
+    "spread": {"mouthStretchLeft": 1.8, "mouthStretchRight": 1.8, "mouthUpperUpLeft": 0.25,
+               "mouthUpperUpRight": 0.25},
+    "closed": {"mouthClose": 0.6, "mouthPressLeft": 0.5, "mouthPressRight": 0.5,
+               "mouthRollLower": 0.3, "mouthShrugUpper": 0.2},
+}  # fmt: skip
 
 
 @dataclass
@@ -53,6 +67,27 @@ def check_template(template) -> None:
         raise ValueError(f"the {template.name} template cannot be driven by speech: it has no "
                          f"{', '.join(missing[:4])} ... (speech driving needs Anny's bones and "
                          "ARKit facial actions)")  # fmt: skip
+
+
+def viseme_basis() -> Tensor:
+    """[len(VISEMES), len(PARTICLE_ACTIONS)]: each viseme's fine lip action weights."""
+    out = torch.zeros(len(VISEMES), len(PARTICLE_ACTIONS))
+    for k, name in enumerate(VISEMES):
+        for action, w in VISEME_LIPS[name].items():
+            out[k, PARTICLE_ACTIONS.index(action)] = w
+    return out
+
+
+def viseme_weights(lips: Tensor) -> Tensor:
+    """[T, len(PARTICLE_ACTIONS)] lip action weights made by `VISEME_LIPS` -> [T, len(VISEMES)]
+    soft viseme targets (summing to 1): each shape's strength read from its first action, rest
+    what is left."""
+    cols = [lips[:, PARTICLE_ACTIONS.index(next(iter(VISEME_LIPS[n])))] / next(iter(VISEME_LIPS[n].values()))
+            for n in VISEMES[1:]]  # fmt: skip
+    w = torch.stack(cols, -1).clamp(0, 1)
+    rest = (1 - w.sum(-1, keepdim=True)).clamp_min(0)
+    w = torch.cat([rest, w], -1)
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
 def action_index(template, names: tuple[str, ...]) -> Tensor:

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from .audio_features import band_loudness, make_audio_encoder
-from .controls import DRIVEN_BONES, DRIVEN_HEAD, TEMPLATE_ACTIONS
+from .controls import (
+    DRIVEN_BONES,
+    DRIVEN_HEAD,
+    PARTICLE_ACTIONS,
+    TEMPLATE_ACTIONS,
+    VISEMES,
+    viseme_basis,
+)
 from .se3 import exp as se3_exp
 
 NUM_PARTS = 7  # reconstruct.canonical.PART_CODES
@@ -50,6 +57,7 @@ class DeformerConfig:
     window: int = 8  # driving tokens the Gaussian head attends over
     twist_scale: float = 0.02  # Δξ per frame: radians and metres
     offset_scale: float = 0.003  # Δp, metres
+    lip_scale: float = 0.01  # Δp per unit of a lip action through a Gaussian's lip basis, metres
     bone_smoothing: float = 0.1  # causal exponential smoothing of arm rotations (1: none)
     head_smoothing: float = 0.1  # the same for head, neck and chest (slow, calm)
     pause_smoothing: float = 0.005  # the rate for every driven bone in pauses (no speech)
@@ -142,6 +150,8 @@ class Motion:
     opacity: Tensor  # [T, N] Δα (logits)
     color: Tensor  # [T, N, 3] Δc (rgb)
     gate: Tensor  # [T] γ_t
+    visemes: Tensor  # [T, V] the probability of each mouth shape (controls.VISEMES)
+    lips: Tensor  # [T, L] the fine lip actions they make (PARTICLE_ACTIONS weights)
 
     @property
     def bones(self) -> Tensor:  # [T, B, 3]
@@ -157,7 +167,7 @@ class Motion:
         eye = torch.eye(4, dtype=self.particles.dtype).expand_as(self.particles)
         return Motion(self.controls, eye, torch.zeros_like(self.offsets),
                       torch.zeros_like(self.log_scales), torch.zeros_like(self.opacity),
-                      torch.zeros_like(self.color), self.gate)  # fmt: skip
+                      torch.zeros_like(self.color), self.gate, self.visemes, self.lips)  # fmt: skip
 
 
 class SpeechDeformer(nn.Module):
@@ -175,6 +185,10 @@ class SpeechDeformer(nn.Module):
         self.rnn = nn.GRU(d, d, batch_first=True)
         self.n_controls = 3 * len(DRIVEN_BONES) + len(TEMPLATE_ACTIONS)
         self.controls = nn.Linear(d, self.n_controls)
+        # ... and which mouth shape is heard: probabilities over VISEMES, whose fine lip
+        # actions (controls.VISEME_LIPS) the particles and the Gaussians' lip bases make
+        self.visemes = nn.Linear(d, len(VISEMES))
+        self.register_buffer("viseme_lips", viseme_basis(), persistent=False)
         # query tokens
         pe_dim = 3 + 6 * 6
         self.gauss_token = mlp(pe_dim + NUM_PARTS + 3, d, d)  # Q
@@ -184,7 +198,7 @@ class SpeechDeformer(nn.Module):
         self.proj_v = nn.Linear(2 * d, d)
         self.proj_q = nn.Linear(d, d)
         self.proj_p = nn.Linear(d, d)
-        self.mlp_xi = mlp(2 * d + 6, d, 6, zero_last=True)
+        self.mlp_xi = mlp(2 * d + len(PARTICLE_ACTIONS) + 6, d, 6, zero_last=True)
         # Gaussian head
         self.gq = nn.Linear(d, g)
         self.gk = nn.Linear(d, g)
@@ -192,7 +206,9 @@ class SpeechDeformer(nn.Module):
         self.g_hidden = nn.Sequential(nn.Linear(g, g), nn.GELU())
         self.g_out = nn.ModuleDict({k: nn.Linear(g, n) for k, n in
                                     (("p", 3), ("s", 3), ("a", 1), ("c", 3))})  # fmt: skip
-        for lin in self.g_out.values():
+        # each Gaussian's own lip basis: Δp_lips = B_n · lips_t, B_n [3, L] read from its token
+        self.g_lip = nn.Linear(g, 3 * len(PARTICLE_ACTIONS))
+        for lin in (*self.g_out.values(), self.g_lip):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -265,6 +281,8 @@ class SpeechDeformer(nn.Module):
 
         out, hidden = self.rnn(drive[None], state.hidden)
         controls = self.controls(out[0])
+        visemes = torch.softmax(self.visemes(out[0]), -1)  # [T, V]
+        lips = visemes @ self.viseme_lips  # [T, L]
         n_bones = 3 * len(DRIVEN_BONES)
         bones = controls[:, :n_bones]
         # causal smoothing of the pose: no jitter while speaking, and in pauses the pose
@@ -298,7 +316,8 @@ class SpeechDeformer(nn.Module):
         h = h.transpose(-3, -2).flatten(-2)  # [T, M, d]
         transforms, steps = state.transforms, []
         for i in range(num_frames):
-            inp = torch.cat([h[i], drive[i].expand(len(h[i]), d), state_feature(transforms)], -1)
+            inp = torch.cat([h[i], drive[i].expand(len(h[i]), d),
+                             lips[i].expand(len(h[i]), -1), state_feature(transforms)], -1)  # fmt: skip
             xi = self.mlp_xi(inp) * cfg.twist_scale
             transforms = se3_exp(xi) @ transforms
             steps.append(transforms)
@@ -313,14 +332,18 @@ class SpeechDeformer(nn.Module):
         )
         hg = self.g_hidden(att @ self.gv(win))  # [T, N, g]
         res = {k: lin(hg) for k, lin in self.g_out.items()}
+        basis = self.g_lip(gq).unflatten(-1, (3, len(PARTICLE_ACTIONS)))  # [N, 3, L]
+        lip_offsets = torch.einsum("nkl,tl->tnk", basis, lips) * cfg.lip_scale
         motion = Motion(
             controls=controls,
             particles=particles,
-            offsets=res["p"] * cfg.offset_scale,
+            offsets=res["p"] * cfg.offset_scale + lip_offsets,
             log_scales=0.1 * torch.tanh(res["s"]),
             opacity=res["a"][..., 0],
             color=0.1 * torch.tanh(res["c"]),
             gate=gamma,
+            visemes=visemes,
+            lips=lips,
         )
         new_state = DeformerState(
             transforms,

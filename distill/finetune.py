@@ -92,7 +92,7 @@ class FinetuneObjective(nn.Module):
     def param_groups(self) -> list[dict]:
         d = self.deformer
         d.audio.requires_grad_(self.cfg.train_audio)
-        for part in (d.rnn, d.controls, d.gate, d.proj_a, d.text, d.proj_z):
+        for part in (d.rnn, d.controls, d.visemes, d.gate, d.proj_a, d.text, d.proj_z):
             part.requires_grad_(self.cfg.train_template_head)
         params = [p for p in self.deformer.parameters() if p.requires_grad]
         groups = [{"params": params, "lr": self.cfg.lr}]

@@ -27,7 +27,7 @@ import torch
 
 from deform.audio import SAMPLE_RATE
 from deform.audio_features import band_loudness
-from deform.controls import BLINK_ACTIONS, DRIVEN_BONES, Controls, blinks
+from deform.controls import BLINK_ACTIONS, DRIVEN_BONES, VISEME_LIPS, Controls, blinks
 
 log = logging.getLogger(__name__)
 
@@ -177,24 +177,16 @@ def teach(template, samples: np.ndarray, num_frames: int, phones=None,
     names = template.expression_names
     actions = np.zeros((num, len(names)))
 
-    def put(name: str, values: np.ndarray) -> None:
-        actions[:, names.index(name)] = np.clip(values, 0, 1)
+    def put(name: str, values: np.ndarray, most: float = 1.0) -> None:
+        actions[:, names.index(name)] = np.clip(values, 0, most)
 
     opening, rounding, spread, closure = mouth.T
     put("jawOpen", 1.2 * opening * (1 - 0.8 * closure))
-    put("mouthClose", closure * 0.6)
-    put("mouthPressLeft", closure * 0.5)
-    put("mouthPressRight", closure * 0.5)
-    put("mouthRollLower", closure * 0.3)
-    put("mouthFunnel", rounding * 0.7)
-    put("mouthPucker", rounding * 0.8)
-    put("mouthStretchLeft", spread * 0.5)
-    put("mouthStretchRight", spread * 0.5)
-    put("mouthLowerDownLeft", opening * 0.4)
-    put("mouthLowerDownRight", opening * 0.4)
-    put("mouthUpperUpLeft", spread * 0.25)
-    put("mouthUpperUpRight", spread * 0.25)
-    put("mouthShrugUpper", closure * 0.2)
+    # the fine lip shapes: the visemes of deform.controls, mixed by the phone tracks
+    strength = {"open": opening, "round": rounding, "spread": spread, "closed": closure}
+    for viseme, lips in VISEME_LIPS.items():
+        for action, w in lips.items():
+            put(action, np.clip(strength[viseme], 0, 1) * w, most=w)
     smile = 0.12 + 0.08 * slow_noise(num, rng, 8.0)
     put("mouthSmileLeft", smile + 0.25 * spread)
     put("mouthSmileRight", smile + 0.25 * spread)

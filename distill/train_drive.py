@@ -13,8 +13,14 @@ Two stages, one command:
    - template controls: driven-bone rotations and the large facial actions (`TEMPLATE_ACTIONS`),
      each control's error in units of its spread over the data: the jaw moves far less than an
      arm in a beat gesture, yet lip sync hangs on it, so both weigh the same;
-   - particles: the displacement that the fine lip actions (`PARTICLE_ACTIONS`) give each
-     Gaussian, reproduced by the blended particle transforms plus the Gaussian head's Δp.
+   - visemes: soft cross-entropy of the template head's viseme probabilities against the
+     teacher's mouth tracks (`deform.controls.viseme_weights`), each viseme weighed by how rare
+     it is. A plain regression of the 14 lip actions (an earlier try) learned the /u:/–/i:/
+     contrast at a fifth of the teacher's strength: where the audio is ambiguous a regression
+     answers the mean, a mouth at rest;
+   - particles: the displacement that the student's own lip shape (its visemes' lip actions)
+     gives each Gaussian, reproduced by the blended particle transforms plus the Gaussian
+     head's Δp, in units of that motion in the window (1 for still particles).
    Audio is augmented every step (gain, noise, spectral tilt) so real microphones generalise.
 2. **Distillation** (`--distill-steps`): the paper's render-and-compare objective of
    `avatar finetune` (`distill.finetune`: image L1 + LPIPS, dense keypoints, ARAP) through the
@@ -50,7 +56,13 @@ import torch
 from tqdm import tqdm
 
 from deform.audio import SAMPLE_RATE, load_audio
-from deform.controls import PARTICLE_ACTIONS, TEMPLATE_ACTIONS, Controls, action_index
+from deform.controls import (
+    PARTICLE_ACTIONS,
+    TEMPLATE_ACTIONS,
+    Controls,
+    action_index,
+    viseme_weights,
+)
 from deform.deformer import (
     DEFAULT_CHECKPOINT,
     DeformerConfig,
@@ -282,6 +294,10 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
     # each control's error in units of its spread over the data (see the module docstring)
     bone_std = torch.cat([c.bones for c in clips]).std(0).clamp_min(0.01)
     action_std = torch.cat([c.actions[:, t_ids] for c in clips]).std(0).clamp_min(0.02)
+    # visemes: soft cross-entropy, each shape weighed by how rare it is (mean weight 1), so the
+    # few frames of /u:/ and /i:/ count as much as the many at rest or open
+    freq = viseme_weights(torch.cat([c.actions[:, p_ids] for c in clips])).mean(0)
+    viseme_w = (1 / freq.clamp_min(0.01)) / (1 / freq.clamp_min(0.01)).mean()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, args.lr, total_steps=args.steps, pct_start=0.05
@@ -290,7 +306,7 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
     bar = tqdm(range(args.steps), desc="train", unit="step")
     t0 = time.perf_counter()
     for _step in bar:
-        losses = {"bones": 0.0, "actions": 0.0, "particles": 0.0, "residual": 0.0}
+        losses = {"bones": 0.0, "actions": 0.0, "visemes": 0.0, "particles": 0.0, "residual": 0.0}
         for _ in range(args.batch):
             clip = clips[int(rng.integers(len(clips)))]
             rig = rigs[int(rng.integers(len(rigs)))]
@@ -310,13 +326,20 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
             err_a = (motion.actions - target_actions[:, t_ids]) / action_std
             losses["bones"] = losses["bones"] + err_b.pow(2).mean()
             losses["actions"] = losses["actions"] + err_a.pow(2).mean()
-            # particles + Δp reproduce the fine lip actions' displacement (canonical space)
+            q = viseme_weights(target_actions[:, p_ids])
+            logp = torch.log(motion.visemes.clamp_min(1e-6))
+            losses["visemes"] = losses["visemes"] - 2.0 * (viseme_w * q * logp).sum(-1).mean()
+            # particles + Δp reproduce the displacement of the lip actions the student's visemes
+            # make (canonical space), in units of that motion in the window (1 for still
+            # particles), so a pucker's few millimetres weigh as much as a jaw or an arm beat
             idx = torch.searchsorted(rig.moving, sub)
-            want = torch.einsum("te,enc->tnc", target_actions[:, p_ids], rig.basis[p_ids][:, idx])
+            lips = motion.lips.detach()
+            want = torch.einsum("te,enc->tnc", lips, rig.basis[p_ids][:, idx])
+            scale = want.pow(2).sum(-1).mean().clamp_min(0.001**2)
             mu = g.means[sub]
             moved, _ = p.move(mu, motion.particles, motion.offsets, sub)
             losses["particles"] = (
-                losses["particles"] + (((moved - mu) - want) ** 2).sum(-1).mean() / 0.002**2
+                losses["particles"] + (((moved - mu) - want) ** 2).sum(-1).mean() / scale
             )
             losses["residual"] = (
                 losses["residual"]
@@ -342,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m distill.train_drive", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--steps", type=int, default=1000, help="stage 1 steps")
+    p.add_argument("--steps", type=int, default=1500, help="stage 1 steps")
     p.add_argument("--clips", type=int, default=60, help="synthetic speech clips")
     p.add_argument("--bodies", type=int, default=4, help="body shapes")
     p.add_argument("--gaussians", type=int, default=8000, help="Gaussians per body")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from deform.audio_features import LOOKAHEAD_S, LogMel, LogMelEncoder, mel_centre_index
+from deform.controls import PARTICLE_ACTIONS
 from deform.deformer import (
     DEFAULT_CHECKPOINT,
     DeformerConfig,
@@ -208,3 +209,19 @@ def test_particle_binding_weights():
     p = Particles(anchors, torch.zeros(40, dtype=torch.uint8), ids, w)
     eye = torch.eye(4).expand(1, 40, 4, 4)
     assert torch.allclose(p.blend(eye), torch.eye(4).expand(1, 500, 4, 4))
+
+
+def test_visemes_make_the_teachers_lip_shapes():
+    """The deformer's lip shape is its viseme probabilities times `VISEME_LIPS`; the targets it
+    learns from (`viseme_weights`) read those strengths back from the teacher's lip actions."""
+    from deform.controls import VISEMES, viseme_basis, viseme_weights
+
+    basis = viseme_basis()
+    strengths = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.2, 0.7, 0.0, 0.0], [0.1, 0.0, 0.6, 0.0],
+                              [0.0, 0.0, 0.0, 1.0]])  # fmt: skip  # open, round, spread, closed
+    rest = 1 - strengths.sum(-1, keepdim=True)
+    probs = torch.cat([rest, strengths], -1)
+    lips = probs @ basis
+    assert torch.allclose(viseme_weights(lips), probs, atol=1e-6)
+    pucker = basis[:, PARTICLE_ACTIONS.index("mouthPucker")]
+    assert pucker[VISEMES.index("round")] > 1 and pucker[VISEMES.index("spread")] == 0

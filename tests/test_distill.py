@@ -310,7 +310,9 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     assert set(meta["distill"]["loss_last"]) >= {"img", "kpt", "reg"}
     before, after = load_file(str(work / STAGE1)), load_file(str(out))
     same = {k for k in after if torch.equal(before[k], after[k])}
-    assert all(k in same for k in after if k.split(".")[0] in ("audio", "controls", "rnn"))
+    assert all(
+        k in same for k in after if k.split(".")[0] in ("audio", "controls", "visemes", "rnn")
+    )
     assert not any(k in same for k in after if k.split(".")[0] in ("mlp_xi", "g_out"))
     load_deformer(out)  # loads as a drive checkpoint
 
