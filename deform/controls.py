@@ -82,9 +82,11 @@ def viseme_weights(lips: Tensor) -> Tensor:
     """[T, len(PARTICLE_ACTIONS)] lip action weights made by `VISEME_LIPS` -> [T, len(VISEMES)]
     soft viseme targets (summing to 1): each shape's strength read from its first action, rest
     what is left."""
-    cols = [lips[:, PARTICLE_ACTIONS.index(next(iter(VISEME_LIPS[n])))] / next(iter(VISEME_LIPS[n].values()))
-            for n in VISEMES[1:]]  # fmt: skip
-    w = torch.stack(cols, -1).clamp(0, 1)
+    strength = []
+    for name in VISEMES[1:]:
+        action, full = next(iter(VISEME_LIPS[name].items()))  # the shape's first lip action
+        strength.append(lips[:, PARTICLE_ACTIONS.index(action)] / full)
+    w = torch.stack(strength, -1).clamp(0, 1)
     rest = (1 - w.sum(-1, keepdim=True)).clamp_min(0)
     w = torch.cat([rest, w], -1)
     return w / w.sum(-1, keepdim=True).clamp_min(1e-6)
