@@ -70,6 +70,10 @@ def eye_cover(posed: Gaussians, eye_centres: Tensor, camera: Cameras, image: np.
     near = torch.cdist(posed.means, eye_centres).min(1).values.numpy() < 0.025
     front = (posed.means[:, 2] > eye_centres[:, 2].min()).numpy()  # the body faces +Z
     ids, heights, colours = [], [], []
+    if lids is not None:  # each lid Gaussian belongs to the outline nearest it in the image
+        centres = [landmarks[list(a + b)].mean(0) for a, b in EYE_OUTLINES]
+        nearest = np.stack([np.linalg.norm(uv - c, axis=1) for c in centres]).argmin(0)
+        lid_here = lids.numpy() & near & front
     for upper, lower in EYE_OUTLINES:
         top, bottom = landmarks[list(upper)], landmarks[list(lower)]
         outline = np.concatenate([top, bottom[::-1][1:-1]])
@@ -86,10 +90,7 @@ def eye_cover(posed: Gaussians, eye_centres: Tensor, camera: Cameras, image: np.
         lid = np.median(image[probe[:, 1], probe[:, 0]].astype(np.float64) / 255.0, axis=0)
         h = heights[-1]
         if lids is not None:  # this eye's lid Gaussians, in the opening or around it
-            centres = [landmarks[list(a + b)].mean(0) for a, b in EYE_OUTLINES]
-            d = np.stack([np.linalg.norm(uv - c, axis=1) for c in centres])
-            which = d.argmin(0) == len(ids)  # the outline nearest in the image is its eye
-            on_lid = np.nonzero(lids.numpy() & near & front & which)[0]
+            on_lid = np.nonzero(lid_here & (nearest == len(ids)))[0]
             h = np.where(np.isin(mine, on_lid), 0.0, h)  # the lid moves as one: covered at once
             extra = np.setdiff1d(on_lid, mine)
             mine, h = np.concatenate([mine, extra]), np.concatenate([h, np.zeros(len(extra))])

@@ -58,20 +58,23 @@ def test_chunking_does_not_change_the_hands(shaper):
     assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
 
 
+def posed_in(tpl, hs, name: str):
+    """The template at rest with both hands in the shape `name`."""
+    w = torch.zeros(1, 2, len(hs.order))
+    w[0, :, hs.order.index(name)] = 1
+    pose = torch.zeros(1, tpl.num_bones, 3)
+    pose[0, [tpl.bone_names.index(n) for n in hs.names]] = hs.rotations(w)[0]
+    return tpl(tpl.default_shape()[None], pose=pose)
+
+
 def test_flexion_closes_the_hand_and_open_opens_it(shaper):
     """Fingertips nearer the palm's centre in a fist-like beat than in an open palm: the axes
     turn the fingers towards the palm, not away from it."""
     tpl, hs = shaper
-    shape = tpl.default_shape()
     tips = [tpl.hand_landmarks["left"][f"{f}_tip"] for f in ("index", "middle", "ring", "pinky")]
-    ids = [tpl.bone_names.index(n) for n in hs.names]
     spread = {}
     for name in ("open", "beat"):
-        w = torch.zeros(1, 2, len(hs.order))
-        w[0, :, hs.order.index(name)] = 1
-        pose = torch.zeros(1, tpl.num_bones, 3)
-        pose[0, ids] = hs.rotations(w)[0]
-        out = tpl(shape[None], pose=pose)
+        out = posed_in(tpl, hs, name)
         tip = torch.stack([tpl.landmarks(out, {"t": lm})[0, 0] for lm in tips])
         j = out.joints[0]
         palm = (j[tpl.bone_names.index("finger2-1.L")] + j[tpl.bone_names.index("finger5-1.L")]
@@ -101,15 +104,9 @@ def test_the_hands_are_mirror_images(shaper):
     """The open palm fans both hands' fingers out alike (spread turns towards the pinky on
     either hand), wider than the relaxed curl."""
     tpl, hs = shaper
-    shape = tpl.default_shape()
-    ids = [tpl.bone_names.index(n) for n in hs.names]
     fan = {}
     for name in ("relaxed", "open"):
-        w = torch.zeros(1, 2, len(hs.order))
-        w[0, :, hs.order.index(name)] = 1
-        pose = torch.zeros(1, tpl.num_bones, 3)
-        pose[0, ids] = hs.rotations(w)[0]
-        out = tpl(shape[None], pose=pose)
+        out = posed_in(tpl, hs, name)
         for side in ("left", "right"):
             tips = tpl.landmarks(out, {k: tpl.hand_landmarks[side][k]
                                        for k in ("index_tip", "pinky_tip")})[0]  # fmt: skip
