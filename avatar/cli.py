@@ -144,6 +144,30 @@ def cmd_drive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_converse(args: argparse.Namespace) -> int:
+    from .asset import Avatar
+    from .media import check_output
+    from .pipelines.converse import ListenConfig, converse_avatar, load_tracks
+    from .pipelines.drive import DriveConfig
+
+    out = Path(args.output)
+    check_output(out, args.force)
+    if out.suffix.lower() != ".mp4":
+        raise AvatarError(f"{out}: converse writes an .mp4 video")
+    if args.report:
+        check_output(Path(args.report), args.force)
+    tracks = load_tracks(args.audio, args.partner, args.channel, args.speaker)
+    avatar = Avatar.load(args.avatar, args.body)
+    summary = converse_avatar(avatar, tracks, out, config_from_args(DriveConfig, args),
+                              config_from_args(ListenConfig, args), args.report)  # fmt: skip
+    print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
+          f"{summary['fps']:g} fps; speaking {summary['speaking_s']:.1f} s, listening "
+          f"{summary['listening_s']:.1f} s)")  # fmt: skip
+    if args.report:
+        print(f"wrote {args.report}")
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -185,6 +209,14 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
 
         reference = neutral_face(Avatar.load(args.avatar, args.body), args.size)
     result = evaluate_video(args.video, args.audio, reference, args.transcript)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_eval_converse(args: argparse.Namespace) -> int:
+    from .evaluate import converse_metrics
+
+    result = converse_metrics(args.video, args.report)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
@@ -323,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     from distill.finetune import FinetuneConfig
 
     from .bench import DriveBenchConfig, FinetuneBenchConfig, RenderBenchConfig
+    from .pipelines.converse import ListenConfig
     from .pipelines.create import CreateConfig
     from .pipelines.drive import DriveConfig
     from .pipelines.finetune import FinetuneOptions
@@ -406,6 +439,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_body(p)
     p.set_defaults(func=cmd_drive)
 
+    p = sub.add_parser("converse", help="an avatar in a conversation: it talks and listens",
+                       description="One avatar in a conversation: its own voice drives it as in "
+                       "drive; while the partner speaks it listens (closed mouth, nods after the "
+                       "partner's phrases, smiles, gaze, blinks). The partner is a second file "
+                       "(--partner), the other channel of a stereo file (--channel), or the other "
+                       "speaker of a mixed recording (--speaker). The video has both voices. "
+                       "Look-ahead: 92.5 ms.")  # fmt: skip
+    p.add_argument("avatar", help="an avatar from avatar create (folder or .zip)")
+    p.add_argument("--audio", required=True, help="the avatar's own voice (or a stereo file "
+                   "with --channel)")  # fmt: skip
+    p.add_argument("--partner", help="the partner's voice, its own file")
+    p.add_argument("--channel", choices=("left", "right"), help="the avatar's channel of a "
+                   "stereo --audio file; the other channel is the partner")  # fmt: skip
+    p.add_argument("--speaker", type=int, choices=(1, 2), help="the avatar's speaker in a mixed "
+                   "recording (--audio): 1 speaks first; split offline by voice activity and "
+                   "speaker embeddings (needs the diarize extra)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="OUT.mp4")
+    p.add_argument("--report", help="also write a JSON report: speech probabilities, the "
+                   "motion of every frame, reaction delays, head speed")  # fmt: skip
+    add_config_args(p, DriveConfig, skip=("transcript",))
+    add_config_args(p, ListenConfig)
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_body(p)
+    p.set_defaults(func=cmd_converse)
+
     p = sub.add_parser("finetune", help="distil a teacher into an avatar's motion weights",
                        description="Per-identity fine-tuning: the avatar driven by the given "
                        "speech is rendered and compared with a teacher (frames, keypoints, "
@@ -445,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_body(e)
     e.set_defaults(func=cmd_eval_sync)
+    e = ev.add_parser("converse", help="a conversation video's mouth while talking and listening",
+                      description="MediaPipe inner-lip gap while only the partner speaks over "
+                      "while only the avatar speaks (≤ 0.15), from the video and its avatar "
+                      "converse --report, with the report's head and reaction figures.")  # fmt: skip
+    e.add_argument("video", help="a video from avatar converse")
+    e.add_argument("--report", required=True, help="its --report JSON")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval_converse)
     e = ev.add_parser("speech", help="drive an avatar with known words and measure its mouth, "
                       "face and body", description="Drives the avatar with words espeak-ng says "
                       "one by one (rounded, spread and bilabial), then measures with MediaPipe: "

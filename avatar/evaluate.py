@@ -420,3 +420,32 @@ def evaluate_video(
         frames = (f for i, f in enumerate(read_frames(video_path)) if i in pick)
         identity = identity_similarity(reference_image, frames)
     return {"sync": sync, "identity": identity}
+
+
+def converse_metrics(video_path: str | os.PathLike, report_path: str | os.PathLike) -> dict:
+    """The mouth of a conversation video (`avatar converse --report`) by role: MediaPipe's
+    inner-lip gap (as `sync_metrics`) while only the partner speaks over while only the avatar
+    does (≤ 0.15: a listener's mouth is closed), beside the report's motion figures."""
+    import json
+
+    from distill.converse_measures import roles
+
+    try:
+        report = json.loads(Path(report_path).read_text())
+        own = np.asarray(report["own_speech_probability"], np.float64)
+        partner = np.asarray(report["partner_speech_probability"], np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"{report_path}: not a report of avatar converse --report "
+                              f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+    gap = mouth_track(read_frames(video_path))["opening"]
+    if len(gap) != len(own):
+        raise EvaluationError(f"{video_path} has {len(gap)} frames, its report {len(own)}: "
+                              "not the report of this video")  # fmt: skip
+    talk, listen = roles(own, partner)
+    mean = lambda m: float(np.nanmean(gap[m])) if np.isfinite(gap[m]).any() else float("nan")  # noqa: E731
+    figures = {k: report[k] for k in ("head_speed_ratio", "longest_still_listening_s",
+                                      "reaction_delay_median_s", "nodded_phrase_ends") if k in report}  # fmt: skip
+    ratio = mean(listen) / mean(talk) if mean(talk) > 0 else float("nan")
+    return {"gap_speaking": mean(talk), "gap_listening": mean(listen),
+            "gap_listening_over_speaking": ratio, "face_found_fraction": float(np.isfinite(gap).mean()),
+            **figures, "pass": {"quiet_mouth": bool(ratio <= 0.15)}}  # fmt: skip

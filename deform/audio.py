@@ -52,9 +52,19 @@ def open_media(path: Path, kind: str, error: type[Exception]):
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Audio:
+    samples, source_rate, channels = _decode(Path(path), sample_rate, mix=True)
+    return Audio(samples, sample_rate, source_rate, channels, str(path))
+
+
+def load_channels(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """[C, S] float32 in [-1, 1]: each channel of the file's first audio track, resampled."""
+    return _decode(Path(path), sample_rate, mix=False)[0]
+
+
+def _decode(path: Path, sample_rate: int, mix: bool) -> tuple[np.ndarray, int, int]:
+    """The samples ([S] averaged over channels, or [C, S]), the file's rate and channels."""
     import av
 
-    path = Path(path)
     with open_media(path, "an audio file", AudioError) as container:
         if not container.streams.audio:
             raise AudioError(f"{path}: the file has no audio track")
@@ -65,19 +75,23 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Audio
         # downmix sums stereo at 1/sqrt(2) each, which clips loud recordings
         resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=sample_rate)
         chunks, total, cap = [], 0, int(MAX_SECONDS * sample_rate)
+
+        def take(frames) -> list[np.ndarray]:
+            return [f.to_ndarray().mean(axis=0) if mix else f.to_ndarray() for f in frames]
+
         try:
             for frame in container.decode(stream):
-                new = [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                new = take(resampler.resample(frame))
                 chunks += new
-                total += sum(map(len, new))
+                total += sum(x.shape[-1] for x in new)
                 if total > cap:
                     raise AudioError(f"{path}: longer than the {MAX_SECONDS / 3600:g}-hour limit")
-            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+            chunks += take(resampler.resample(None))
         except av.error.FFmpegError as exc:
             raise AudioError(f"{path}: the audio data is corrupt ({exc.strerror or exc})") from None
-    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if len(samples) == 0:
+    if sum(x.shape[-1] for x in chunks) == 0:
         raise AudioError(f"{path}: the audio track holds no samples")
+    samples = np.concatenate(chunks, axis=-1).astype(np.float32)
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: the audio holds NaN or infinite samples")
-    return Audio(np.clip(samples, -1.0, 1.0), sample_rate, source_rate, channels, str(path))
+    return np.clip(samples, -1.0, 1.0), source_rate, channels

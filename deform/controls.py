@@ -104,16 +104,21 @@ def compose_pose(base: Tensor, bone_ids: Tensor, deltas: Tensor) -> Tensor:
     return pose
 
 
-def blinks(num_frames: int, fps: float, seed: int = 0, start: int = 0) -> np.ndarray:
+def blinks(num_frames: int, fps: float, seed: int = 0, start: int = 0,
+           rate: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Blink weights [T] in [0, 1] for frames start..start+num_frames-1: blinks about every
     2-6 s (a seeded renewal process, the same for any chunking), each 0.25 s, closing faster
-    than it opens."""
+    than it opens. `rate` [frames of the whole clip] speeds the process up where it is above 1
+    (a listener blinks more): the wait after a blink is divided by the rate at that blink."""
     rng = np.random.default_rng(seed)
     times, t = [], 0.6 + rng.uniform(0, 1.5)
     end = (start + num_frames) / fps + 1.0
     while t < end:
         times.append(t)
-        t += rng.uniform(2.0, 6.0)
+        wait = rng.uniform(2.0, 6.0)
+        if rate is not None and len(rate):
+            wait /= max(float(rate[min(int(t * fps), len(rate) - 1)]), 1e-3)
+        t += wait
     frame_t = (start + np.arange(num_frames) + 0.5) / fps
     w = np.zeros(num_frames)
     for b in times:

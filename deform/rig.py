@@ -148,10 +148,16 @@ class SpeechRig:
         out[:, self.moving] = torch.einsum("te,enc->tnc", actions, self.basis)
         return out
 
-    def transforms(self, bones: Tensor, fingers: Tensor | None = None) -> Tensor:
+    def transforms(self, bones: Tensor, fingers: Tensor | None = None,
+                   eyes: Tensor | None = None) -> Tensor:  # fmt: skip
         """[T, B, 3] deltas of DRIVEN_BONES (and [T, 30, 3] finger rotations from
-        `deform.hands`, replacing the photo's finger pose) -> [T, J, 4, 4]."""
-        pose = compose_pose(self.base_pose, self.driven, bones.float())
+        `deform.hands`, replacing the photo's finger pose; [T, 2, 3] deltas of the eye bones,
+        left then right: gaze) -> [T, J, 4, 4]."""
+        ids, deltas = self.driven, bones.float()
+        if eyes is not None:
+            eye_ids = torch.tensor([self.template.bone_names.index(f"eye.{s}") for s in "LR"])
+            ids, deltas = torch.cat([ids, eye_ids]), torch.cat([deltas, eyes.to(deltas)], 1)
+        pose = compose_pose(self.base_pose, ids, deltas)
         if fingers is not None:
             pose[:, self.finger_ids] = fingers.to(pose)
         shape = self.shape[None].expand(len(pose), -1)
@@ -169,12 +175,13 @@ class SpeechRig:
         return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights)
 
     def posed_frames(
-        self, motion, blink: Tensor, fingers: Tensor | None = None
+        self, motion, blink: Tensor, fingers: Tensor | None = None, eyes: Tensor | None = None
     ) -> Iterator[Gaussians]:
         """The avatar posed by each frame of a deformer's `Motion` (bones, template actions,
-        particle transforms, residuals), with blink weights [T] (`controls.blinks`) and finger
-        rotations [T, 30, 3] (`deform.hands`; None keeps the photo's hands)."""
-        transforms = self.transforms(motion.bones, fingers)
+        particle transforms, residuals), with blink weights [T] (`controls.blinks`), finger
+        rotations [T, 30, 3] (`deform.hands`; None keeps the photo's hands) and eye-bone
+        deltas [T, 2, 3] (gaze; None: the photo's)."""
+        transforms = self.transforms(motion.bones, fingers, eyes)
         actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
         actions[:, self.template_ids] = motion.actions
         actions[:, self.blink_ids] = blink[:, None].to(actions)

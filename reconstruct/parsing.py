@@ -70,7 +70,11 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _points(landmarks, w: float, h: float, dtype=np.float32) -> np.ndarray:
+def _points(landmarks, w: float, h: float, dtype=np.float32, depth: bool = False) -> np.ndarray:
+    """Pixel coordinates [L, 2]; with `depth`, [L, 3] with MediaPipe's relative depth in the
+    same pixel units (it scales z like x: larger is further from the camera)."""
+    if depth:
+        return np.array([[p.x * w, p.y * h, p.z * w] for p in landmarks.landmark], dtype)
     return np.array([[p.x * w, p.y * h] for p in landmarks.landmark], dtype)
 
 
@@ -104,11 +108,11 @@ class FaceMesh(_Graph):
                                                           refine_landmarks=True)  # fmt: skip
             self._graph.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
 
-    def __call__(self, rgb: np.ndarray, dtype=np.float64) -> np.ndarray | None:
+    def __call__(self, rgb: np.ndarray, dtype=np.float64, depth: bool = False) -> np.ndarray | None:
         with _quiet_stderr():
             found = self._graph.process(np.ascontiguousarray(rgb)).multi_face_landmarks
         h, w = rgb.shape[:2]
-        return _points(found[0], w, h, dtype) if found else None
+        return _points(found[0], w, h, dtype, depth) if found else None
 
 
 class Hands(_Graph):

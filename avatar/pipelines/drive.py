@@ -166,8 +166,10 @@ class Driver:
                              FRAMINGS[cfg.framing])  # fmt: skip
 
     def frames(
-        self, samples: np.ndarray, num_frames: int, progress: bool = True
+        self, samples: np.ndarray, num_frames: int, progress: bool = True, listener=None
     ) -> Iterator[np.ndarray]:
+        """The video's frames; with a `deform.listener.Listener`, the avatar also listens (its
+        head, face, gaze and blinks blended with the conversation model's)."""
         cfg, rig, model = self.cfg, self.rig, self.model
         cams = self.cameras(num_frames)
         audio = torch.from_numpy(samples)
@@ -183,9 +185,14 @@ class Driver:
                     motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
                     if not cfg.particles:
                         motion = motion.without_particles()
-                    blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+                    eyes = None
+                    if listener is None:
+                        blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+                    else:
+                        blink = listener.blinks(start, n)
+                        motion, eyes = listener.chunk(motion, start)
                     fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
-                    for i, g in enumerate(rig.posed_frames(motion, blink, fingers)):
+                    for i, g in enumerate(rig.posed_frames(motion, blink, fingers, eyes)):
                         cam = cams[min(start + i, len(cams) - 1)]
                         yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
                         bar.update(1)

@@ -1,0 +1,332 @@
+"""The conversational motion model: the avatar's head, face and gaze while it talks and listens.
+
+The speech deformer (`deform.deformer`) makes an avatar talk from its own voice. In a
+conversation the avatar also listens; this model makes that motion from the two tracks' speech
+probabilities (`deform.voice`) and the partner's audio, as UniLS, REALM and "Beyond Monologue"
+describe (equations and settings in the README). Per video frame t, causal and streamed:
+
+    e_role,t = m_t · e_speak + (1 − m_t) · e_listen          m_t: the own track's speech prob.
+    h_t      = GRU(Proj_x(x_t−1) + e_role,t)                  the avatar's own motion history
+    a_j      = Enc(partner log-mel)_j ⊕ p_j                   p_j: the partner's speech prob.
+    c_t      = Σ_j softmax_j(q_t·k_j/√d + b_h(t − j)) v_j     over j ∈ (t − W, t]
+    b_h(d)   = −s_h · |d − τ| − (d − τ)² / (2 σ_h²)          shifted ALiBi (delay τ, slope s_h)
+                                                             + a Gaussian temporal kernel (σ_h)
+    g_t      = σ(W_g [h_t, c_t]),  u_t = g_t ⊙ c_t + (1 − g_t) ⊙ h_t
+    coarse:  every K frames, the head pose K frames ahead: key = μ_c,k(u) + σ_c,k(u)·ε (the
+             pose itself, not a change: sampling noise does not add up to a drift)
+             with k drawn from a mixture of `mixtures` Gaussians (π_k(u)); frames in between
+             ease from the last key to the new one (the head's slow trajectory)
+    fine:    expression and gaze  f_t = μ_f(u_t) + σ_f(a_t, e_role) · ε_t   (audio-modulated
+             noise; ε an AR(1) process with unit variance, ρ = 0.95 per frame)
+    nods:    a listener's nods are events: a nod starts at frame t with probability
+             h_t = σ(w · u_t) (the hazard), its amplitude ~ N(μ_a(u_t), σ_a(u_t)), and moves the
+             head and neck by the fixed curve `nod_curve` on top of the coarse trajectory
+
+x_t are the motion features of `FEATURES` (normalised by the training data's mean and spread).
+Stage 1 (audio-free) trains with c_t = 0 and the gate shut (u_t = h_t); stage 2 opens both.
+Heads: σ_h = `kernel_frames` (narrow heads for talking, wide for listening), slopes 2^−(h+1)
+per frame, τ = `delay_s` (REALM: about 0.26 s). Look-ahead: the partner's log-mel encoder's
+92.5 ms; the speech probabilities' 32 ms window. Randomness is drawn from a generator seeded
+once per clip, one draw per frame in order, so any chunking gives the same motion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .audio_features import LogMelEncoder
+from .controls import DRIVEN_BONES, TEMPLATE_ACTIONS
+
+# what the model moves: head, neck and chest rotations (coarse), then the large facial actions
+# and the eyes' gaze (fine) as yaw and pitch away from the partner, radians
+COARSE_BONES = ("head", "neck02", "spine02")
+FINE = (*TEMPLATE_ACTIONS, "gazeYaw", "gazePitch")
+FEATURES = tuple(f"{b}.{a}" for b in COARSE_BONES for a in "xyz") + FINE
+NUM_COARSE = 3 * len(COARSE_BONES)
+NOD_RISE_S, NOD_FALL_S = 0.18, 0.3  # a nod's way down and back up
+# sampling: the learned spreads at full size overshoot the teacher's motion (Fréchet distance 160
+# against 31 at 0.4 on validation conversations, README); ε of the fine features is AR(1)
+TEMPERATURE, DETAIL_RHO = 0.5, 0.95
+NOD_WEIGHTS = {"head.x": 1.0, "neck02.x": 0.5}  # +x tips forward: a nod goes down first
+
+
+def nod_curve(dt):
+    """A nod's shape 0 → 1 → 0 at `dt` seconds after its onset (numpy or torch, any shape)."""
+    lib = torch if isinstance(dt, Tensor) else np
+    up = lib.clip(dt / NOD_RISE_S, 0, 1)
+    down = lib.clip((dt - NOD_RISE_S) / NOD_FALL_S, 0, 1)
+    ease = lambda s: s * s * (3 - 2 * s)  # noqa: E731
+    return ease(up) * (1 - ease(down))
+
+
+def nod_vector() -> Tensor:
+    """[F] what a nod of amplitude 1 adds to each feature."""
+    v = torch.zeros(len(FEATURES))
+    for name, w in NOD_WEIGHTS.items():
+        v[FEATURES.index(name)] = w
+    return v
+
+
+assert COARSE_BONES == DRIVEN_BONES[: len(COARSE_BONES)]
+
+
+@dataclass(frozen=True)
+class ConverseConfig:
+    dim: int = 64
+    heads: int = 4
+    audio_dim: int = 32  # partner log-mel tokens
+    window: int = 64  # partner frames attended (2.56 s at 25 fps)
+    coarse: int = 5  # frames per coarse head key (0.2 s at 25 fps)
+    mixtures: int = 4  # Gaussians in the coarse head's mixture
+    delay_s: float = 0.26  # τ of the shifted ALiBi bias
+    kernel_frames: tuple[float, ...] = (2.0, 4.0, 12.0, 32.0)  # σ_h per head
+    fps: float = 25.0  # the rate the model was trained at (τ and σ_h are in its frames)
+    history: bool = True  # False: no motion history (the audio-only ablation)
+    partner_audio: bool = True  # False: audio-free (stage 1; the stage-1-only ablation)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def temporal_bias(cfg: ConverseConfig) -> Tensor:
+    """[heads, W] b_h(d) for d = W−1 .. 0 (oldest partner frame first)."""
+    d = torch.arange(cfg.window - 1, -1, -1, dtype=torch.float32)
+    tau = cfg.delay_s * cfg.fps
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(cfg.heads)])[:, None]
+    sigma = torch.tensor(cfg.kernel_frames, dtype=torch.float32)[:, None]
+    return -slopes * (d - tau).abs() - (d - tau) ** 2 / (2 * sigma**2)
+
+
+@dataclass
+class ConverseState:
+    """What carries from one streamed chunk to the next."""
+
+    hidden: Tensor  # [1, 1, d] GRU state
+    last: Tensor  # [F] normalised motion features of the previous frame
+    smooth: Tensor  # [NUM_COARSE] the same frame's head without its nods (normalised)
+    nods: list[tuple[int, float]]  # (onset frame, amplitude) of the nods still moving
+    partner: Tensor  # [W-1, a+1] the partner tokens before this chunk
+    keys: tuple[Tensor, Tensor]  # the head's last and next coarse keys (normalised)
+    noise: Tensor  # [len(FINE)] the AR(1) noise of the fine features
+    frame: int
+    rng: torch.Generator = field(repr=False)
+
+
+class ConverseModel(nn.Module):
+    def __init__(self, cfg: ConverseConfig = ConverseConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d, f, a = cfg.dim, len(FEATURES), cfg.audio_dim + 1
+        if len(cfg.kernel_frames) != cfg.heads:
+            raise ValueError("one Gaussian kernel width per attention head")
+        self.register_buffer("mean", torch.zeros(f))
+        self.register_buffer("std", torch.ones(f))
+        self.role = nn.Parameter(torch.randn(2, d) * 0.1)  # e_speak, e_listen
+        self.proj_x = nn.Linear(f, d)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.audio = LogMelEncoder(cfg.audio_dim, hidden=64)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(a, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.register_buffer("bias", temporal_bias(cfg), persistent=False)
+        self.gate = nn.Linear(2 * d, d)
+        c = cfg.mixtures
+        self.coarse_head = nn.Sequential(nn.Linear(d, d), nn.GELU(),
+                                         nn.Linear(d, c * (1 + 2 * NUM_COARSE)))  # fmt: skip
+        self.fine_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(FINE)))
+        self.noise_head = nn.Sequential(nn.Linear(a + d, d), nn.GELU(), nn.Linear(d, len(FINE)))
+        self.nod_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 3))
+        nn.init.constant_(self.nod_head[-1].bias, -4.0)  # nods are rare: start near none
+        self.register_buffer("nod", nod_vector(), persistent=False)
+        self.audio_on = cfg.partner_audio  # False: stage 1, c_t = 0 and the gate shut
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def roles(self, own: Tensor) -> Tensor:  # [..., T] -> [..., T, d]
+        return own[..., None] * self.role[0] + (1 - own[..., None]) * self.role[1]
+
+    def partner_tokens(self, samples: Tensor | np.ndarray, partner_prob: Tensor, start: int,
+                       stop: int) -> Tensor:  # fmt: skip
+        """[stop − start, a+1] a_j for partner frames start..stop−1 (`partner_prob` covers them)."""
+        enc = self.audio.encode(samples, start, stop, self.cfg.fps)
+        return torch.cat([enc, partner_prob[:, None].to(enc)], -1)
+
+    def attend(self, h: Tensor, tokens: Tensor) -> Tensor:
+        """c_t [B, T, d] from h [B, T, d] and partner tokens [B, W−1+T, a+1] (window first)."""
+        cfg, (_, t, d) = self.cfg, h.shape
+        k, v = self.kv(tokens).chunk(2, -1)  # [B, W-1+T, d]
+        win = lambda x: x.unfold(1, cfg.window, 1)[:, :t]  # [B, T, d, W]  # noqa: E731
+        dh = d // cfg.heads
+        q = self.q(h).unflatten(-1, (cfg.heads, dh))  # [B, T, H, dh]
+        kw = win(k).unflatten(2, (cfg.heads, dh))  # [B, T, H, dh, W]
+        vw = win(v).unflatten(2, (cfg.heads, dh))
+        logits = (q[..., None] * kw).sum(-2) / math.sqrt(dh) + self.bias  # [B, T, H, W]
+        att = torch.softmax(logits, -1)
+        return self.out((att[..., None, :] * vw).sum(-1).flatten(-2))
+
+    def mix(self, h: Tensor, c: Tensor) -> Tensor:
+        if not self.cfg.history:
+            return c
+        if not self.audio_on:
+            return h
+        g = torch.sigmoid(self.gate(torch.cat([h, c], -1)))
+        return g * c + (1 - g) * h
+
+    def heads_out(self, u: Tensor, tokens: Tensor, roles: Tensor):
+        """Mixture logits [..., C], means and log-spreads [..., C, 9] of the coarse head, the fine
+        features' means and spreads [..., len(FINE)]."""
+        c = self.cfg.mixtures
+        raw = self.coarse_head(u)
+        logit_c = raw[..., :c]
+        mu_c, log_sc = raw[..., c:].unflatten(-1, (c, 2 * NUM_COARSE)).chunk(2, -1)
+        mu_f = self.fine_head(u)
+        a = tokens if self.audio_on else torch.zeros_like(tokens)
+        sigma_f = nn.functional.softplus(self.noise_head(torch.cat([a, roles], -1))) + 1e-3
+        return (logit_c, mu_c, log_sc.clamp(-6, 2)), mu_f, sigma_f
+
+    # ---- training: teacher-forced, all frames at once -------------------------------------------
+    def forward(self, x: Tensor, own: Tensor, tokens: Tensor,
+                history_noise: float = 0.0) -> dict[str, Tensor]:  # fmt: skip
+        """x [B, T, F] normalised features, own [B, T], tokens [B, W−1+T, a+1]; the outputs
+        for every frame t given x up to t−1 (plus `history_noise` · N(0, 1) in training, so the
+        model learns to recover from its own errors when it runs on its own output)."""
+        roles = self.roles(own)
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        prev = prev + history_noise * torch.randn_like(prev)
+        if not self.cfg.history:
+            prev = torch.zeros_like(prev)
+        h, _ = self.gru(self.proj_x(prev) + roles)
+        c = self.attend(h, tokens) if self.audio_on else torch.zeros_like(h)
+        u = self.mix(h, c) + (0 if self.cfg.history else roles)
+        t = x.shape[1]
+        coarse, mu_f, sigma_f = self.heads_out(u, tokens[:, -t:], roles)
+        return {"coarse": coarse, "mu_f": mu_f, "sigma_f": sigma_f, "nod": self.nod_head(u)}
+
+    def loss(self, x: Tensor, own: Tensor, tokens: Tensor, smooth: Tensor, onsets: Tensor,
+             amplitude: Tensor, history_noise: float = 0.0) -> dict[str, Tensor]:  # fmt: skip
+        """x [B, T, F] and its head without nods `smooth` [B, T, NUM_COARSE] (normalised),
+        `onsets` [B, T] 1 where a nod starts, `amplitude` [B, T] its amplitude (radians).
+        Negative log-likelihoods: the nod-free head key K frames ahead (predicted every K
+        frames), each frame's fine features, whether a nod starts (Bernoulli) and its
+        amplitude (Gaussian)."""
+        out, k = self.forward(x, own, tokens, history_noise), self.cfg.coarse
+        t = x.shape[1]
+        at = torch.arange(1, t - k, k)  # key frames (prev exists), target K−1 frames later
+        target = smooth[:, at + k - 1]
+        logit, mu, log_s = (v[:, at] for v in out["coarse"])
+        per = -(0.5 * ((target[..., None, :] - mu) / log_s.exp()) ** 2 + log_s).sum(-1)
+        mix = torch.logsumexp(torch.log_softmax(logit, -1) + per, -1)  # log p, less constants
+        coarse = -mix.mean() / NUM_COARSE
+        z = (x[..., NUM_COARSE:] - out["mu_f"]) / out["sigma_f"]
+        fine = (0.5 * z**2 + out["sigma_f"].log()).mean()
+        hazard, mu_a, log_sa = out["nod"].unbind(-1)
+        starts = nn.functional.binary_cross_entropy_with_logits(hazard, onsets)
+        za = (amplitude - mu_a) / log_sa.clamp(-6, 2).exp()
+        amp = ((0.5 * za**2 + log_sa.clamp(-6, 2)) * onsets).sum() / onsets.sum().clamp_min(1)
+        return {"coarse": coarse, "fine": fine, "nods": 100 * starts, "amplitude": 0.1 * amp}
+
+    # ---- inference: streamed -----------------------------------------------------------------
+    def start(self, seed: int = 0) -> ConverseState:
+        d, a = self.cfg.dim, self.cfg.audio_dim + 1
+        rng = torch.Generator().manual_seed(int(seed))
+        rest = (torch.zeros(len(FEATURES)) - self.mean) / self.std  # the base pose, no action
+        head = rest[:NUM_COARSE]
+        return ConverseState(torch.zeros(1, 1, d), rest, head, [],
+                             torch.zeros(self.cfg.window - 1, a), (head, head),
+                             torch.zeros(len(FINE)), 0, rng)  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, state: ConverseState, own: Tensor, partner: Tensor | np.ndarray,
+             partner_prob: Tensor, temperature: float = TEMPERATURE) -> tuple[Tensor, ConverseState]:  # fmt: skip
+        """The next T frames: `own` [T] and `partner_prob` [T] are the tracks' speech
+        probabilities of those frames, `partner` the partner's 16 kHz samples (the whole track).
+        Returns motion features [T, F] (not normalised: radians and action weights).
+        `temperature` scales the sampled spreads (1: the learned ones)."""
+        cfg, num = self.cfg, len(own)
+        start = state.frame
+        tokens = self.partner_tokens(partner, partner_prob, start, start + num)
+        window = torch.cat([state.partner, tokens], 0)
+        roles = self.roles(own.float())
+        hidden, last, smooth, (key0, key1) = state.hidden, state.last, state.smooth, state.keys
+        noise, nods, rows = state.noise, list(state.nods), []
+        nod = (self.nod / self.std)[:NUM_COARSE]  # a nod of 1 rad, normalised
+        rho = DETAIL_RHO
+        for i in range(num):
+            frame = start + i
+            prev = last if cfg.history else torch.zeros_like(last)
+            h, hidden = self.gru((self.proj_x(prev) + roles[i])[None, None], hidden)
+            c = self.attend(h, window[None, i : i + cfg.window]) if self.audio_on else 0 * h
+            u = self.mix(h, c)[0, 0] + (0 if cfg.history else roles[i])
+            (logit, mu_c, log_sc), mu_f, sigma_f = self.heads_out(u, tokens[i], roles[i])
+            hazard, mu_a, log_sa = self.nod_head(u).unbind(-1)
+            eps = torch.randn(NUM_COARSE + len(FINE) + 1, generator=state.rng)
+            pick, start_nod = torch.rand(2, generator=state.rng)
+            if frame % cfg.coarse == 0:  # a new key for the end of this segment
+                key0 = smooth
+                cum = torch.softmax(logit, -1).cumsum(-1)
+                k = min(int((cum < pick).sum()), cfg.mixtures - 1)
+                key1 = mu_c[k] + temperature * log_sc[k].exp() * eps[:NUM_COARSE]
+            if start_nod < torch.sigmoid(hazard):
+                amp = mu_a + temperature * log_sa.clamp(-6, 2).exp() * eps[-1]
+                nods.append((frame, float(amp.clamp(0.0, 0.25))))
+            s = (frame % cfg.coarse + 1) / cfg.coarse
+            smooth = key0 + (key1 - key0) * s * s * (3 - 2 * s)
+            nods = [(f, a) for f, a in nods if (frame - f) / cfg.fps < NOD_RISE_S + NOD_FALL_S]
+            lift = sum(a * float(nod_curve((frame - f) / cfg.fps)) for f, a in nods)
+            noise = rho * noise + math.sqrt(1 - rho**2) * eps[NUM_COARSE:-1]
+            last = torch.cat([smooth + lift * nod, mu_f + temperature * sigma_f * noise])
+            rows.append(last)
+        out = torch.stack(rows) * self.std + self.mean
+        new = ConverseState(hidden, last, smooth, nods, window[-(cfg.window - 1) :],
+                            (key0, key1), noise, start + num, state.rng)  # fmt: skip
+        return out, new
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "converse.safetensors"
+
+
+def save_converse(model: ConverseModel, path: str | Path, meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from render.io import atomic_path
+
+    cfg = replace(model.cfg, partner_audio=model.audio_on)
+    meta = {"config": cfg.to_json(), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def converse_meta(path: str | Path | None = None) -> dict:
+    """What `save_converse` stored with a checkpoint besides its config (e.g. "training")."""
+    from safetensors import safe_open
+
+    with safe_open(str(path or DEFAULT_CHECKPOINT), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "config"}
+
+
+def load_converse(path: str | Path | None = None) -> ConverseModel:
+    """The conversational model from a safetensors checkpoint (the shipped one when None)."""
+    from safetensors import safe_open
+
+    from .deformer import load_exact
+
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"{path}: no conversation-model checkpoint there (train one: python -m "
+                         "distill.train_converse --out PATH)")  # fmt: skip
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    raw = json.loads(meta.get("config", "{}"))
+    raw["kernel_frames"] = tuple(raw.get("kernel_frames", ConverseConfig.kernel_frames))
+    model = ConverseModel(ConverseConfig(**raw))
+    load_exact(model, state, str(path))
+    return model.eval()

@@ -1,0 +1,95 @@
+"""One avatar in a conversation: the speech deformer's motion, blended with listening.
+
+`Listener.chunk` takes the speech deformer's `Motion` for a chunk of frames (made from the
+avatar's own track) and returns it with the head, neck, chest and large facial actions mixed
+by the own track's speech probability m (smoothed causally over about 0.1 s):
+
+    controls = m · speech + (1 − m) · conversation model          (head, neck, chest, jaw,
+                                                                   brows, smiles)
+
+so while its own voice speaks the avatar talks exactly as `drive` makes it talk, and while the
+partner speaks it listens. Gaze is the conversation model's at all times: eyes and head turn
+toward the partner (`partner_yaw`, radians in the body frame, 0 straight ahead: a partner at
+the camera), the eyes by the model's gaze offsets on top. Blinks come faster while listening
+(`controls.blinks` with rate 1 + 0.6 (1 − m)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .controls import DRIVEN_BONES, TEMPLATE_ACTIONS, blinks
+from .conversation import FEATURES, NUM_COARSE, TEMPERATURE, ConverseModel
+
+HEAD_SHARE = (0.45, 0.2)  # of the partner's direction taken by the head and the neck; eyes: rest
+LISTEN_BLINK_RATE = 0.6  # blinks 1.6x as often while listening
+ROLE_RATE = 0.33  # per-frame causal smoothing of the speech probability (about 0.1 s at 25 fps)
+
+
+class Listener:
+    def __init__(self, model: ConverseModel, own_prob: np.ndarray, partner: np.ndarray,
+                 partner_prob: np.ndarray, fps: float, seed: int = 0, partner_yaw: float = 0.0,
+                 partner_pitch: float = 0.0, gaze: bool = True,
+                 temperature: float = TEMPERATURE):  # fmt: skip
+        if abs(fps - model.cfg.fps) > 1e-6:
+            raise ValueError(f"the conversation model runs at {model.cfg.fps:g} fps (its delay and "
+                             f"kernels are in its frames); --fps {fps:g} is not supported")  # fmt: skip
+        self.model, self.fps, self.seed = model, fps, seed
+        self.partner = partner
+        self.own_prob = torch.from_numpy(np.asarray(own_prob, np.float32))
+        self.partner_prob = torch.from_numpy(np.asarray(partner_prob, np.float32))
+        self.partner_yaw, self.partner_pitch, self.gaze = partner_yaw, partner_pitch, gaze
+        self.temperature = temperature
+        self.state = model.start(seed)
+        self.role = 0.0
+        self.rows: list[np.ndarray] = []  # the final features of every frame, for reports
+        self.roles: list[float] = []
+
+    def role_mix(self, start: int, num: int) -> Tensor:
+        out = []
+        for p in self.own_prob[start : start + num].tolist():
+            self.role += ROLE_RATE * (p - self.role)
+            out.append(self.role)
+        return torch.tensor(out)
+
+    def blinks(self, start: int, num: int) -> Tensor:
+        rate = 1 + LISTEN_BLINK_RATE * (1 - self.own_prob.numpy())
+        return torch.from_numpy(blinks(num, self.fps, self.seed, start, rate))
+
+    def chunk(self, motion, start: int) -> tuple[object, Tensor | None]:
+        """(the blended motion, eye-bone deltas [T, 2, 3] or None) for frames start.."""
+        num = len(motion.controls)
+        sl = slice(start, start + num)
+        conv, self.state = self.model.step(self.state, self.own_prob[sl], self.partner,
+                                           self.partner_prob[sl], self.temperature)  # fmt: skip
+        m = self.role_mix(start, num)[:, None]
+        head = conv[:, :NUM_COARSE].clone()
+        head[:, 1] += HEAD_SHARE[0] * self.partner_yaw  # head.y: turn toward the partner
+        head[:, 4] += HEAD_SHARE[1] * self.partner_yaw  # neck02.y
+        head[:, 0] -= HEAD_SHARE[0] * self.partner_pitch  # head.x: +x looks down
+        controls = motion.controls.clone()
+        speech_head = controls[:, :NUM_COARSE].clone()
+        speech_head[:, 1] += HEAD_SHARE[0] * self.partner_yaw
+        speech_head[:, 4] += HEAD_SHARE[1] * self.partner_yaw
+        controls[:, :NUM_COARSE] = m * speech_head + (1 - m) * head
+        n_bones = 3 * len(DRIVEN_BONES)
+        actions = slice(n_bones, n_bones + len(TEMPLATE_ACTIONS))
+        fine = conv[:, NUM_COARSE : NUM_COARSE + len(TEMPLATE_ACTIONS)].clamp(0, 1)
+        controls[:, actions] = m * controls[:, actions] + (1 - m) * fine
+        gaze = conv[:, FEATURES.index("gazeYaw") :]
+        rest = 1 - sum(HEAD_SHARE)
+        yaw = gaze[:, 0] + rest * self.partner_yaw
+        pitch = gaze[:, 1] + rest * self.partner_pitch  # up; the eye bones' +x looks down
+        eyes = torch.stack([-pitch, yaw, torch.zeros_like(yaw)], -1)[:, None].expand(-1, 2, -1)
+        final = torch.cat([controls[:, :NUM_COARSE], controls[:, actions], gaze], -1)
+        self.rows.append(final.numpy())
+        self.roles += m[:, 0].tolist()
+        return replace(motion, controls=controls), (eyes.contiguous() if self.gaze else None)
+
+    def features(self) -> np.ndarray:
+        """[T, F] what the avatar did, every frame so far (head etc. include the partner turn)."""
+        return np.concatenate(self.rows) if self.rows else np.zeros((0, len(FEATURES)))

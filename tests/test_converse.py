@@ -1,0 +1,389 @@
+"""Conversation: speech masks, the conversational model, the listening teacher, the shipped
+weights on held-out conversations, and `avatar converse` end to end with its bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deform.audio import SAMPLE_RATE, AudioError, load_audio
+from deform.controls import blinks
+from deform.conversation import (
+    FEATURES,
+    NUM_COARSE,
+    ConverseConfig,
+    ConverseModel,
+    load_converse,
+    save_converse,
+    temporal_bias,
+)
+from deform.voice import conversation_tracks, phrases, speech_probability
+from distill import converse_measures as cm
+from distill.phones import espeak_available
+
+from .test_drive import run_avatar, video_info
+
+DEMO_SPEECH = Path(__file__).resolve().parent.parent / "avatar" / "data" / "demo_speech.flac"
+needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed "
+                                  "(apt-get install espeak-ng; .ci/run does)")  # fmt: skip
+
+
+def write_stereo(path: Path, left: np.ndarray, right: np.ndarray, rate: int = SAMPLE_RATE):
+    pcm = (np.stack([left, right], 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return load_audio(DEMO_SPEECH).samples
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """A held-out conversation (sentences and voices the model never trained on), both sides."""
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng; .ci/run does)")
+    from distill.train_converse import HELD_OUT_SEED, HELD_OUT_SENTENCES, examples
+
+    return examples([HELD_OUT_SEED + 17], HELD_OUT_SENTENCES, 25.0)
+
+
+# ---- speech masks and tracks -------------------------------------------------------------------
+def test_speech_probability_finds_the_speech(speech):
+    num = int(len(speech) / SAMPLE_RATE * 25)
+    prob = speech_probability(speech, num, 25.0)
+    assert prob.shape == (num,) and prob.dtype == np.float32
+    assert prob[:8].max() < 0.3  # the clip starts with 0.5 s of silence
+    assert np.median(prob[20:-20]) > 0.8
+    silence = speech_probability(np.zeros(SAMPLE_RATE * 2, np.float32), 50, 25.0)
+    assert silence.max() < 0.2
+
+
+def test_phrases_bridge_short_gaps_and_drop_blips():
+    prob = np.zeros(200)
+    prob[10:40] = 1  # 1.2 s
+    prob[43:60] = 1  # a 3-frame gap: the same phrase
+    prob[100:105] = 1  # 0.2 s: too short
+    prob[150:190] = 1
+    assert phrases(prob, 25.0) == [(10, 60), (150, 190)]
+
+
+def test_tracks_two_files_stereo_and_bad_input(tmp_path, speech, caplog):
+    from .test_drive import write_wav
+
+    own = write_wav(tmp_path / "own.wav", speech)
+    partner = write_wav(tmp_path / "partner.wav", speech[: len(speech) // 2], rate=16000)
+    with caplog.at_level("WARNING"):
+        t = conversation_tracks(own, partner)
+    assert len(t.own) == len(t.partner) == len(speech)
+    assert "padded with silence" in caplog.text
+    assert np.abs(t.partner[len(speech) // 2 + 10 :]).max() == 0
+
+    stereo = write_stereo(tmp_path / "s.wav", speech, -0.5 * speech, rate=22050)
+    right = conversation_tracks(stereo, channel="right")
+    assert np.abs(right.own).max() < np.abs(right.partner).max()  # the right channel was quieter
+    # the samples were declared as 22.05 kHz: a shorter clip, resampled to 16 kHz
+    assert abs(len(right.own) - len(speech) * SAMPLE_RATE / 22050) < 400
+    with pytest.raises(AudioError, match="needs a stereo file"):
+        conversation_tracks(own, channel="left")
+    with pytest.raises(AudioError, match="give the partner"):
+        conversation_tracks(own)
+    silent = write_stereo(tmp_path / "half.wav", np.zeros_like(speech), speech)
+    with pytest.raises(AudioError, match="left channel is silent"):
+        conversation_tracks(silent, channel="left")
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        conversation_tracks(empty, channel="left")
+
+
+def test_blinks_come_faster_where_the_rate_is_higher():
+    num = 25 * 60
+    base = blinks(num, 25.0, seed=3)
+    fast = blinks(num, 25.0, seed=3, rate=np.full(num, 2.0))
+    count = lambda w: int(((w > 0.5) & ~np.r_[False, w[:-1] > 0.5]).sum())  # noqa: E731
+    assert count(fast) > 1.6 * count(base)
+    rate = np.linspace(1, 2, num)  # chunk-exact with a varying rate too
+    parts = [blinks(25, 25.0, 3, s, rate) for s in range(0, num, 25)]
+    assert np.array_equal(np.concatenate(parts), blinks(num, 25.0, 3, 0, rate))
+
+
+# ---- the model --------------------------------------------------------------------------------------
+def small_model(**kw) -> ConverseModel:
+    torch.manual_seed(0)
+    return ConverseModel(ConverseConfig(dim=16, audio_dim=8, window=16, **kw)).eval()
+
+
+def stream(model, own, partner, pp, chunk, seed=3):
+    state, out = model.start(seed), []
+    for i in range(0, len(own), chunk):
+        o, state = model.step(state, own[i : i + chunk], partner, pp[i : i + chunk])
+        out.append(o)
+    return torch.cat(out)
+
+
+def test_temporal_bias_peaks_at_the_delay():
+    cfg = ConverseConfig()
+    bias = temporal_bias(cfg)  # [heads, W], oldest partner frame first
+    delay = cfg.window - 1 - bias.argmax(1)  # frames back from now
+    assert torch.all((delay - cfg.delay_s * cfg.fps).abs() <= 0.5)
+    wide, narrow = bias[-1], bias[0]  # the widest kernel falls off slowest
+    assert (wide.max() - wide[0]) < (narrow.max() - narrow[0])
+
+
+def test_streaming_is_chunk_exact_causal_and_seeded():
+    model = small_model()
+    rng = np.random.default_rng(0)
+    partner = (rng.standard_normal(SAMPLE_RATE * 3) * 0.1).astype(np.float32)
+    own, pp = torch.rand(60), torch.rand(60)
+    a = stream(model, own, partner, pp, 25)
+    assert a.shape == (60, len(FEATURES))
+    assert torch.equal(a, stream(model, own, partner, pp, 7))
+    assert not torch.allclose(a, stream(model, own, partner, pp, 25, seed=4))
+    cut = partner.copy()
+    cut[SAMPLE_RATE * 3 // 2 :] = 0  # change the partner from 1.5 s on
+    b = stream(model, own, cut, pp, 25)
+    first = int(torch.nonzero((a - b).abs().amax(1) > 1e-6)[0])
+    assert 1.5 - 0.0925 - 0.04 <= first / 25 < 1.5  # only the encoder's look-ahead reaches back
+
+
+def test_a_nod_moves_head_and_neck_along_the_nod_curve():
+    from deform.conversation import nod_curve
+
+    model = small_model()
+    with torch.no_grad():
+        model.nod_head[-1].weight.zero_()
+        model.nod_head[-1].bias.copy_(torch.tensor([-30.0, 0.1, -20.0]))  # no nod starts
+    silence = np.zeros(SAMPLE_RATE, np.float32)
+    still = model.start(3)
+    nodding = model.start(3)
+    nodding.nods = [(0, 0.1)]  # a nod of 0.1 rad starting at frame 0
+    a, _ = model.step(still, torch.zeros(5), silence, torch.zeros(5))
+    b, state = model.step(nodding, torch.zeros(5), silence, torch.zeros(5))
+    # frames 0-4 ease toward the same coarse key: the difference is the nod alone
+    want = 0.1 * nod_curve(torch.arange(5) / 25.0)
+    assert torch.allclose(b[:, FEATURES.index("head.x")] - a[:, FEATURES.index("head.x")], want,
+                          atol=1e-5)  # fmt: skip
+    assert torch.allclose(b[:, FEATURES.index("neck02.x")] - a[:, FEATURES.index("neck02.x")],
+                          want / 2, atol=1e-5)  # fmt: skip
+    assert state.nods == [(0, 0.1)]  # still moving at 0.2 s; gone after 0.48 s
+    _, later = model.step(state, torch.zeros(8), silence, torch.zeros(8))
+    assert later.nods == []
+
+
+def test_stage_one_ignores_the_partner_audio():
+    model = small_model(partner_audio=False)
+    rng = np.random.default_rng(1)
+    own, pp = torch.rand(30), torch.rand(30)
+    a = stream(model, own, rng.standard_normal(SAMPLE_RATE * 2).astype(np.float32), pp, 30)
+    b = stream(model, own, np.zeros(SAMPLE_RATE * 2, np.float32), torch.zeros(30), 30)
+    assert torch.equal(a, b)
+
+
+def test_training_loss_falls_and_checkpoints_round_trip(tmp_path):
+    model = small_model().train()
+    x = torch.randn(2, 40, len(FEATURES)).cumsum(1) * 0.1
+    own = torch.rand(2, 40)
+    tokens = torch.randn(2, model.cfg.window - 1 + 40, model.cfg.audio_dim + 1)
+    onsets = torch.zeros(2, 40)
+    onsets[:, [7, 30]] = 1
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss = sum(model.loss(x, own, tokens, x[..., :NUM_COARSE], onsets, 0.1 * onsets).values())
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.5
+    save_converse(model, tmp_path / "c.safetensors")
+    back = load_converse(tmp_path / "c.safetensors")
+    assert back.cfg == model.cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    other = ConverseModel(ConverseConfig(dim=16, audio_dim=8, window=16, heads=4))
+    save_converse(other, tmp_path / "ok.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "ok.safetensors"))
+    state.pop("gate.bias")
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"config": other.cfg.to_json()})
+    with pytest.raises(ValueError, match="gate.bias"):
+        load_converse(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="no conversation-model checkpoint"):
+        load_converse(tmp_path / "missing.safetensors")
+
+
+# ---- the teacher and the measures ----------------------------------------------------------------
+def test_measures_find_nods_and_compare_distributions():
+    fps, num = 25.0, 250
+    x = np.zeros((num, len(FEATURES)))
+    from distill.listen_teacher import _bump
+
+    t = np.arange(num) / fps
+    x[:, 0] = 0.1 * _bump(t, 4.4, 0.18, 0.3)  # a nod 0.4 s after the partner stops at 4.0 s
+    partner = np.zeros(num)
+    partner[25:100] = 1
+    own = np.zeros(num)
+    assert cm.reaction_delays(x, own, partner, fps) == [pytest.approx(0.4, abs=0.08)]
+    own[100:115] = 1  # the avatar takes the turn at once: no nod expected
+    assert cm.reaction_delays(x, own, partner, fps) == []
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2000, 3)), rng.standard_normal((2000, 3))
+    assert cm.frechet(a, b) < 0.05 < cm.frechet(a, b + 1.0)
+    centres = cm.kmeans(a, 8)
+    assert cm.sid(a, centres) > 2.5 > cm.sid(np.zeros((50, 3)), centres)
+
+
+@needs_espeak
+def test_teacher_listens_with_a_closed_mouth_and_nods_on_time(held_out):
+    for ex in held_out:
+        s = cm.summary(ex.x, ex.own_prob, ex.partner_prob, 25.0)
+        assert s["jaw_listening_over_speaking"] < 0.1
+        assert 0.25 <= s["reaction_delay_median_s"] <= 0.7
+        assert s["head_speed_ratio"] > 0.2
+
+
+@needs_espeak
+def test_shipped_model_listens_on_a_held_out_conversation(held_out):
+    """The shipped weights, run as converse runs them, on a conversation they never saw."""
+    from distill.train_converse import generate
+
+    model = load_converse()
+    for ex in held_out:
+        x = generate(model, ex, seed=1)
+        s = cm.summary(x, ex.own_prob, ex.partner_prob, 25.0)
+        assert s["head_speed_ratio"] >= 0.3
+        assert s["longest_still_listening_s"] <= 2.0
+        assert 0.2 <= s["reaction_delay_median_s"] <= 0.8
+        listen = cm.roles(ex.own_prob, ex.partner_prob)[1]
+        other = generate(model, ex, seed=2)
+        assert np.abs(x - other)[listen, :NUM_COARSE].mean() > 0.005  # seeds differ
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from .helpers import template_avatar
+
+    path = tmp_path_factory.mktemp("converse") / "t.avatar"
+    template_avatar(3000).save(path)
+    return path
+
+
+def test_converse_end_to_end_with_a_report(small, tmp_path, speech):
+    pytest.importorskip("anny", reason="converse needs the Anny template")
+    n = SAMPLE_RATE * 2
+    own = np.concatenate([speech[: n // 2 + 8000], np.zeros(n // 2 - 8000, np.float32)])
+    partner = np.concatenate([np.zeros(n // 2, np.float32), speech[8000 : 8000 + n // 2]])
+    stereo = write_stereo(tmp_path / "call.wav", own, partner)
+    out, report = tmp_path / "call.mp4", tmp_path / "call.json"
+    res = run_avatar("converse", str(small), "--audio", str(stereo), "--channel", "left",
+                     "-o", str(out), "--report", str(report), "--size", "64", "--framing", "face")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    frames, audio_s, codecs = video_info(out)
+    assert frames == 50 and abs(audio_s - 2.0) < 0.1 and codecs == ("h264", "aac")
+    data = json.loads(report.read_text())
+    assert len(data["motion"]) == 50 and data["features"] == list(FEATURES)
+    assert np.mean(data["own_speech_probability"][:20]) > np.mean(
+        data["own_speech_probability"][30:]
+    )
+
+
+def test_converse_bad_input_writes_nothing(small, tmp_path, speech):
+    from .test_drive import write_wav
+
+    own = write_wav(tmp_path / "own.wav", speech[:16000])
+    out = tmp_path / "x.mp4"
+    cases = [
+        (("--audio", str(own), "--channel", "left"), "needs a stereo file"),
+        (("--audio", str(own)), "give the partner"),
+        (("--audio", str(own), "--partner", str(write_wav(tmp_path / "z.wav",
+                                                             np.zeros(16000, np.float32)))),
+         "partner's track is silent"),
+        (("--audio", str(own), "--partner", str(tmp_path / "none.wav")), "no such file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        res = run_avatar("converse", str(small), *args, "-o", str(out), "--size", "32")
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+# ---- a mixed recording split into its speakers -------------------------------------------------------
+ALSA = Path("/usr/share/sounds/alsa")
+
+
+@pytest.fixture(scope="module")
+def real_voices():
+    """Two real voices taking turns (alsa-utils' English phrases, the shared Mandarin clip):
+    (first speaker's track, second's), each silent while the other speaks."""
+    from .helpers import SHARED_DATA
+
+    mandarin = SHARED_DATA / "speech_mandarin_good.wav"
+    if not (ALSA / "Front_Left.wav").is_file():
+        pytest.skip("alsa-utils' voice recordings are not installed (.ci/run installs them)")
+    if not mandarin.is_file():
+        pytest.skip(f"{mandarin} is absent (the project's shared test data)")
+    if importlib.util.find_spec("resemblyzer") is None:
+        pytest.skip("the diarize extra (resemblyzer's weights) is not installed")
+    phrases_ = [load_audio(ALSA / f"{n}.wav").samples for n in
+                ("Front_Left", "Front_Right", "Rear_Center", "Rear_Left")]  # fmt: skip
+    other = load_audio(mandarin).samples
+    gap = np.zeros(SAMPLE_RATE * 2 // 5, np.float32)
+    turns = [(0, phrases_[0]), (1, other[: len(other) // 2]), (0, phrases_[1]),
+             (0, phrases_[2]), (1, other[len(other) // 2 :]), (0, phrases_[3])]  # fmt: skip
+    tracks = [[], []]
+    for who, x in turns:
+        tracks[who] += [x, gap]
+        tracks[1 - who] += [np.zeros_like(x), gap]
+    return np.concatenate(tracks[0]), np.concatenate(tracks[1])
+
+
+def test_a_mixed_recording_splits_into_its_two_real_voices(real_voices):
+    from deform.speakers import diarization_error, diarize, reference_turns, speaker_tracks
+
+    first, second = real_voices
+    d = diarize(first + second)
+    assert diarization_error(d.labels, reference_turns(first, second)) <= 0.2
+    a, b = speaker_tracks(first + second, d)
+    # speaker 1 is who speaks first: its track holds the first voice, little of the second
+    assert np.abs(a * (first != 0)).sum() > 20 * np.abs(a * (second != 0)).sum()
+    assert np.abs(b * (second != 0)).sum() > 20 * np.abs(b * (first != 0)).sum()
+
+
+def test_one_voice_is_not_split_in_two(real_voices):
+    from deform.speakers import DiarizationError, diarize
+
+    first, _ = real_voices
+    with pytest.raises(DiarizationError, match="found one speaker"):
+        diarize(first)
+
+
+def test_converse_takes_a_speaker_of_a_mixed_recording(small, tmp_path, real_voices):
+    from .test_drive import write_wav
+
+    first, second = real_voices
+    mixed = write_wav(tmp_path / "mixed.wav", first + second)
+    res = run_avatar("converse", str(small), "--audio", str(mixed), "--speaker", "2", "-o",
+                     str(tmp_path / "x.mp4"), "--size", "32", "--report", str(tmp_path / "x.json"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "x.json").read_text())
+    own = np.array(report["own_speech_probability"])  # the avatar is the second voice
+    assert own[: int(0.9 * 25)].max() < 0.5 and own.max() > 0.9
+    alone = write_wav(tmp_path / "alone.wav", first)
+    res = run_avatar("converse", str(small), "--audio", str(alone), "--speaker", "1", "-o",
+                     str(tmp_path / "y.mp4"), "--size", "32")  # fmt: skip
+    assert res.returncode != 0 and "found one speaker" in res.stderr
+    assert not (tmp_path / "y.mp4").exists()
