@@ -145,6 +145,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
 
 
 def cmd_converse(args: argparse.Namespace) -> int:
+    from deform.voice import Tracks
+
     from .asset import Avatar
     from .media import check_output
     from .pipelines.converse import ListenConfig, converse_avatar, load_tracks
@@ -156,13 +158,32 @@ def cmd_converse(args: argparse.Namespace) -> int:
         raise AvatarError(f"{out}: converse writes an .mp4 video")
     if args.report:
         check_output(Path(args.report), args.force)
-    tracks = load_tracks(args.audio, args.partner, args.channel, args.speaker)
-    avatar = Avatar.load(args.avatar, args.body)
-    summary = converse_avatar(avatar, tracks, out, config_from_args(DriveConfig, args),
-                              config_from_args(ListenConfig, args), args.report)  # fmt: skip
-    print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
-          f"{summary['fps']:g} fps; speaking {summary['speaking_s']:.1f} s, listening "
-          f"{summary['listening_s']:.1f} s)")  # fmt: skip
+    if len(args.avatar) > 2:
+        raise AvatarError("converse takes one avatar, or two for a two-person scene")
+    pair = len(args.avatar) == 2
+    if not pair and (args.layout or args.camera != "two-shot" or args.swap):
+        raise AvatarError("--layout, --camera and --swap place two avatars: give two")
+    speaker = args.speaker
+    if pair and speaker is None and args.partner is None and args.channel is None:
+        speaker = 1  # one mixed recording: the first avatar takes who speaks first
+    tracks = load_tracks(args.audio, args.partner, args.channel, speaker)
+    if args.swap:
+        tracks = Tracks(tracks.partner, tracks.own, tracks.source + " (swapped)")
+    cfg, listen = config_from_args(DriveConfig, args), config_from_args(ListenConfig, args)
+    avatars = [Avatar.load(a, args.body) for a in args.avatar]
+    if pair:
+        from .pipelines.drive import Driver
+        from .pipelines.pair import converse_pair
+
+        summary = converse_pair([Driver(a, cfg) for a in avatars], tracks, out, cfg, listen,
+                                args.layout, args.camera, args.report)  # fmt: skip
+        print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s; layout "
+              f"{summary['layout']} ({summary['matched']}), {summary['distance_m']} m apart)")  # fmt: skip
+    else:
+        summary = converse_avatar(avatars[0], tracks, out, cfg, listen, args.report)
+        print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
+              f"{summary['fps']:g} fps; speaking {summary['speaking_s']:.1f} s, listening "
+              f"{summary['listening_s']:.1f} s)")  # fmt: skip
     if args.report:
         print(f"wrote {args.report}")
     return 0
@@ -446,9 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--partner), the other channel of a stereo file (--channel), or the other "
                        "speaker of a mixed recording (--speaker). The video has both voices. "
                        "Look-ahead: 92.5 ms.")  # fmt: skip
-    p.add_argument("avatar", help="an avatar from avatar create (folder or .zip)")
-    p.add_argument("--audio", required=True, help="the avatar's own voice (or a stereo file "
-                   "with --channel)")  # fmt: skip
+    p.add_argument("avatar", nargs="+", help="an avatar from avatar create (folder or .zip); "
+                   "two for a two-person scene")  # fmt: skip
+    p.add_argument("--audio", required=True, help="the (first) avatar's own voice, a stereo "
+                   "file with --channel, or a mixed recording (two avatars: split by speaker, "
+                   "the first avatar takes who speaks first)")  # fmt: skip
+    p.add_argument("--layout", help="two avatars: where they stand, in words (side by side, "
+                   "facing each other, at an angle, across a table; distances like '1.5 m "
+                   "apart')")  # fmt: skip
+    p.add_argument("--camera", default="two-shot", help="two avatars: two-shot (default), orbit, "
+                   "over-shoulder-a or over-shoulder-b")  # fmt: skip
+    p.add_argument("--swap", action="store_true", help="two avatars: exchange their voices")
     p.add_argument("--partner", help="the partner's voice, its own file")
     p.add_argument("--channel", choices=("left", "right"), help="the avatar's channel of a "
                    "stereo --audio file; the other channel is the partner")  # fmt: skip

@@ -25,7 +25,7 @@ from torch import Tensor
 from .controls import DRIVEN_BONES, TEMPLATE_ACTIONS, blinks
 from .conversation import FEATURES, NUM_COARSE, TEMPERATURE, ConverseModel
 
-HEAD_SHARE = (0.45, 0.2)  # of the partner's direction taken by the head and the neck; eyes: rest
+HEAD_SHARE = (0.55, 0.25)  # of the partner's direction taken by the head and the neck; eyes: rest
 LISTEN_BLINK_RATE = 0.6  # blinks 1.6x as often while listening
 ROLE_RATE = 0.33  # per-frame causal smoothing of the speech probability (about 0.1 s at 25 fps)
 

@@ -387,3 +387,55 @@ def test_converse_takes_a_speaker_of_a_mixed_recording(small, tmp_path, real_voi
                      str(tmp_path / "y.mp4"), "--size", "32")  # fmt: skip
     assert res.returncode != 0 and "found one speaker" in res.stderr
     assert not (tmp_path / "y.mp4").exists()
+
+
+# ---- two avatars in one scene ---------------------------------------------------------------------
+def test_layouts_follow_the_text():
+    from avatar.layout import layout_from_text, toward
+
+    side, facing, table = (layout_from_text(t) for t in ("side by side", "facing each other",
+                                                          "across a table"))  # fmt: skip
+    assert (side.layout.name, facing.layout.name, table.layout.name) == (
+        "side-by-side", "facing", "across-a-table")  # fmt: skip
+    # side by side: close and both turned little from the camera; facing: turned to each other
+    assert side.distance < facing.distance < table.distance
+    assert side.placements[0].yaw_deg < 30 < 80 < facing.placements[0].yaw_deg
+    assert layout_from_text("facing each other across a table, 2 m apart").layout.name == (
+        "across-a-table"
+    )
+    assert layout_from_text("three feet apart, face to face").distance == pytest.approx(0.914, 1e-3)
+    assert layout_from_text("at social distance").distance == 1.6
+    assert layout_from_text(None).layout.name == "at-an-angle"
+    a, b = facing.placements
+    yaw, pitch = toward(a, (b.x, 1.6, b.z), (a.x, 1.6, a.z))
+    assert abs(yaw) < 1e-6 and pitch == 0  # facing each other: the partner is straight ahead
+    from avatar.errors import AvatarError
+
+    with pytest.raises(AvatarError, match="outside"):
+        layout_from_text("side by side, 20 m apart")
+
+
+def test_two_avatars_in_one_scene(small, tmp_path, speech):
+    n = SAMPLE_RATE * 2
+    first = np.concatenate([speech[8000 : 8000 + n // 2], np.zeros(n // 2, np.float32)])
+    second = np.concatenate([np.zeros(n // 2, np.float32), speech[40000 : 40000 + n // 2]])
+    stereo = write_stereo(tmp_path / "call.wav", first, second)
+    out, report = tmp_path / "scene.mp4", tmp_path / "scene.json"
+    res = run_avatar("converse", str(small), str(small), "--audio", str(stereo), "--channel",
+                     "left", "--layout", "facing each other", "-o", str(out), "--report",
+                     str(report), "--size", "64")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    frames, audio_s, _ = video_info(out)
+    assert frames == 50 and abs(audio_s - 2.0) < 0.1
+    data = json.loads(report.read_text())
+    assert data["layout"] == "facing" and len(data["frames_detail"]) == 50
+    # while one listens, its head faces the other's head (the report's skeleton measure)
+    assert data["listening_head_to_speaker_deg_2"] < 20
+    from avatar.evaluate import read_frames
+
+    frame = next(iter(read_frames(out)))
+    dark = (frame.mean(-1) < 200).nonzero()[1]  # both bodies: one left, one right of the middle
+    assert (dark < 28).any() and (dark > 36).any()
+    res = run_avatar("converse", str(small), "--audio", str(stereo), "--channel", "left",
+                     "--layout", "side by side", "-o", str(tmp_path / "x.mp4"))  # fmt: skip
+    assert res.returncode != 0 and "give two" in res.stderr

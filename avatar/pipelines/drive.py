@@ -165,37 +165,42 @@ class Driver:
         return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
                              FRAMINGS[cfg.framing])  # fmt: skip
 
-    def frames(
-        self, samples: np.ndarray, num_frames: int, progress: bool = True, listener=None
-    ) -> Iterator[np.ndarray]:
-        """The video's frames; with a `deform.listener.Listener`, the avatar also listens (its
-        head, face, gaze and blinks blended with the conversation model's)."""
+    def posed(self, samples: np.ndarray, num_frames: int, listener=None) -> Iterator[Gaussians]:
+        """The avatar posed for each frame (body frame, no grad); with a
+        `deform.listener.Listener` it also listens (head, face, gaze and blinks blended with the
+        conversation model's)."""
         cfg, rig, model = self.cfg, self.rig, self.model
-        cams = self.cameras(num_frames)
         audio = torch.from_numpy(samples)
-        bg = torch.ones(3)
         with torch.no_grad():
             text = model.transcript_embedding(cfg.transcript)
             state = model.start(self.tokens)
             hands = HandState()
-            bar = tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress)
-            with bar:
-                for start in range(0, num_frames, CHUNK):
-                    n = min(CHUNK, num_frames - start)
-                    motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
-                    if not cfg.particles:
-                        motion = motion.without_particles()
-                    eyes = None
-                    if listener is None:
-                        blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
-                    else:
-                        blink = listener.blinks(start, n)
-                        motion, eyes = listener.chunk(motion, start)
-                    fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
-                    for i, g in enumerate(rig.posed_frames(motion, blink, fingers, eyes)):
-                        cam = cams[min(start + i, len(cams) - 1)]
-                        yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
-                        bar.update(1)
+            for start in range(0, num_frames, CHUNK):
+                n = min(CHUNK, num_frames - start)
+                motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                if not cfg.particles:
+                    motion = motion.without_particles()
+                eyes = None
+                if listener is None:
+                    blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+                else:
+                    blink = listener.blinks(start, n)
+                    motion, eyes = listener.chunk(motion, start)
+                fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
+                yield from rig.posed_frames(motion, blink, fingers, eyes)
+
+    def frames(
+        self, samples: np.ndarray, num_frames: int, progress: bool = True, listener=None
+    ) -> Iterator[np.ndarray]:
+        """The video's frames (`posed`, rendered by the configured camera)."""
+        cams = self.cameras(num_frames)
+        bg = torch.ones(3)
+        bar = tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress)
+        with bar, torch.no_grad():
+            for i, g in enumerate(self.posed(samples, num_frames, listener)):
+                cam = cams[min(i, len(cams) - 1)]
+                yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
+                bar.update(1)
 
 
 def neutral_face(avatar: Avatar, size: int = 512) -> np.ndarray:

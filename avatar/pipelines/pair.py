@@ -1,0 +1,180 @@
+"""Two avatars in one conversation, one 3D scene, one rasterisation per frame.
+
+Each avatar is a `Driver` with a `Listener` (as in one-avatar converse): its own track is its
+speaker's, its partner's is the other's. The layout (`avatar.layout`, from `--layout TEXT`)
+places both on one ground plane (feet at y = 0), the first avatar on the left of the two-shot,
+each turned toward the other; every frame both posed Gaussian sets are moved into the scene and
+concatenated, so one rasterisation draws them and they occlude each other. Each avatar's
+partner direction (for its head and eyes) is the other's head, from the layout. With
+`--report`, per frame: who speaks, and how far each listener's head is turned from the
+speaker's head (degrees, from the posed skeleton).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deform.audio import SAMPLE_RATE
+from deform.controls import DRIVEN_BONES, compose_pose
+from deform.conversation import NUM_COARSE, load_converse
+from deform.listener import Listener
+from deform.voice import Tracks, speech_probability
+from render import Cameras, Gaussians, fit_to_points, intrinsics, look_at, rasterize, to_uint8
+from render.io import atomic_path
+from render.rotations import quat_to_rotmat, rotmat_to_quat
+
+from ..errors import AvatarError
+from ..layout import Placement, SceneLayout, layout_from_text, toward
+from ..media import write_video, write_wav
+from .converse import ListenConfig
+from .drive import DriveConfig, Driver, frame_count
+
+CAMERAS = ("two-shot", "orbit", "over-shoulder-a", "over-shoulder-b")
+
+
+@dataclass
+class Member:
+    """One avatar of the scene."""
+
+    driver: Driver
+    placement: Placement
+    lift: float  # metres up so its feet stand on y = 0
+    listener: Listener | None = None
+
+    def rotation(self) -> torch.Tensor:  # [3, 3] about +Y
+        a = math.radians(self.placement.yaw_deg)
+        c, s = math.cos(a), math.sin(a)
+        return torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+    def offset(self) -> torch.Tensor:
+        return torch.tensor([self.placement.x, self.lift, self.placement.z])
+
+    def place(self, g: Gaussians) -> Gaussians:
+        """Body frame -> scene (view-dependent colour is not turned: avatars are degree 0)."""
+        r = self.rotation().to(g.means)
+        return g.replace(means=g.means @ r.T + self.offset().to(g.means),
+                         quats=rotmat_to_quat(r @ quat_to_rotmat(g.quats)))  # fmt: skip
+
+    def head(self, deltas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head joint's scene position [3] and facing direction [3] (the body's +Z turned
+        by the skeleton), posed by head/neck/chest `deltas` [9] (None: the base pose)."""
+        rig = self.driver.rig
+        bones = torch.zeros(1, len(DRIVEN_BONES), 3)
+        if deltas is not None:
+            bones[0, :3] = deltas.reshape(3, 3)
+        pose = compose_pose(rig.base_pose, rig.driven, bones)
+        out = rig.template(rig.shape[None], pose=pose)
+        i = rig.template.bone_names.index("head")
+        forward = out.transforms[0, i, :3, :3] @ torch.tensor([0.0, 0.0, 1.0])
+        r = self.rotation()
+        return r @ out.joints[0, i] + self.offset(), r @ forward
+
+
+def build_scene(drivers: list[Driver], layout: SceneLayout) -> list[Member]:
+    members = []
+    for driver, placement in zip(drivers, layout.placements, strict=True):
+        with torch.no_grad():
+            feet = float(driver.rig.still().means[:, 1].quantile(0.002))
+        members.append(Member(driver, placement, -feet))
+    return members
+
+
+def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Cameras:
+    if kind not in CAMERAS:
+        raise AvatarError(f"--camera {kind!r}: use {', '.join(CAMERAS)}")
+    if kind.startswith("over-shoulder"):
+        me, other = members if kind.endswith("a") else members[::-1]
+        head, forward = me.head()
+        target, _ = other.head()
+        side = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]), forward)
+        eye = head - 0.75 * forward + 0.12 * torch.tensor([0.0, 1.0, 0.0]) + 0.3 * side
+        view = look_at(eye[None].double(), target[None].double()).float()
+        return Cameras(view, intrinsics(40.0, size, size)[None], size, size)
+    with torch.no_grad():
+        points = []
+        for m in members:
+            g = m.place(m.driver.rig.still())
+            keep = g.means[:, 1] > 0.45 * float(g.means[:, 1].max())  # hips up
+            points.append(g.means[keep])
+        pts = torch.cat(points)
+    box = torch.stack([pts.quantile(0.01, 0), pts.quantile(0.99, 0)])
+    yaws = torch.arange(num, dtype=torch.float64) * 360.0 / max(num, 1) if kind == "orbit" else 0.0
+    return fit_to_points(box, size, size, yaws, 5.0, 30.0, 0.8)
+
+
+def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
+                  cfg: DriveConfig, listen: ListenConfig, layout_text: str | None = None,
+                  camera: str = "two-shot", report: str | Path | None = None,
+                  progress: bool = True) -> dict:  # fmt: skip
+    """Write the two-avatar conversation video; `tracks.own` is the first avatar's voice,
+    `tracks.partner` the second's."""
+    layout = layout_from_text(layout_text)
+    members = build_scene(drivers, layout)
+    num = frame_count(tracks.duration_s, cfg.fps)
+    voices = (tracks.own, tracks.partner)
+    probs = [speech_probability(v, num, cfg.fps) for v in voices]
+    try:
+        model = load_converse(listen.converse_model or None)
+    except (ValueError, OSError) as exc:
+        raise AvatarError(f"conversation model: {exc}") from None
+    heads = [m.head()[0] for m in members]
+    for k, m in enumerate(members):
+        yaw, pitch = toward(m.placement, tuple(heads[1 - k].tolist()), tuple(heads[k].tolist()))
+        m.listener = Listener(model, probs[k], voices[1 - k], probs[1 - k], cfg.fps,
+                              cfg.seed + k, yaw, pitch, temperature=listen.temperature)  # fmt: skip
+    cams = scene_cameras(members, camera, cfg.size, num)
+    streams = [m.driver.posed(voices[k], num, m.listener) for k, m in enumerate(members)]
+    bg = torch.ones(3)
+
+    def frames():
+        bar = tqdm(total=num, unit="frame", desc="converse", disable=not progress)
+        with bar, torch.no_grad():
+            for i, posed in enumerate(zip(*streams, strict=True)):
+                scene = Gaussians.cat([m.place(g) for m, g in zip(members, posed, strict=True)])
+                cam = cams[min(i, len(cams) - 1)]
+                yield to_uint8(rasterize(scene, cam, background=bg).rgb[0, ..., :3])
+                bar.update(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mix = Path(tmp) / "conversation.wav"
+        write_wav(mix, tracks.mix(), SAMPLE_RATE)
+        count = write_video(out_path, frames(), fps=cfg.fps, audio_path=mix)
+    gaze = gaze_report(members, probs)
+    summary = {"frames": count, "fps": cfg.fps, "video_s": round(count / cfg.fps, 3),
+               "layout": layout.layout.name, "matched": layout.matched,
+               "distance_m": round(layout.distance, 3), "camera": camera,
+               "placements": [vars(p) for p in layout.placements], **gaze["summary"]}  # fmt: skip
+    if report:
+        with atomic_path(report) as tmp_path:
+            tmp_path.write_text(json.dumps({**summary, "frames_detail": gaze["frames"]}))
+    return summary
+
+
+def gaze_report(members: list[Member], probs: list[np.ndarray]) -> dict:
+    """Per frame: how far each avatar's head faces from the other's head (degrees), and the
+    median over the frames where it listens (only the other speaks)."""
+    rows, angles = [], [[], []]
+    motions = [m.listener.features() for m in members]
+    for t in range(len(motions[0])):
+        posed = [m.head(torch.from_numpy(x[t, :NUM_COARSE]).float())
+                 for m, x in zip(members, motions, strict=True)]  # fmt: skip
+        row = {}
+        for k in range(2):
+            (head, forward), (other, _) = posed[k], posed[1 - k]
+            to = torch.nn.functional.normalize(other - head, dim=0)
+            angle = math.degrees(math.acos(float((forward * to).sum().clamp(-1, 1))))
+            row[f"head_to_partner_deg_{k + 1}"] = round(angle, 2)
+            if probs[1 - k][t] >= 0.5 > probs[k][t]:
+                angles[k].append(angle)
+        rows.append(row)
+    summary = {f"listening_head_to_speaker_deg_{k + 1}": (float(np.median(a)) if a else None)
+               for k, a in enumerate(angles)}  # fmt: skip
+    return {"summary": summary, "frames": rows}
