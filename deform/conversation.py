@@ -57,13 +57,19 @@ TEMPERATURE, DETAIL_RHO = 0.5, 0.95
 NOD_WEIGHTS = {"head.x": 1.0, "neck02.x": 0.5}  # +x tips forward: a nod goes down first
 
 
-def nod_curve(dt):
-    """A nod's shape 0 → 1 → 0 at `dt` seconds after its onset (numpy or torch, any shape)."""
+def ease_bump(dt, rise: float, fall: float):
+    """0 → 1 → 0 at `dt` seconds after an onset: a smooth rise over `rise` s, then a smooth fall
+    over `fall` s (numpy or torch, any shape)."""
     lib = torch if isinstance(dt, Tensor) else np
-    up = lib.clip(dt / NOD_RISE_S, 0, 1)
-    down = lib.clip((dt - NOD_RISE_S) / NOD_FALL_S, 0, 1)
+    up = lib.clip(dt / rise, 0, 1)
+    down = lib.clip((dt - rise) / fall, 0, 1)
     ease = lambda s: s * s * (3 - 2 * s)  # noqa: E731
     return ease(up) * (1 - ease(down))
+
+
+def nod_curve(dt):
+    """A nod's shape at `dt` seconds after its onset."""
+    return ease_bump(dt, NOD_RISE_S, NOD_FALL_S)
 
 
 def nod_vector() -> Tensor:

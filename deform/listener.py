@@ -67,15 +67,11 @@ class Listener:
         conv, self.state = self.model.step(self.state, self.own_prob[sl], self.partner,
                                            self.partner_prob[sl], self.temperature)  # fmt: skip
         m = self.role_mix(start, num)[:, None]
-        head = conv[:, :NUM_COARSE].clone()
-        head[:, 1] += HEAD_SHARE[0] * self.partner_yaw  # head.y: turn toward the partner
-        head[:, 4] += HEAD_SHARE[1] * self.partner_yaw  # neck02.y
-        head[:, 0] -= HEAD_SHARE[0] * self.partner_pitch  # head.x: +x looks down
         controls = motion.controls.clone()
-        speech_head = controls[:, :NUM_COARSE].clone()
-        speech_head[:, 1] += HEAD_SHARE[0] * self.partner_yaw
-        speech_head[:, 4] += HEAD_SHARE[1] * self.partner_yaw
-        controls[:, :NUM_COARSE] = m * speech_head + (1 - m) * head
+        controls[:, :NUM_COARSE] = m * controls[:, :NUM_COARSE] + (1 - m) * conv[:, :NUM_COARSE]
+        controls[:, 1] += HEAD_SHARE[0] * self.partner_yaw  # head.y: turn toward the partner
+        controls[:, 4] += HEAD_SHARE[1] * self.partner_yaw  # neck02.y
+        controls[:, 0] -= (1 - m[:, 0]) * HEAD_SHARE[0] * self.partner_pitch  # +x looks down
         n_bones = 3 * len(DRIVEN_BONES)
         actions = slice(n_bones, n_bones + len(TEMPLATE_ACTIONS))
         fine = conv[:, NUM_COARSE : NUM_COARSE + len(TEMPLATE_ACTIONS)].clamp(0, 1)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .audio import SAMPLE_RATE
-from .voice import VAD_WINDOW, _vad
+from .voice import VAD_WINDOW, window_probability
 
 SAME_SPEAKER = 0.72  # centres more alike are one voice: one speaker cut in two scored 0.78-0.88 on
 # real recordings, two real speakers 0.63 (GE2E cosines; README, "Conversation")
@@ -111,17 +111,6 @@ def speech_pieces(speech: np.ndarray) -> list[tuple[int, int]]:
         pieces += [(int(x), int(y)) for x, y in zip(cuts[:-1], cuts[1:], strict=True)
                    if y - x >= MIN_PIECE_S * per_s]  # fmt: skip
     return pieces
-
-
-def window_probability(samples: np.ndarray) -> np.ndarray:
-    """Silero's speech probability of each 32 ms window of `samples`."""
-    model = _vad()
-    model.reset_states()
-    x = np.pad(np.asarray(samples, np.float32), (0, VAD_WINDOW))
-    with torch.no_grad():
-        vad = model.audio_forward(torch.from_numpy(x), SAMPLE_RATE)[0].numpy()
-    model.reset_states()
-    return vad
 
 
 def reference_turns(first: np.ndarray, second: np.ndarray) -> np.ndarray:

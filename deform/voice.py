@@ -35,19 +35,26 @@ def _vad():
         return load_silero_vad(onnx=True)
 
 
-def speech_probability(samples: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
-    """[T] probability that the track speaks in each video frame `[t/fps, (t+1)/fps)`: the mean
-    of Silero's window probabilities overlapping the frame."""
+def window_probability(samples: np.ndarray) -> np.ndarray:
+    """Silero's speech probability of each 32 ms window of 16 kHz `samples` (the last window
+    padded with silence)."""
     import torch
 
     model = _vad()
     model.reset_states()
+    x = np.pad(np.asarray(samples, np.float32), (0, VAD_WINDOW))
+    with torch.no_grad():
+        prob = model.audio_forward(torch.from_numpy(x), SAMPLE_RATE)[0].numpy()
+    model.reset_states()
+    return prob.astype(np.float64)
+
+
+def speech_probability(samples: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """[T] probability that the track speaks in each video frame `[t/fps, (t+1)/fps)`: the mean
+    of Silero's window probabilities overlapping the frame."""
     x = np.asarray(samples, np.float32)
     need = int(np.ceil(num_frames / fps * SAMPLE_RATE))
-    x = np.pad(x[:need], (0, max(0, need - len(x)) + VAD_WINDOW))
-    with torch.no_grad():
-        prob = model.audio_forward(torch.from_numpy(x), SAMPLE_RATE)[0].numpy().astype(np.float64)
-    model.reset_states()
+    prob = window_probability(np.pad(x[:need], (0, max(0, need - len(x)))))
     edges = np.arange(num_frames + 1) / fps * SAMPLE_RATE / VAD_WINDOW  # in windows
     csum = np.r_[0.0, np.cumsum(prob)]
     lo, hi = edges[:-1], np.maximum(edges[1:], edges[:-1] + 1e-9)

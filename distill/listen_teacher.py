@@ -37,35 +37,22 @@ from deform.conversation import (
     NOD_FALL_S,
     NOD_RISE_S,
     NUM_COARSE,
+    ease_bump,
     nod_curve,
     nod_vector,
 )
 from deform.voice import phrases
 
-from .teacher import RATE, TeacherConfig, frame_features, onsets, teach
+from .teacher import RATE, TeacherConfig, frame_features, onsets, smooth, teach
 
 NAMES = SimpleNamespace(expression_names=[*TEMPLATE_ACTIONS, *PARTICLE_ACTIONS, *BLINK_ACTIONS])
 BACKCHANNELS = ("mm-hm", "yeah", "right", "okay", "uh-huh", "I see", "sure")
 
 
-def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
-    r = int(3 * sigma) + 1
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / max(sigma, 1e-6)) ** 2)
-    return np.convolve(np.pad(x, r, mode="edge"), k / k.sum(), "valid")
-
-
 def _noise(num: int, rng: np.random.Generator, period_frames: float) -> np.ndarray:
     sigma = period_frames / 6
-    x = _smooth(rng.standard_normal(num + int(6 * sigma) + 2), sigma)[:num]
+    x = smooth(rng.standard_normal(num + int(6 * sigma) + 2), sigma)[:num]
     return x / (x.std() + 1e-9)
-
-
-def _bump(t: np.ndarray, onset: float, rise: float, fall: float) -> np.ndarray:
-    """0 → 1 → 0: a smooth rise over `rise` s from `onset`, then a fall over `fall` s."""
-    up = np.clip((t - onset) / rise, 0, 1)
-    down = np.clip((t - onset - rise) / fall, 0, 1)
-    ease = lambda s: s * s * (3 - 2 * s)  # noqa: E731
-    return ease(up) * (1 - ease(down))
 
 
 def speaking_features(samples: np.ndarray, num: int, fps: float, seed: int) -> np.ndarray:
@@ -84,7 +71,7 @@ def listening_features(own_prob: np.ndarray, partner_prob: np.ndarray, partner: 
     rng = np.random.default_rng(seed)
     num = len(own_prob)
     t = np.arange(num) / fps
-    listen = 1 - _smooth(np.asarray(own_prob, np.float64), 0.15 * fps).clip(0, 1)
+    listen = 1 - smooth(np.asarray(own_prob, np.float64), 0.15 * fps).clip(0, 1)
     f = {name: np.zeros(num) for name in FEATURES}
     nods, smile, brow, events = np.zeros(num), np.zeros(num), np.zeros(num), []
     for _, end in phrases(partner_prob, fps):
@@ -98,15 +85,15 @@ def listening_features(own_prob: np.ndarray, partner_prob: np.ndarray, partner: 
                 if rng.uniform() < 0.3:  # now and then a second, smaller nod
                     events.append((onset + NOD_RISE_S + NOD_FALL_S, 0.6 * amp))
         if rng.uniform() < 0.5:
-            smile += rng.uniform(0.15, 0.3) * _bump(t, e + rng.uniform(0.2, 0.5), 0.3, 1.5)
+            smile += rng.uniform(0.15, 0.3) * ease_bump(t - e - rng.uniform(0.2, 0.5), 0.3, 1.5)
     # the partner's pitch accents: small nods and brow raises
     loud, _, pitch = frame_features(partner, int(np.ceil(num / fps * RATE)) + 1)
     for idx, strength in onsets(loud, pitch):
         a = idx / RATE + 0.3
         if strength > 0.9 and rng.uniform() < 0.35:
-            nods += 0.04 * _bump(t, a, 0.15, 0.25)
+            nods += 0.04 * ease_bump(t - a, 0.15, 0.25)
         if strength > 0.9 and rng.uniform() < 0.2:
-            brow += 0.2 * _bump(t, a, 0.15, 0.5)
+            brow += 0.2 * ease_bump(t - a, 0.15, 0.5)
     for onset, amp in events:
         nods += amp * nod_curve(t - onset)
     f["head.x"] = nods + 0.02 * _noise(num, rng, 8 * fps)
@@ -133,7 +120,7 @@ def gaze_aversions(num: int, fps: float, seed: int) -> np.ndarray:
     while at < num / fps:
         length = rng.uniform(0.5, 1.2)
         side = rng.choice([-1.0, 1.0])
-        shape = _bump(t, at, 0.15, length)
+        shape = ease_bump(t - at, 0.15, length)
         out += shape[:, None] * np.array([side * rng.uniform(0.15, 0.3), rng.uniform(-0.1, 0.15)])
         at += length + rng.uniform(2.5, 6.0)
     return out
@@ -154,10 +141,10 @@ def conversation_features(own: np.ndarray, partner: np.ndarray, own_prob: np.nda
     # while it talks, the video shows the speech deformer's motion (made from the own voice,
     # which this model never hears): it learns the slow part only (a 0.3 s smoothing takes out
     # the syllable nods and the jaw's syllables), what it needs to hand over between turns
-    speak = np.apply_along_axis(_smooth, 0, speaking_features(own, num, fps, seed), 0.3 * fps)
+    speak = smooth(speaking_features(own, num, fps, seed), 0.3 * fps)
     speak[:, FEATURES.index("gazeYaw") :] = gaze_aversions(num, fps, seed)
     listen, events = listening_features(own_prob, partner_prob, partner, fps, seed)
-    m = _smooth(np.asarray(own_prob, np.float64), 0.1 * fps).clip(0, 1)[:, None]
+    m = smooth(np.asarray(own_prob, np.float64), 0.1 * fps).clip(0, 1)[:, None]
     t = np.arange(num) / fps
     lift = sum((a * nod_curve(t - onset) for onset, a in events), np.zeros(num))
     nods = (1 - m) * lift[:, None] * nod_vector().numpy()[None]

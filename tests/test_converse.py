@@ -229,10 +229,10 @@ def test_training_loss_falls_and_checkpoints_round_trip(tmp_path):
 def test_measures_find_nods_and_compare_distributions():
     fps, num = 25.0, 250
     x = np.zeros((num, len(FEATURES)))
-    from distill.listen_teacher import _bump
+    from deform.conversation import nod_curve
 
     t = np.arange(num) / fps
-    x[:, 0] = 0.1 * _bump(t, 4.4, 0.18, 0.3)  # a nod 0.4 s after the partner stops at 4.0 s
+    x[:, 0] = 0.1 * nod_curve(t - 4.4)  # a nod 0.4 s after the partner stops at 4.0 s
     partner = np.zeros(num)
     partner[25:100] = 1
     own = np.zeros(num)

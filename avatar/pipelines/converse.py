@@ -55,6 +55,14 @@ def load_tracks(audio: str | Path, partner: str | Path | None = None, channel: s
     return tracks
 
 
+def write_conversation(out_path: str | Path, frames, tracks: Tracks, fps: float) -> int:
+    """The video (atomically) with both voices mixed into its sound track; the frame count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mix = Path(tmp) / "conversation.wav"
+        write_wav(mix, tracks.mix(), SAMPLE_RATE)
+        return write_video(out_path, frames, fps=fps, audio_path=mix)
+
+
 def converse_avatar(avatar: Avatar, tracks: Tracks, out_path: str | Path,
                     cfg: DriveConfig | None = None, listen: ListenConfig = ListenConfig(),
                     report: str | Path | None = None, progress: bool = True) -> dict:  # fmt: skip
@@ -81,11 +89,8 @@ def converse_avatar(avatar: Avatar, tracks: Tracks, out_path: str | Path,
                             temperature=listen.temperature)  # fmt: skip
     except ValueError as exc:
         raise AvatarError(str(exc)) from None
-    with tempfile.TemporaryDirectory() as tmp:
-        mix = Path(tmp) / "conversation.wav"
-        write_wav(mix, tracks.mix(), SAMPLE_RATE)
-        frames = driver.frames(tracks.own, num, progress, listener)
-        count = write_video(out_path, frames, fps=cfg.fps, audio_path=mix)
+    count = write_conversation(out_path, driver.frames(tracks.own, num, progress, listener),
+                               tracks, cfg.fps)  # fmt: skip
     motion = listener.features()
     summary = {"frames": count, "fps": cfg.fps, "audio_s": round(tracks.duration_s, 3),
                "video_s": round(count / cfg.fps, 3),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deform.audio import SAMPLE_RATE
 from deform.controls import DRIVEN_BONES, compose_pose
 from deform.conversation import NUM_COARSE, load_converse
 from deform.listener import Listener
@@ -33,8 +31,7 @@ from render.rotations import quat_to_rotmat, rotmat_to_quat
 
 from ..errors import AvatarError
 from ..layout import Placement, SceneLayout, layout_from_text, toward
-from ..media import write_video, write_wav
-from .converse import ListenConfig
+from .converse import ListenConfig, write_conversation
 from .drive import DriveConfig, Driver, frame_count
 
 CAMERAS = ("two-shot", "orbit", "over-shoulder-a", "over-shoulder-b")
@@ -143,10 +140,7 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
                 yield to_uint8(rasterize(scene, cam, background=bg).rgb[0, ..., :3])
                 bar.update(1)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mix = Path(tmp) / "conversation.wav"
-        write_wav(mix, tracks.mix(), SAMPLE_RATE)
-        count = write_video(out_path, frames(), fps=cfg.fps, audio_path=mix)
+    count = write_conversation(out_path, frames(), tracks, cfg.fps)
     gaze = gaze_report(members, probs)
     summary = {"frames": count, "fps": cfg.fps, "video_s": round(count / cfg.fps, 3),
                "layout": layout.layout.name, "matched": layout.matched,
