@@ -56,7 +56,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _median_time(fn, repeats: int, sync) -> float:
+def _median_time(fn, repeats: int, sync, warmup: int = 0) -> float:
+    """Median seconds of `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -65,6 +68,9 @@ def _median_time(fn, repeats: int, sync) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+REFERENCE_REPEATS = 3
 
 
 def _versus_reference(scene, cam, small_cam, bg, target, sync) -> dict:
@@ -79,12 +85,20 @@ def _versus_reference(scene, cam, small_cam, bg, target, sync) -> dict:
         out = rasterize(params, small_cam, background=bg, backend=backend)
         ((out.rgb - target).abs().mean() + out.alpha.mean()).backward()
 
-    fast_fwd = _median_time(lambda: forward("auto"), 5, sync)
-    fast_step = _median_time(lambda: step("auto"), 5, sync)
-    ref_fwd = _median_time(lambda: forward("reference"), 1, sync)
-    ref_step = _median_time(lambda: step("reference"), 1, sync)
+    # like for like: each backend warm (one untimed call), then the median of the same count
+    fast_fwd, fast_step, ref_fwd, ref_step = (
+        _median_time(lambda fn=fn, b=b: fn(b), REFERENCE_REPEATS, sync, warmup=1)
+        for fn, b in (
+            (forward, "auto"),
+            (step, "auto"),
+            (forward, "reference"),
+            (step, "reference"),
+        )
+    )
     diff = (forward("reference").rgb - forward("auto").rgb).abs().max().item()
     return {
+        "reference_timing": f"both backends warm, median of {REFERENCE_REPEATS}",
+        "forward_s_same_view": round(fast_fwd, 6),
         "reference_forward_s": round(ref_fwd, 3),
         "speedup_vs_reference": round(ref_fwd / fast_fwd, 1),
         "reference_forward_backward_s": round(ref_step, 3),

@@ -100,6 +100,9 @@ def test_bench_render_prints_json():
     for key in ("forward_fps", "forward_backward_s", "peak_rss_mb", "speedup_vs_reference"):
         assert result[key] > 0, key
     assert result["backend"] == "native" and result["max_abs_diff_vs_reference"] < 0.05
+    assert result["reference_timing"] == "both backends warm, median of 3"  # like for like
+    ratio = result["reference_forward_s"] / result["forward_s_same_view"]
+    assert ratio == pytest.approx(result["speedup_vs_reference"], rel=0.1)
 
 
 def test_demo_creates_an_avatar_and_a_video(tmp_path):
