@@ -432,6 +432,8 @@ def converse_metrics(video_path: str | os.PathLike, report_path: str | os.PathLi
 
     try:
         report = json.loads(Path(report_path).read_text())
+        if "speech_probability_1" in report:  # two avatars in one scene
+            return pair_mouths(video_path, report)
         own = np.asarray(report["own_speech_probability"], np.float64)
         partner = np.asarray(report["partner_speech_probability"], np.float64)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -449,3 +451,36 @@ def converse_metrics(video_path: str | os.PathLike, report_path: str | os.PathLi
     return {"gap_speaking": mean(talk), "gap_listening": mean(listen),
             "gap_listening_over_speaking": ratio, "face_found_fraction": float(np.isfinite(gap).mean()),
             **figures, "pass": {"quiet_mouth": bool(ratio <= 0.15)}}  # fmt: skip
+
+
+def pair_mouths(video_path: str | os.PathLike, report: dict) -> dict:
+    """Two avatars in one video (`avatar converse A B --report`): MediaPipe's face mesh with two
+    faces, the left one the first avatar; each mouth's inner-lip gap during its own speaker's
+    turns over the gap during the other's (≥ 3: the right mouth moves)."""
+    from distill.converse_measures import roles
+    from reconstruct.parsing import FaceMesh
+
+    probs = [np.asarray(report[f"speech_probability_{k}"], np.float64) for k in (1, 2)]
+    gaps: list[list[float]] = [[], []]
+    with FaceMesh(still=False, faces=2) as mesh:
+        for rgb in read_frames(video_path):
+            faces = mesh.all(rgb)
+            for k in range(2):
+                p = faces[k] if len(faces) == 2 else None
+                h = np.nan if p is None else max(np.linalg.norm(p[10] - p[152]), 1e-6)
+                gaps[k].append(np.nan if p is None else np.linalg.norm(p[13] - p[14]) / h)
+    if len(gaps[0]) != len(probs[0]):
+        raise EvaluationError(f"{video_path} has {len(gaps[0])} frames, its report "
+                              f"{len(probs[0])}: not the report of this video")  # fmt: skip
+    out: dict = {"both_faces_found_fraction": float(np.isfinite(gaps[0]).mean())}
+    for k in range(2):
+        own, other = roles(probs[k], probs[1 - k])
+        gap = np.asarray(gaps[k])
+        mean = lambda m: float(np.nanmean(gap[m])) if np.isfinite(gap[m]).any() else float("nan")  # noqa: E731, B023
+        out[f"gap_own_turns_{k + 1}"] = mean(own)
+        out[f"gap_other_turns_{k + 1}"] = mean(other)
+        out[f"own_over_other_{k + 1}"] = mean(own) / max(mean(other), 1e-9)
+    out["listening_head_to_speaker_deg"] = [report.get(f"listening_head_to_speaker_deg_{k}")
+                                            for k in (1, 2)]  # fmt: skip
+    out["pass"] = {"right_mouth_moves": all(out[f"own_over_other_{k}"] >= 3 for k in (1, 2))}
+    return out

@@ -99,20 +99,26 @@ class FaceMesh(_Graph):
     [478, 2] pixel coordinates or None. `still`: each image on its own; otherwise tracking, which
     crops each frame around the previous frame's landmarks."""
 
-    def __init__(self, still: bool = True) -> None:
+    def __init__(self, still: bool = True, faces: int = 1) -> None:
         with _quiet_stderr():
             import mediapipe as mp
 
             self._graph = mp.solutions.face_mesh.FaceMesh(static_image_mode=still,
-                                                          max_num_faces=1,
+                                                          max_num_faces=faces,
                                                           refine_landmarks=True)  # fmt: skip
             self._graph.process(np.zeros((64, 64, 3), np.uint8))  # models load (and log) here
 
     def __call__(self, rgb: np.ndarray, dtype=np.float64, depth: bool = False) -> np.ndarray | None:
+        found = self.all(rgb, dtype, depth)
+        return found[0] if found else None
+
+    def all(self, rgb: np.ndarray, dtype=np.float64, depth: bool = False) -> list[np.ndarray]:
+        """Every face found (at most `faces`), left to right in the image."""
         with _quiet_stderr():
             found = self._graph.process(np.ascontiguousarray(rgb)).multi_face_landmarks
         h, w = rgb.shape[:2]
-        return _points(found[0], w, h, dtype, depth) if found else None
+        points = [_points(f, w, h, dtype, depth) for f in found or []]
+        return sorted(points, key=lambda p: float(p[1, 0]))  # by the nose tip's column
 
 
 class Hands(_Graph):

@@ -439,3 +439,29 @@ def test_two_avatars_in_one_scene(small, tmp_path, speech):
     res = run_avatar("converse", str(small), "--audio", str(stereo), "--channel", "left",
                      "--layout", "side by side", "-o", str(tmp_path / "x.mp4"))  # fmt: skip
     assert res.returncode != 0 and "give two" in res.stderr
+
+
+def test_two_faces_in_one_video_are_told_apart(tmp_path):
+    """The two-avatar mouth measure on a video of two still faces side by side: both found,
+    the left one is the first avatar's, and still mouths give no own-over-other contrast."""
+    from avatar.evaluate import converse_metrics
+    from avatar.media import write_video
+    from avatar.photo import read_photo
+
+    from .helpers import SHARED_DATA
+
+    photo = SHARED_DATA / "man_halfbody_generated.png"
+    if not photo.is_file():
+        pytest.skip(f"{photo} is absent (the project's shared test data)")
+    face = read_photo(photo).rgb[:512, 256:768][::2, ::2]  # 256 x 256
+    frame = np.concatenate([face, face[:, ::-1]], 1).copy()
+    write_video(tmp_path / "two.mp4", [frame] * 20, fps=25.0)
+    half = [1.0] * 10 + [0.0] * 10
+    report = tmp_path / "two.json"
+    report.write_text(json.dumps({"speech_probability_1": half,
+                                  "speech_probability_2": half[::-1]}))  # fmt: skip
+    m = converse_metrics(tmp_path / "two.mp4", report)
+    assert m["both_faces_found_fraction"] == 1.0
+    for k in (1, 2):
+        assert m[f"own_over_other_{k}"] == pytest.approx(1.0, abs=0.15)
+    assert not m["pass"]["right_mouth_moves"]

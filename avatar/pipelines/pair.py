@@ -99,7 +99,7 @@ def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Came
         points = []
         for m in members:
             g = m.place(m.driver.rig.still())
-            keep = g.means[:, 1] > 0.45 * float(g.means[:, 1].max())  # hips up
+            keep = g.means[:, 1] > 0.72 * float(g.means[:, 1].max())  # chest up
             points.append(g.means[keep])
         pts = torch.cat(points)
     box = torch.stack([pts.quantile(0.01, 0), pts.quantile(0.99, 0)])
@@ -147,8 +147,11 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
                "distance_m": round(layout.distance, 3), "camera": camera,
                "placements": [vars(p) for p in layout.placements], **gaze["summary"]}  # fmt: skip
     if report:
+        detail = {"frames_detail": gaze["frames"],
+                  **{f"speech_probability_{k + 1}": np.round(p, 3).tolist()
+                     for k, p in enumerate(probs)}}  # fmt: skip
         with atomic_path(report) as tmp_path:
-            tmp_path.write_text(json.dumps({**summary, "frames_detail": gaze["frames"]}))
+            tmp_path.write_text(json.dumps({**summary, **detail}))
     return summary
 
 
