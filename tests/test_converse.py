@@ -465,3 +465,33 @@ def test_two_faces_in_one_video_are_told_apart(tmp_path):
     for k in (1, 2):
         assert m[f"own_over_other_{k}"] == pytest.approx(1.0, abs=0.15)
     assert not m["pass"]["right_mouth_moves"]
+
+
+def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
+    from avatar.asset import Avatar
+    from avatar.layout import layout_from_text
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from avatar.pipelines.pair import build_scene, scene_cameras
+
+    driver = Driver(Avatar.load(small), DriveConfig(size=64))
+    members = build_scene([driver, driver], layout_from_text("facing each other"))
+    for m in members:  # feet on the ground
+        with torch.no_grad():
+            feet = m.place(driver.rig.still()).means[:, 1].quantile(0.002)
+        assert abs(float(feet)) < 0.01
+    assert len(scene_cameras(members, "orbit", 64, 10)) == 10
+    a_head, b_head = members[0].head()[0], members[1].head()[0]
+    for kind, near, far in (
+        ("over-shoulder-a", a_head, b_head),
+        ("over-shoulder-b", b_head, a_head),
+    ):
+        cam = scene_cameras(members, kind, 64, 10)
+        view = cam.viewmats[0]
+        eye = -view[:3, :3].T @ view[:3, 3]  # the camera centre in the scene
+        assert (eye - near).norm() < 1.0 < (eye - far).norm()
+        far_cam = view[:3, :3] @ far + view[:3, 3]
+        assert far_cam[2] > 0 and abs(float(far_cam[0] / far_cam[2])) < 0.05  # looks at the other
+    from avatar.errors import AvatarError
+
+    with pytest.raises(AvatarError, match="--camera"):
+        scene_cameras(members, "drone", 64, 10)

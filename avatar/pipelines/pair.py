@@ -61,18 +61,24 @@ class Member:
                          quats=rotmat_to_quat(r @ quat_to_rotmat(g.quats)))  # fmt: skip
 
     def head(self, deltas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head joint's scene position [3] and facing direction [3] (the body's +Z turned
-        by the skeleton), posed by head/neck/chest `deltas` [9] (None: the base pose)."""
-        rig = self.driver.rig
-        bones = torch.zeros(1, len(DRIVEN_BONES), 3)
-        if deltas is not None:
-            bones[0, :3] = deltas.reshape(3, 3)
-        pose = compose_pose(rig.base_pose, rig.driven, bones)
-        out = rig.template(rig.shape[None], pose=pose)
+        """The head joint's scene position and facing direction (the body's +Z turned by the
+        skeleton), [T, 3] each, posed by head/neck/chest `deltas` [T, 9] (None: the base pose,
+        [3] each), in one template call per 64 frames."""
+        if deltas is None:
+            pos, fwd = self.head(torch.zeros(1, NUM_COARSE))
+            return pos[0], fwd[0]
+        rig, r = self.driver.rig, self.rotation()
         i = rig.template.bone_names.index("head")
-        forward = out.transforms[0, i, :3, :3] @ torch.tensor([0.0, 0.0, 1.0])
-        r = self.rotation()
-        return r @ out.joints[0, i] + self.offset(), r @ forward
+        positions, forwards = [], []
+        for part in deltas.split(64):
+            bones = torch.zeros(len(part), len(DRIVEN_BONES), 3)
+            bones[:, :3] = part.reshape(-1, 3, 3)
+            pose = compose_pose(rig.base_pose, rig.driven, bones)
+            with torch.no_grad():
+                out = rig.template(rig.shape[None].expand(len(part), -1), pose=pose)
+            positions.append(out.joints[:, i] @ r.T + self.offset())
+            forwards.append(out.transforms[:, i, :3, 2] @ r.T)  # R_head · (0, 0, 1)
+        return torch.cat(positions), torch.cat(forwards)
 
 
 def build_scene(drivers: list[Driver], layout: SceneLayout) -> list[Member]:
@@ -158,20 +164,19 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
 def gaze_report(members: list[Member], probs: list[np.ndarray]) -> dict:
     """Per frame: how far each avatar's head faces from the other's head (degrees), and the
     median over the frames where it listens (only the other speaks)."""
-    rows, angles = [], [[], []]
-    motions = [m.listener.features() for m in members]
-    for t in range(len(motions[0])):
-        posed = [m.head(torch.from_numpy(x[t, :NUM_COARSE]).float())
-                 for m, x in zip(members, motions, strict=True)]  # fmt: skip
-        row = {}
-        for k in range(2):
-            (head, forward), (other, _) = posed[k], posed[1 - k]
-            to = torch.nn.functional.normalize(other - head, dim=0)
-            angle = math.degrees(math.acos(float((forward * to).sum().clamp(-1, 1))))
-            row[f"head_to_partner_deg_{k + 1}"] = round(angle, 2)
-            if probs[1 - k][t] >= 0.5 > probs[k][t]:
-                angles[k].append(angle)
-        rows.append(row)
-    summary = {f"listening_head_to_speaker_deg_{k + 1}": (float(np.median(a)) if a else None)
-               for k, a in enumerate(angles)}  # fmt: skip
+    posed = [m.head(torch.from_numpy(m.listener.features()[:, :NUM_COARSE]).float())
+             for m in members]  # fmt: skip
+    angles = []
+    for k in range(2):
+        (head, forward), (other, _) = posed[k], posed[1 - k]
+        to = torch.nn.functional.normalize(other - head, dim=-1)
+        cos = torch.nn.functional.normalize(forward, dim=-1).mul(to).sum(-1).clamp(-1, 1)
+        angles.append(torch.rad2deg(torch.acos(cos)).numpy())
+    rows = [{f"head_to_partner_deg_{k + 1}": round(float(angles[k][t]), 2) for k in range(2)}
+            for t in range(len(angles[0]))]  # fmt: skip
+    summary = {}
+    for k in range(2):
+        listening = (probs[1 - k] >= 0.5) & (probs[k] < 0.5)
+        a = angles[k][listening[: len(angles[k])]]
+        summary[f"listening_head_to_speaker_deg_{k + 1}"] = float(np.median(a)) if len(a) else None
     return {"summary": summary, "frames": rows}
