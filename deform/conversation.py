@@ -299,39 +299,28 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "converse.safetensors"
 
 
 def save_converse(model: ConverseModel, path: str | Path, meta: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    from render.io import atomic_path
+    from .deformer import write_checkpoint
 
     cfg = replace(model.cfg, partner_audio=model.audio_on)
-    meta = {"config": cfg.to_json(), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    write_checkpoint(model.state_dict(), path, cfg.to_json(), meta)
 
 
 def converse_meta(path: str | Path | None = None) -> dict:
     """What `save_converse` stored with a checkpoint besides its config (e.g. "training")."""
-    from safetensors import safe_open
+    from .deformer import deformer_meta
 
-    with safe_open(str(path or DEFAULT_CHECKPOINT), "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "config"}
+    return deformer_meta(path or DEFAULT_CHECKPOINT)
 
 
 def load_converse(path: str | Path | None = None) -> ConverseModel:
     """The conversational model from a safetensors checkpoint (the shipped one when None)."""
-    from safetensors import safe_open
-
-    from .deformer import load_exact
+    from .deformer import load_exact, read_checkpoint
 
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise ValueError(f"{path}: no conversation-model checkpoint there (train one: python -m "
                          "distill.train_converse --out PATH)")  # fmt: skip
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    raw = json.loads(meta.get("config", "{}"))
+    state, raw = read_checkpoint(path)
     raw["kernel_frames"] = tuple(raw.get("kernel_frames", ConverseConfig.kernel_frames))
     model = ConverseModel(ConverseConfig(**raw))
     load_exact(model, state, str(path))

@@ -360,21 +360,36 @@ class SpeechDeformer(nn.Module):
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "speech_deformer.safetensors"
 
 
-def save_deformer(model: SpeechDeformer, path: str | Path, meta: dict | None = None) -> None:
+def write_checkpoint(state: dict[str, Tensor], path: str | Path, config: str,
+                     meta: dict | None = None) -> None:  # fmt: skip
+    """A safetensors checkpoint, atomically: the tensors, the model's config (JSON) and `meta`
+    (each value JSON), the format of every motion model the project ships."""
     from safetensors.torch import save_file
 
     from render.io import atomic_path
 
-    meta = {"config": model.cfg.to_json(), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
-    state = {
-        k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("audio.model.")
-    }
+    meta = {"config": config, **{k: json.dumps(v) for k, v in (meta or {}).items()}}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """The tensors of a `write_checkpoint` file and its config (a dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return state, json.loads(meta.get("config", "{}"))
+
+
+def save_deformer(model: SpeechDeformer, path: str | Path, meta: dict | None = None) -> None:
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("audio.model.")}
+    write_checkpoint(state, path, model.cfg.to_json(), meta)
 
 
 def deformer_meta(path: str | Path) -> dict:
-    """What `save_deformer` stored with a checkpoint besides its config (e.g. "training")."""
+    """What `write_checkpoint` stored with a checkpoint besides its config (e.g. "training")."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -390,15 +405,11 @@ def load_deformer(
     DIR`) holds its adapter, not the wav2vec weights: those load from `audio_encoder`, or from
     the directory it was trained with. A log-mel checkpoint cannot take a wav2vec encoder (its
     adapter would be untrained and the motion noise)."""
-    from safetensors import safe_open
-
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise ValueError(f"{path}: no deformer checkpoint there")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = DeformerConfig(**json.loads(meta.get("config", "{}")))
+    state, config = read_checkpoint(path)
+    cfg = DeformerConfig(**config)
     if audio_encoder and not cfg.audio_encoder:
         raise ValueError(
             f"{path} was trained on log-mel features, so it has no wav2vec 2.0 adapter. Train "

@@ -47,7 +47,6 @@ class Listener:
         self.state = model.start(seed)
         self.role = 0.0
         self.rows: list[np.ndarray] = []  # the final features of every frame, for reports
-        self.roles: list[float] = []
 
     def role_mix(self, start: int, num: int) -> Tensor:
         out = []
@@ -83,7 +82,6 @@ class Listener:
         eyes = torch.stack([-pitch, yaw, torch.zeros_like(yaw)], -1)[:, None].expand(-1, 2, -1)
         final = torch.cat([controls[:, :NUM_COARSE], controls[:, actions], gaze], -1)
         self.rows.append(final.numpy())
-        self.roles += m[:, 0].tolist()
         return replace(motion, controls=controls), (eyes.contiguous() if self.gaze else None)
 
     def features(self) -> np.ndarray:
