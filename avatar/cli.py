@@ -65,61 +65,24 @@ def _view(text: str) -> float | str:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from render.io import SplatFileError, load_splats
+    from . import api
 
-    from .asset import Avatar, is_avatar_path
-    from .media import check_output
-    from .pipelines.render import OrbitConfig, orbit_cameras, render_frames, save_frames
-
-    out = Path(args.output)
-    check_output(out, args.force)
-    device = _resolve_device(args.device)
-    cfg = config_from_args(OrbitConfig, args, size=args.size or OrbitConfig.size)
-    if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        cfg = OrbitConfig(**{**cfg.__dict__, "orbit": 1})
-    if isinstance(args.view, float):
-        cfg = OrbitConfig(**{**cfg.__dict__, "yaw": args.view})
-    if is_avatar_path(args.scene):
-        from .pipelines.create import posed_gaussians
-
-        avatar = Avatar.load(args.scene, args.body)
-        template = avatar.body_template()
-        if args.view == "input":
-            if args.pose == "rest":
-                raise AvatarError("--view input shows the photo's pose; drop --pose rest")
-            scene = posed_gaussians(avatar, template, "photo").to(device)
-            cams = avatar.camera  # the photo's whole frame at its size, unless --size is given
-            cams = (cams.resized(args.size) if args.size else cams).to(device)
-        else:
-            scene = posed_gaussians(
-                avatar, template, "body" if args.pose == "photo" else "rest"
-            ).to(device)
-            cams = orbit_cameras(scene, cfg)
-    else:
-        if args.view == "input":
-            raise AvatarError(
-                f"{args.scene}: --view input needs an avatar (a plain scene has no photo)"
-            )
-        try:
-            scene = load_splats(args.scene).to(device)
-        except SplatFileError as exc:
-            raise AvatarError(str(exc)) from None
-        cams = orbit_cameras(scene, cfg)
-    count = save_frames(out, render_frames(scene, cams, args.background), args.fps)
-    print(f"wrote {out} ({count} frame{'s' if count != 1 else ''}, {cams.width}x{cams.height})")
+    cfg = config_from_args(api.OrbitConfig, args)
+    count = api.render(args.scene, args.output, args.view, args.pose, cfg, fps=args.fps,
+                       background=args.background, body=args.body,
+                       device=_resolve_device(args.device), force=args.force)  # fmt: skip
+    print(f"wrote {args.output} ({count} frame{'s' if count != 1 else ''})")
     return 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .media import check_output
-    from .pipelines.create import CreateConfig, create_avatar
+    from . import api
 
-    out = Path(args.output)
-    check_output(out, args.force)  # before minutes of work, not after
-    avatar, times = create_avatar(args.photo, config_from_args(CreateConfig, args))
-    avatar.save(out, force=args.force)
+    out = args.output
+    avatar = api.create(args.photo, out, config_from_args(api.CreateConfig, args), force=args.force)
     q = avatar.meta["quality"]
-    print(f"wrote {out} ({len(avatar.gaussians)} Gaussians) in {times.total_s:.0f} s; input view: "
+    print(f"wrote {out} ({len(avatar.gaussians)} Gaussians) in "
+          f"{avatar.meta['timings']['total_s']:.0f} s; input view: "
           f"masked PSNR {q['input_masked_psnr_db']} dB, SSIM {q['input_masked_ssim']}")  # fmt: skip
     print(
         f"look at it: avatar render {out} --view input -o input.png; avatar render {out} -o orbit.mp4"
@@ -128,16 +91,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_drive(args: argparse.Namespace) -> int:
-    from .asset import Avatar
-    from .media import check_output
-    from .pipelines.drive import DriveConfig, drive_avatar
+    from . import api
 
-    out = Path(args.output)
-    check_output(out, args.force)
-    if out.suffix.lower() != ".mp4":
-        raise AvatarError(f"{out}: drive writes an .mp4 video")
-    avatar = Avatar.load(args.avatar, args.body)
-    summary = drive_avatar(avatar, args.audio, out, config_from_args(DriveConfig, args))
+    out = args.output
+    summary = api.drive(args.avatar, args.audio, out, config_from_args(api.DriveConfig, args),
+                        force=args.force, body=args.body)  # fmt: skip
     print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
           f"{summary['fps']:g} fps; audio {summary['audio_s']} s)")  # fmt: skip
     print(f"check lip sync: avatar eval sync {out}")
@@ -145,42 +103,19 @@ def cmd_drive(args: argparse.Namespace) -> int:
 
 
 def cmd_converse(args: argparse.Namespace) -> int:
-    from deform.voice import Tracks
+    from . import api
 
-    from .asset import Avatar
-    from .media import check_output
-    from .pipelines.converse import ListenConfig, converse_avatar, load_tracks
-    from .pipelines.drive import DriveConfig
-
-    out = Path(args.output)
-    check_output(out, args.force)
-    if out.suffix.lower() != ".mp4":
-        raise AvatarError(f"{out}: converse writes an .mp4 video")
-    if args.report:
-        check_output(Path(args.report), args.force)
-    if len(args.avatar) > 2:
-        raise AvatarError("converse takes one avatar, or two for a two-person scene")
-    pair = len(args.avatar) == 2
-    if not pair and (args.layout or args.camera != "two-shot" or args.swap):
-        raise AvatarError("--layout, --camera and --swap place two avatars: give two")
-    speaker = args.speaker
-    if pair and speaker is None and args.partner is None and args.channel is None:
-        speaker = 1  # one mixed recording: the first avatar takes who speaks first
-    tracks = load_tracks(args.audio, args.partner, args.channel, speaker)
-    if args.swap:
-        tracks = Tracks(tracks.partner, tracks.own, tracks.source + " (swapped)")
-    cfg, listen = config_from_args(DriveConfig, args), config_from_args(ListenConfig, args)
-    avatars = [Avatar.load(a, args.body) for a in args.avatar]
-    if pair:
-        from .pipelines.drive import Driver
-        from .pipelines.pair import converse_pair
-
-        summary = converse_pair([Driver(a, cfg) for a in avatars], tracks, out, cfg, listen,
-                                args.layout, args.camera, args.report)  # fmt: skip
+    summary = api.converse(args.avatar, args.audio, args.output, partner=args.partner,
+                           channel=args.channel, speaker=args.speaker, swap=args.swap,
+                           layout=args.layout, camera=args.camera, report=args.report,
+                           config=config_from_args(api.DriveConfig, args),
+                           listen=config_from_args(api.ListenConfig, args), body=args.body,
+                           force=args.force)  # fmt: skip
+    out = args.output
+    if "layout" in summary:
         print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s; layout "
               f"{summary['layout']} ({summary['matched']}), {summary['distance_m']} m apart)")  # fmt: skip
     else:
-        summary = converse_avatar(avatars[0], tracks, out, cfg, listen, args.report)
         print(f"wrote {out} ({summary['frames']} frames, {summary['video_s']} s at "
               f"{summary['fps']:g} fps; speaking {summary['speaking_s']:.1f} s, listening "
               f"{summary['listening_s']:.1f} s)")  # fmt: skip
@@ -194,18 +129,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from distill.finetune import FinetuneConfig
 
-    from .asset import Avatar
-    from .media import check_output
-    from .pipelines.finetune import FinetuneOptions, finetune_avatar
+    from . import api
 
-    out = Path(args.output or args.avatar)
-    check_output(out, force=args.force or out == Path(args.avatar))
-    avatar = Avatar.load(args.avatar, args.body)
-    opts = config_from_args(FinetuneOptions, args)
-    summary = finetune_avatar(avatar, args.audio, out, opts, config_from_args(FinetuneConfig, args))
+    out = args.output or args.avatar
+    summary = api.finetune(args.avatar, args.audio, out,
+                           config_from_args(api.FinetuneOptions, args),
+                           config_from_args(FinetuneConfig, args), body=args.body,
+                           force=args.force)  # fmt: skip
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    avatar.save(out, force=True)
     last = ", ".join(f"{k} {v:.4g}" for k, v in summary["loss_last"].items()
                      if k not in ("step", "seconds", "lr"))  # fmt: skip
     print(
@@ -213,6 +145,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"{summary['seconds']:.0f} s ({summary['seconds_per_step']} s/step); last: {last}"
     )
     print(f"drive it: avatar drive {out} speech.wav -o talk.mp4")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"avatar serve: warning: listening on {args.host}: anyone who can reach this "
+              "machine can upload files and run jobs here", file=sys.stderr)  # fmt: skip
+    if args.max_upload_mb <= 0:
+        raise AvatarError(f"--max-upload-mb {args.max_upload_mb}: must be positive")
+    serve(args.host, args.port, args.max_upload_mb, ready=functools.partial(print, flush=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import api
+
+    options = {} if args.format is None else {"format": args.format}
+    summary = api.export(args.avatar, args.output, audio=args.audio, body=args.body,
+                         force=args.force, pose=args.pose, fps=args.fps, seed=args.seed,
+                         **options)  # fmt: skip
+    counts = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "format")
+    print(f"wrote {args.output} ({summary['format']}: {counts})")
     return 0
 
 
@@ -379,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipelines.converse import ListenConfig
     from .pipelines.create import CreateConfig
     from .pipelines.drive import DriveConfig
+    from .pipelines.export import FORMATS, POSES, ExportConfig
     from .pipelines.finetune import FinetuneOptions
     from .pipelines.render import OrbitConfig
 
@@ -507,6 +464,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     _add_body(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="an avatar as .splat, PLY, glTF or a PLY sequence",
+                       description="splat / ply: the Gaussians for splat viewers; glb: the fitted "
+                       "template mesh with its skeleton, skin weights and vertex colours "
+                       "(Blender, Unity, three.js); ply-seq: with --audio, a folder of one PLY "
+                       "of posed Gaussians per frame and frames.json with their times.")  # fmt: skip
+    p.add_argument("avatar", help="an avatar (folder or .zip)")
+    p.add_argument("-o", "--output", required=True, help="OUT.splat, OUT.ply, OUT.glb or OUT_DIR")
+    p.add_argument("--format", choices=FORMATS, help="default: from the output's suffix "
+                   "(no suffix: ply-seq)")  # fmt: skip
+    p.add_argument("--pose", choices=POSES, default=ExportConfig.pose, help="splat / ply: rest "
+                   "(canonical), body (the photo's pose, upright; default) or photo (where the "
+                   "photo's camera saw it)")  # fmt: skip
+    p.add_argument("--audio", help="ply-seq: the speech that drives it")
+    p.add_argument("--fps", type=float, default=ExportConfig.fps, help="ply-seq frame rate "
+                   "(default: 25)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="ply-seq: seed of the blinks (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_body(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web app: create, 3D view, drive, download",
+                       description="A web page on this machine: upload a photo (create, with "
+                       "progress), look at the avatar in a 3D Gaussian viewer, upload or record "
+                       "speech (drive, converse), download the avatar, .splat, PLY, GLB and "
+                       "videos. Offline: the page loads nothing from the internet. Uploads and "
+                       "outputs live in a temporary folder removed on exit.")  # fmt: skip
+    p.add_argument("--port", type=int, default=7860, help="default: 7860 (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0,
+                   help="largest upload accepted (default: 50)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="measure a talking video")
     ev = p.add_subparsers(dest="eval", required=True, metavar="WHAT")

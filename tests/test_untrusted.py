@@ -60,6 +60,8 @@ AVATAR_COMMANDS = {
     "converse": lambda a, g, t: ["converse", a, "--audio", str(g.speech), "--partner",
                                  str(g.speech), "-o", _out(t, "x.mp4"), "--size", "32"],
     "eval-sync": lambda a, g, t: ["eval", "sync", str(g.video), "--avatar", a],
+    "export": lambda a, g, t: ["export", a, "-o", _out(t, "x.glb")],
+    "export-seq": lambda a, g, t: ["export", a, "-o", _out(t, "seq"), "--audio", str(g.speech)],
     "eval-views": lambda a, g, t: ["eval", "views", a, "--size", "64"],
     "eval-speech": lambda a, g, t: ["eval", "speech", a, "--size", "64", "--face-only"],
     "bench-drive": lambda a, g, t: ["bench", "drive", "--avatar", a, "--audio", str(g.speech),
@@ -67,7 +69,7 @@ AVATAR_COMMANDS = {
     "bench-finetune": lambda a, g, t: ["bench", "finetune", "--avatar", a, "--audio", str(g.speech),
                                        "--steps", "1", "--size", "32", "--frames", "2"],
 }  # fmt: skip
-MOTION_COMMANDS = ("drive", "converse", "finetune", "bench-drive", "bench-finetune")
+MOTION_COMMANDS = ("drive", "converse", "finetune", "export-seq", "bench-drive", "bench-finetune")
 SPEECH_COMMANDS = {
     "drive": lambda s, g, t: ["drive", str(g.avatar), s, "-o", _out(t, "x.mp4"), "--size", "32"],
     "finetune": lambda s, g, t: ["finetune", str(g.avatar), "--audio", s, "-o", _out(t, "x.avatar")],
@@ -76,6 +78,7 @@ SPEECH_COMMANDS = {
     "converse-partner": lambda s, g, t: ["converse", str(g.avatar), "--audio", str(g.speech),
                                          "--partner", s, "-o", _out(t, "x.mp4"), "--size", "32"],
     "eval-sync": lambda s, g, t: ["eval", "sync", str(g.video), "--audio", s],
+    "export": lambda s, g, t: ["export", str(g.avatar), "-o", _out(t, "seq"), "--audio", s],
     "bench-drive": lambda s, g, t: ["bench", "drive", "--avatar", str(g.avatar), "--audio", s],
     "bench-finetune": lambda s, g, t: ["bench", "finetune", "--avatar", str(g.avatar), "--audio", s],
 }  # fmt: skip
@@ -165,7 +168,7 @@ def test_every_command_has_bad_input_cases():
     covered = {c.split("-")[0] for _, commands in TABLES.values() for c in commands}
     nested = {"bench": {"drive", "finetune", "create", "render"}, "eval": {"sync", "converse"}}
     for name, p in sub.choices.items():
-        if name == "demo":  # takes no input file
+        if name in ("demo", "serve"):  # no input file (serve's uploads: tests/test_serve.py)
             continue
         assert name in covered, f"`avatar {name}` has no bad-input cases"
         if name in nested:

@@ -272,5 +272,9 @@ class AnnyTemplate(BodyTemplate):
         }  # fmt: skip
         return {name: table[name] for name in MEDIAPIPE_FACE}
 
+    @property
+    def bone_parents(self) -> list[int]:
+        return [int(p) for p in self._anny.bone_parents]
+
     def _parent(self, j: int) -> int:
         return int(self._anny.bone_parents[j])

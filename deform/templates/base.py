@@ -88,6 +88,11 @@ class BodyTemplate(nn.Module):
     ) -> TemplateOutput:
         raise NotImplementedError
 
+    @property
+    def bone_parents(self) -> list[int]:
+        """Per bone, its parent bone's index (-1 for a root); parents come before children."""
+        raise NotImplementedError
+
     def bone_segments(self) -> list[str]:
         """Per bone, the body segment it moves: torso, neck, head, or upperarm, lowerarm, hand,
         upperleg, lowerleg, foot with ".L" / ".R" for the person's left / right."""

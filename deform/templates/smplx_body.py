@@ -166,6 +166,10 @@ class SMPLXTemplate(BodyTemplate):
                 table[f"{finger}_tip"] = Landmark("vertex", ids[f"{s}{name}"])
             self.hand_landmarks[side] = {k: table[k] for k in MEDIAPIPE_HAND}
 
+    @property
+    def bone_parents(self) -> list[int]:
+        return self.parents.tolist()
+
     def bone_segments(self) -> list[str]:
         out = []
         for bone in self.bone_names:
