@@ -8,6 +8,7 @@ fast backend's median time on that same view, so they hold however busy the mach
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import sys
@@ -263,25 +264,53 @@ class DriveBenchConfig:
     """Video size."""
     framing: str = "full"
     """full, upper or face."""
+    profile: str = ""
+    """Also write the timed drive's Python stacks, sampled every 5 ms, to this file (collapsed
+    stacks: flamegraph.pl, speedscope or inferno draw it); sampling costs a few percent."""
+
+
+STAGES = ("setup", "audio", "deformer", "rig", "render", "encode")  # drive's stages, in order
 
 
 def _drive_worker(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, queue) -> None:
     import tempfile
 
+    from render.profiling import Profile, StackSampler
+
     from .asset import Avatar
     from .pipelines.drive import DriveConfig, drive_avatar
 
+    sampler = StackSampler() if cfg.profile else contextlib.nullcontext()
     try:
         avatar = Avatar.load(avatar_path, cfg.body)
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp, sampler, Profile() as prof:
             summary = drive_avatar(avatar, audio_path, Path(tmp) / "bench.mp4",
                                    DriveConfig(size=cfg.size, framing=cfg.framing), progress=False)  # fmt: skip
-            wall = time.perf_counter() - t0
+        if cfg.profile:
+            summary["profile_samples"] = sampler.write(cfg.profile)
     except AvatarError as exc:
         queue.put({"error": str(exc)})
         return
-    queue.put({"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), **summary})
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the video encoder (FFmpeg)
+    queue.put({"wall_s": prof.wall, "peak_rss_mb": _peak_rss_mb(), "stages": prof.report(STAGES),
+               "encoder_cpu_s": children.ru_utime + children.ru_stime, **summary})  # fmt: skip
+
+
+def _end_to_end(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, out: Path) -> float:
+    """`avatar drive` as a user runs it: process start to the MP4 on disk, seconds."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "avatar", "drive", avatar_path, audio_path, "-o", str(out),
+            "--size", str(cfg.size), "--framing", cfg.framing]  # fmt: skip
+    if cfg.body:
+        argv += ["--body", cfg.body]
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise AvatarError(f"bench drive: avatar drive failed: {res.stderr.strip()[-500:]}")
+    return wall
 
 
 def _timed_drive(avatar_path: str, audio_path: str, cfg: DriveBenchConfig) -> dict:
@@ -355,6 +384,7 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
         source = cfg.audio or str(demo_speech())
         _speech_of_length(source, cfg.seconds, tmp / "short.wav")
         short = _timed_drive(avatar_path, str(tmp / "short.wav"), cfg)
+        end_to_end = _end_to_end(avatar_path, str(tmp / "short.wav"), cfg, tmp / "e2e.mp4")
         result = {
             "audio_s": short["audio_s"],
             "frames": short["frames"],
@@ -363,8 +393,15 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
             "wall_s": round(short["wall_s"], 2),
             "realtime_factor": round(short["wall_s"] / short["audio_s"], 3),
             "fps": round(short["frames"] / short["wall_s"], 2),
+            "end_to_end_s": round(end_to_end, 2),
+            "end_to_end_realtime_factor": round(end_to_end / short["audio_s"], 3),
             "peak_rss_mb": round(short["peak_rss_mb"], 1),
+            "stage_seconds": short["stages"]["seconds"],
+            "stage_shares": short["stages"]["shares"],
+            "encoder_process_cpu_s": round(short["encoder_cpu_s"], 2),
         }
+        if cfg.profile:
+            result["profile"] = f"{cfg.profile} ({short['profile_samples']} stack samples)"
         if cfg.long_seconds > 0:
             _speech_of_length(source, cfg.long_seconds, tmp / "long.wav")
             long = _timed_drive(avatar_path, str(tmp / "long.wav"), cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from render.io import atomic_path
+from render.profiling import stage
 
 from .errors import AvatarError, OutputExistsError
 
@@ -66,7 +67,7 @@ def write_video(
                 if h % 2 or w % 2:  # yuv420p needs even sizes: repeat the last row / column
                     frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
                 if writer is None:
-                    extra = {}
+                    extra: dict = {}
                     if audio_path is not None:
                         # no -shortest: with piped frames FFmpeg cuts the video early; the
                         # caller makes the frame count match the audio instead
@@ -77,11 +78,13 @@ def write_video(
                         ffmpeg_log_level="error", **extra,
                     )  # fmt: skip
                     writer.send(None)
-                writer.send(np.ascontiguousarray(frame))
+                with stage("encode"):
+                    writer.send(np.ascontiguousarray(frame))
                 count += 1
         finally:
             if writer is not None:
-                writer.close()
+                with stage("encode"):
+                    writer.close()
         if count == 0:
             raise AvatarError(f"{path}: no frames to write")
     return count

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .skinning import blend_matrix, blend_transforms
 from .surface import sample_surface
 
 # sampling density per part relative to the body (the template's part masks)
@@ -37,20 +38,24 @@ class Particles:
     def from_tensors(t: dict[str, Tensor], prefix: str = "particle_") -> Particles:
         return Particles(**{f.name: t[prefix + f.name] for f in fields(Particles)})
 
-    def blend(self, transforms: Tensor, index: Tensor | None = None) -> Tensor:
+    def blend(self, transforms: Tensor, index: Tensor | None = None,
+              matrix: Tensor | None = None) -> Tensor:  # fmt: skip
         """Per-Gaussian blended transforms [B, N, 4, 4] (or of the Gaussians in `index`)
-        from particle transforms [B, M, 4, 4]."""
-        ids, w = (
-            (self.ids, self.weights) if index is None else (self.ids[index], self.weights[index])
-        )
-        return (transforms[:, ids] * w[None, :, :, None, None]).sum(2)
+        from particle transforms [B, M, 4, 4]; `matrix`: `self.matrix()`, for all Gaussians."""
+        if index is None:
+            return blend_transforms(self.ids, self.weights, transforms, matrix)
+        return blend_transforms(self.ids[index], self.weights[index], transforms)
+
+    def matrix(self) -> Tensor:
+        """The weights as a sparse matrix [N, M] (`deform.skinning.blend_matrix`)."""
+        return blend_matrix(self.ids, self.weights, len(self.rest))
 
     def move(self, means: Tensor, transforms: Tensor, offsets: Tensor | None = None,
-             index: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+             index: Tensor | None = None, matrix: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Canonical Gaussian centres [N, 3] (or those in `index`) moved by particle transforms
         [B, M, 4, 4], then by the Gaussian head's Δp [B, N, 3]: `B_n μ + Δp` with B_n the
         blended transform. Returns the positions [B, n, 3] and B_n [B, n, 4, 4]."""
-        b = self.blend(transforms, index)
+        b = self.blend(transforms, index, matrix)
         pos = (b[..., :3, :3] @ means[..., None])[..., 0] + b[..., :3, 3]
         return (pos if offsets is None else pos + offsets), b
 

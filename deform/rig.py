@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from render import Gaussians, scene_points
-from render.rotations import quat_to_rotmat, rotmat_to_quat
+from render.profiling import stage
+from render.rotations import det3, quat_to_rotmat, rotmat_to_quat
 from render.sh import SH_C0, sh0_to_rgb
 
 from .controls import (
@@ -35,7 +36,7 @@ from .controls import (
 from .eyes import EyeCover
 from .hands import HandShaper
 from .particles import Particles
-from .skinning import blend_transforms
+from .skinning import blend_matrix, blend_transforms
 from .surface import interpolate
 
 FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # how much of the frame each framing fills
@@ -114,6 +115,10 @@ class SpeechRig:
         self.gaussians = gaussians
         self.bone_ids, self.bone_weights = bone_ids, bone_weights
         self.particles = particles
+        # sparse weight matrices: posing without gradients multiplies instead of gathering
+        self.bone_matrix = blend_matrix(bone_ids, bone_weights, template.num_bones)
+        self.particle_matrix = particles.matrix()
+        self._rest_rotation: tuple[Tensor, int, Tensor] | None = None
         self.parts = torch.zeros(len(gaussians), dtype=torch.uint8) if parts is None else parts
         self.driven = torch.tensor([template.bone_names.index(b) for b in DRIVEN_BONES])
         self.template_ids = action_index(template, TEMPLATE_ACTIONS)
@@ -181,13 +186,27 @@ class SpeechRig:
         particle transforms, residuals), with blink weights [T] (`controls.blinks`), finger
         rotations [T, 30, 3] (`deform.hands`; None keeps the photo's hands) and eye-bone
         deltas [T, 2, 3] (gaze; None: the photo's)."""
-        transforms = self.transforms(motion.bones, fingers, eyes)
-        actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
-        actions[:, self.template_ids] = motion.actions
-        actions[:, self.blink_ids] = blink[:, None].to(actions)
+        with stage("rig"):
+            transforms = self.transforms(motion.bones, fingers, eyes)
+            actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
+            actions[:, self.template_ids] = motion.actions
+            actions[:, self.blink_ids] = blink[:, None].to(actions)
         for i in range(len(blink)):
-            yield self.pose(actions[i], transforms[i], motion.particles[i], motion.offsets[i],
-                            motion.log_scales[i], motion.opacity[i], motion.color[i])  # fmt: skip
+            with stage("rig"):
+                posed = self.pose(actions[i], transforms[i], motion.particles[i], motion.offsets[i],
+                                  motion.log_scales[i], motion.opacity[i], motion.color[i])  # fmt: skip
+            yield posed
+
+    def rest_rotations(self) -> Tensor:  # [N, 3, 3]
+        """The canonical Gaussians' rotation matrices, computed once while they do not change
+        (and every time where gradients flow to them)."""
+        q = self.gaussians.quats
+        if torch.is_grad_enabled() and q.requires_grad:
+            return quat_to_rotmat(q)
+        cached = self._rest_rotation
+        if cached is None or cached[0] is not q or cached[1] != q._version:
+            cached = self._rest_rotation = (q, q._version, quat_to_rotmat(q))
+        return cached[2]
 
     def still(self) -> Gaussians:
         """The base pose with no speech motion (no facial action, no particle motion)."""
@@ -223,16 +242,18 @@ class SpeechRig:
     ) -> Gaussians:
         g = self.gaussians
         means = g.means + self.expression_offsets(actions[None])[0]
-        lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None])[0]  # [N,4,4]
+        lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None],
+                               self.bone_matrix)[0]  # [N,4,4]  # fmt: skip
         lin = lbs[:, :3, :3]
         if particle_transforms is not None:
-            moved, p = self.particles.move(means, particle_transforms[None])
+            moved, p = self.particles.move(means, particle_transforms[None],
+                                           matrix=self.particle_matrix)  # fmt: skip
             means, lin = moved[0], lin @ p[0, :, :3, :3]
         if offsets is not None:
             means = means + offsets
         means = (lbs[:, :3, :3] @ means[..., None])[..., 0] + lbs[:, :3, 3]
-        lin = lin / torch.linalg.det(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
-        quats = rotmat_to_quat(lin @ quat_to_rotmat(g.quats))
+        lin = lin / det3(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
+        quats = rotmat_to_quat(lin @ self.rest_rotations())
         out = g.replace(means=means, quats=quats)
         if log_scales is not None:
             out = out.replace(log_scales=g.log_scales + log_scales)

@@ -6,19 +6,41 @@ are the skinning matrices G_j [.., J, 4, 4] that map the canonical rest pose to 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from render import Gaussians
-from render.rotations import quat_to_rotmat, rotmat_to_quat
+from render.rotations import det3, quat_to_rotmat, rotmat_to_quat
+
+
+def blend_matrix(ids: Tensor, weights: Tensor, num: int) -> Tensor:
+    """Sparse weights [N, K] over `num` transforms as one CSR matrix [N, num], for
+    `blend_transforms(..., matrix=)`: a sparse product instead of gathering [N, K, 4, 4]
+    (about 10x faster on a CPU, the same sums up to float rounding)."""
+    rows = torch.arange(len(ids)).repeat_interleave(ids.shape[1])
+    coo = torch.sparse_coo_tensor(torch.stack([rows, ids.flatten()]), weights.flatten().float(),
+                                  (len(ids), num), check_invariants=False)  # fmt: skip
+    with warnings.catch_warnings():  # "CSR support is in beta": matrix products are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
 
 
 def blend_transforms(
     bone_ids: Tensor,  # [N, K] long
     bone_weights: Tensor,  # [N, K]
     transforms: Tensor,  # [B, J, 4, 4]
+    matrix: Tensor | None = None,  # `blend_matrix(bone_ids, bone_weights, J)`
 ) -> Tensor:  # [B, N, 4, 4]
-    """Per-point blended transform sum_k w_k G_{j_k}."""
+    """Per-point blended transform sum_k w_k G_{j_k}. With `matrix`, as a sparse product where
+    no gradient flows to the transforms (driving); the gather otherwise (training)."""
+    if matrix is not None and not (torch.is_grad_enabled() and transforms.requires_grad):
+        B, J = transforms.shape[:2]
+        top = transforms[..., :3, :].float().permute(1, 0, 2, 3).reshape(J, B * 12)
+        rows = (matrix @ top).reshape(-1, B, 3, 4).transpose(0, 1)  # [B, N, 3, 4]
+        last = rows.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(B, rows.shape[1], 1, 4)
+        return torch.cat([rows, last], 2).to(transforms.dtype)
     picked = transforms[:, bone_ids]  # [B, N, K, 4, 4]
     return (picked * bone_weights[None, :, :, None, None].to(picked.dtype)).sum(dim=2)
 
@@ -51,6 +73,6 @@ def apply_blend(gaussians: Gaussians, blend: Tensor) -> Gaussians:  # blend [N, 
     its own scales). Precompute `blend` once when the pose is fixed."""
     means = apply_transforms(gaussians.means, blend[None])[0]
     lin = blend[:, :3, :3]
-    lin = lin / torch.linalg.det(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
+    lin = lin / det3(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
     rot = lin @ quat_to_rotmat(gaussians.quats)
     return gaussians.replace(means=means, quats=rotmat_to_quat(rot))

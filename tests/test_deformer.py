@@ -225,3 +225,41 @@ def test_visemes_make_the_teachers_lip_shapes():
     assert torch.allclose(viseme_weights(lips), probs, atol=1e-6)
     pucker = basis[:, PARTICLE_ACTIONS.index("mouthPucker")]
     assert pucker[VISEMES.index("round")] > 1 and pucker[VISEMES.index("spread")] == 0
+
+
+def test_gaussian_head_equals_its_plain_formula():
+    """The Gaussian head is computed in a faster layout ([T, W, N] attention, the four output
+    layers as one product); it must equal the formula written plainly."""
+    import math
+
+    from deform.controls import PARTICLE_ACTIONS as L
+
+    torch.manual_seed(1)
+    model = SpeechDeformer(DeformerConfig()).eval()
+    for lin in (*model.g_out.values(), model.g_lip):  # zero at init: give them weights
+        torch.nn.init.normal_(lin.weight, std=0.3)
+        torch.nn.init.normal_(lin.bias, std=0.1)
+    tokens = tokens_for(model)
+    x = speechlike(1.0)
+    cfg = model.cfg
+    with torch.no_grad():
+        state = model.start(tokens)
+        motion, _ = model(x, tokens, state, 12, FPS)
+        audio = model.audio.encode(x, 0, 12, FPS)
+        drive, _ = model.driving_tokens(audio, 0, FPS, None)
+        win = torch.cat([state.window, drive]).unfold(0, cfg.window, 1).transpose(-1, -2)
+        gq = tokens.gauss_queries
+        att = torch.softmax(gq[None] @ model.gk(win).transpose(-1, -2)
+                            / math.sqrt(cfg.gauss_dim), -1)  # fmt: skip
+        hg = model.g_hidden(att @ model.gv(win))
+        res = {k: lin(hg) for k, lin in model.g_out.items()}
+        lips = motion.lips
+        basis = model.g_lip(gq).unflatten(-1, (3, len(L)))
+        offsets = (
+            res["p"] * cfg.offset_scale + torch.einsum("nkl,tl->tnk", basis, lips) * cfg.lip_scale
+        )
+    assert torch.allclose(motion.offsets, offsets, atol=1e-5)
+    assert torch.allclose(motion.log_scales, 0.1 * torch.tanh(res["s"]), atol=1e-5)
+    assert torch.allclose(motion.opacity, res["a"][..., 0], atol=1e-5)
+    assert torch.allclose(motion.color, 0.1 * torch.tanh(res["c"]), atol=1e-5)
+    assert motion.color.abs().max() > 1e-3  # the comparison is not between zeros

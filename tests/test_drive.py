@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -199,3 +200,67 @@ def test_eval_sync_cli_on_a_driven_video(small, tmp_path):
     assert res.returncode == 2 and "no face" in res.stderr and "Traceback" not in res.stderr
     res = run_avatar("eval", "sync", str(tmp_path / "s.wav"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_bench_drive_prints_a_stage_profile_and_a_flame_graph_file(small, tmp_path):
+    folded = tmp_path / "drive.folded"
+    res = run_avatar("bench", "drive", "--avatar", str(small), "--seconds", "2", "--long-seconds",
+                     "0", "--size", "64", "--profile", str(folded), "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout)
+    stages = ("setup", "audio", "deformer", "rig", "render", "encode", "other")
+    assert tuple(result["stage_seconds"]) == stages and tuple(result["stage_shares"]) == stages
+    assert sum(result["stage_shares"].values()) == pytest.approx(1.0, abs=0.01)
+    for name in ("deformer", "rig", "render"):  # the per-frame work is where it should be
+        assert result["stage_seconds"][name] > 0, name
+    assert result["end_to_end_s"] > result["stage_seconds"]["render"]
+    lines = folded.read_text().splitlines()
+    stacks = [line.rsplit(" ", 1) for line in lines]
+    assert all(count.isdigit() for _, count in stacks)
+    assert any("rasterize (render/rasterize.py" in stack for stack, _ in stacks)
+    assert any("forward (deform/deformer.py" in stack for stack, _ in stacks)
+
+
+def test_profile_stages_are_exclusive_and_free_when_off():
+    import time
+
+    from render import profiling
+
+    with profiling.stage("nothing"):  # no active profile: nothing is recorded anywhere
+        pass
+    with profiling.Profile() as prof:
+        with profiling.stage("outer"):
+            time.sleep(0.05)
+            with profiling.stage("inner"):
+                time.sleep(0.1)
+    seconds = prof.seconds()
+    assert seconds["inner"] == pytest.approx(0.1, abs=0.04)
+    assert seconds["outer"] == pytest.approx(0.05, abs=0.04)  # without the inner stage's time
+    report = prof.report(("outer", "inner"))
+    assert sum(report["seconds"].values()) == pytest.approx(prof.wall, abs=1e-3)
+
+
+def test_posing_by_sparse_products_equals_the_gather(small):
+    """Driving poses Gaussians with sparse weight matrices (no gradients); training gathers.
+    Both give the same Gaussians, and the same frames."""
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import speech_rig
+    from render import fit_to_points, rasterize
+
+    rig = speech_rig(Avatar.load(small))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        transforms = rig.transforms(torch.randn(1, rig.driven.numel(), 3, generator=gen) * 0.1)[0]
+        actions = torch.rand(len(rig.template.expression_names), generator=gen) * 0.5
+        m = len(rig.particles.rest)
+        moves = torch.eye(4).repeat(m, 1, 1)
+        moves[:, :3, 3] = torch.randn(m, 3, generator=gen) * 0.003
+        fast = rig.pose(actions, transforms, moves)
+        rig.bone_matrix = rig.particle_matrix = None
+        slow = rig.pose(actions, transforms, moves)
+        cam = fit_to_points(rig.framing_points("upper"), 128, 128, 0.0, 0.0, 30.0, 0.8)
+        frames = [rasterize(g, cam, background=torch.ones(3)).rgb for g in (fast, slow)]
+    assert (fast.means - slow.means).abs().max() < 1e-5
+    assert (fast.quats - slow.quats).abs().max() < 1e-5
+    assert (frames[0] - frames[1]).abs().max() < 1e-3
+    assert fast.means.sub(rig.gaussians.means).abs().max() > 0.01  # it did move

@@ -27,6 +27,7 @@ from deform.particles import Particles, template_particles
 from deform.rig import FRAMINGS, SpeechRig
 from reconstruct.canonical import PART_CODES
 from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
+from render.profiling import stage
 
 from ..asset import Avatar, AvatarFileError
 from ..errors import AvatarError
@@ -177,7 +178,8 @@ class Driver:
             hands = HandState()
             for start in range(0, num_frames, CHUNK):
                 n = min(CHUNK, num_frames - start)
-                motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                with stage("deformer"):
+                    motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
                 if not cfg.particles:
                     motion = motion.without_particles()
                 eyes = None
@@ -186,7 +188,8 @@ class Driver:
                 else:
                     blink = listener.blinks(start, n)
                     motion, eyes = listener.chunk(motion, start)
-                fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
+                with stage("rig"):
+                    fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
                 yield from rig.posed_frames(motion, blink, fingers, eyes)
 
     def frames(
@@ -199,7 +202,9 @@ class Driver:
         with bar, torch.no_grad():
             for i, g in enumerate(self.posed(samples, num_frames, listener)):
                 cam = cams[min(i, len(cams) - 1)]
-                yield to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
+                with stage("render"):
+                    frame = to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
+                yield frame
                 bar.update(1)
 
 
@@ -216,12 +221,14 @@ def drive_avatar(avatar: Avatar, audio_path: str | Path, out_path: str | Path,
                  cfg: DriveConfig = DriveConfig(), progress: bool = True) -> dict:  # fmt: skip
     """Write the talking video (H.264 + the input audio as AAC) atomically; returns a summary."""
     try:
-        audio = load_audio(audio_path)
+        with stage("audio"):
+            audio = load_audio(audio_path)
     except AudioError as exc:
         raise AvatarError(str(exc)) from None
     if cfg.fps <= 0 or not math.isfinite(cfg.fps):
         raise AvatarError(f"--fps {cfg.fps}: must be a positive number")
-    driver = Driver(avatar, cfg)
+    with stage("setup"):
+        driver = Driver(avatar, cfg)
     num = frame_count(audio.duration_s, cfg.fps)
     frames = driver.frames(audio.samples, num, progress)
     count = write_video(out_path, frames, fps=cfg.fps, audio_path=audio_path)
