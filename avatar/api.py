@@ -189,20 +189,11 @@ def drive(avatar: AvatarLike, audio: PathLike, out: PathLike, config: DriveConfi
 
 
 def _driver_and_audio(avatar: AvatarLike, audio: PathLike, config, options, body: str):
-    import math
-
-    from deform.audio import AudioError, load_audio
-
-    from .pipelines.drive import Driver, frame_count
+    from .pipelines.drive import Driver, speech_frames
 
     cfg = _config(DriveConfig, config, options)
-    if cfg.fps <= 0 or not math.isfinite(cfg.fps):
-        raise AvatarError(f"--fps {cfg.fps}: must be a positive number")
-    try:
-        speech = load_audio(audio)
-    except AudioError as exc:
-        raise AvatarError(str(exc)) from None
-    return Driver(_avatar(avatar, body), cfg), speech, frame_count(speech.duration_s, cfg.fps)
+    speech, num = speech_frames(audio, cfg.fps)
+    return Driver(_avatar(avatar, body), cfg), speech, num
 
 
 def drive_frames(avatar: AvatarLike, audio: PathLike, config: DriveConfig | None = None, *,
@@ -264,7 +255,7 @@ def converse(avatars: AvatarLike | Sequence[AvatarLike], audio: PathLike, out: P
     from .pipelines.pair import converse_pair
 
     return converse_pair([Driver(a, cfg) for a in loaded], tracks, out, cfg, listen, layout,
-                         camera, report)  # fmt: skip
+                         camera, report, progress)  # fmt: skip
 
 
 # ---- finetune -------------------------------------------------------------------------------------
@@ -313,12 +304,6 @@ def export(avatar: AvatarLike, out: PathLike, config: ExportConfig | None = None
     from .pipelines.export import export_avatar
 
     out = Path(out)
-    if config is None and "format" not in options:
-        by_suffix = {".splat": "splat", ".ply": "ply", ".glb": "glb", "": "ply-seq"}
-        if out.suffix.lower() not in by_suffix:
-            raise AvatarError(f"{out}: unknown output type {out.suffix!r}; use .splat, .ply, "
-                              ".glb, or a folder name for a PLY sequence")  # fmt: skip
-        options["format"] = by_suffix[out.suffix.lower()]
     check_output(out, force)
     return export_avatar(_avatar(avatar, body), out, _config(ExportConfig, config, options),
                          audio, progress)  # fmt: skip

@@ -39,6 +39,9 @@ class RenderBenchConfig:
     """Forward+backward iterations timed."""
     reference: bool = True
     """Also time the pure-torch reference on one view, forward and forward+backward (seconds)."""
+    previous: str = ""
+    """The source folder of another gsavatar release (e.g. a `git worktree` of the last one):
+    its kernel is timed the same way, in a child process, on the same scene and views."""
 
 
 def _peak_rss_mb() -> float:
@@ -167,7 +170,40 @@ def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
     }
     if cfg.reference:
         result.update(_versus_reference(scene, cams[0], small[0], bg, target, sync))
+    if cfg.previous:
+        result.update(_versus_previous(cfg, device, result))
     return result
+
+
+def _versus_previous(cfg: RenderBenchConfig, device: str, ours: dict) -> dict:
+    """`avatar bench render` of the release in `cfg.previous`, same settings, and the ratios."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(cfg.previous).expanduser().resolve()
+    if not (root / "avatar" / "bench.py").is_file():
+        raise AvatarError(f"--previous {cfg.previous}: not a gsavatar source folder "
+                          "(no avatar/bench.py in it)")  # fmt: skip
+    argv = [sys.executable, "-m", "avatar", "bench", "render", "--json", "--no-reference",
+            "--device", device]  # fmt: skip
+    for name in ("gaussians", "size", "frames", "backward_size", "backward_steps"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise AvatarError(f"--previous {cfg.previous}: its bench render failed: "
+                          f"{res.stderr.strip()[-400:]}")  # fmt: skip
+    prev = json.loads(res.stdout.strip().splitlines()[-1])
+    return {
+        "previous": str(root),
+        "previous_forward_ms": prev["forward_ms"],
+        "previous_forward_backward_s": prev["forward_backward_s"],
+        "speedup_vs_previous": round(prev["forward_ms"] / ours["forward_ms"], 3),
+        "speedup_vs_previous_forward_backward": round(
+            prev["forward_backward_s"] / ours["forward_backward_s"], 3
+        ),
+    }
 
 
 def bench_create(photo: str | None, cfg) -> dict:

@@ -163,10 +163,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import api
 
-    options = {} if args.format is None else {"format": args.format}
     summary = api.export(args.avatar, args.output, audio=args.audio, body=args.body,
-                         force=args.force, pose=args.pose, fps=args.fps, seed=args.seed,
-                         **options)  # fmt: skip
+                         force=args.force, format=args.format or "", pose=args.pose, fps=args.fps,
+                         seed=args.seed)  # fmt: skip
     counts = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "format")
     print(f"wrote {args.output} ({summary['format']}: {counts})")
     return 0

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from deform.skinning import apply_blend, blend_transforms
+from deform.skinning import apply_blend, apply_transforms, blend_transforms
 from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
@@ -144,6 +144,7 @@ class AppearanceLoss:
                 posed = apply_blend(start, self.blend)
                 self.start = (posed.means, *along_rays(posed, cam))
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
+        self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
         self.views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
         self.target, self.m = image[None], (mask[None, ..., None] > 0.5).to(mask.dtype)
 
@@ -164,7 +165,7 @@ class AppearanceLoss:
         """(total loss, image loss, the main view's render [1, H, W, 3]) for canonical Gaussians
         `g` that sit `offsets` [N, 3] off the template."""
         cfg = self.cfg
-        posed = apply_blend(g, self.blend)
+        posed = self._pose(g)
         terms = [self._image_terms(posed, view) for view in self.views]
         loss_img = sum(t[0] for t in terms)
         loss = (
@@ -186,6 +187,19 @@ class AppearanceLoss:
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
         return loss, loss_img, terms[0][2]
+
+    def _pose(self, g: Gaussians) -> Gaussians:
+        """`apply_blend(g, self.blend)`; the posed orientations are computed once while the
+        canonical ones stay the same tensor without gradients (the refinement's case)."""
+        if g.quats.requires_grad:
+            return apply_blend(g, self.blend)
+        cached = self._posed_quats
+        if cached is None or cached[0] is not g.quats or cached[1] != g.quats._version:
+            with torch.no_grad():
+                cached = self._posed_quats = (g.quats, g.quats._version,
+                                              apply_blend(g, self.blend).quats)  # fmt: skip
+        means = apply_transforms(g.means, self.blend[None])[0]
+        return g.replace(means=means, quats=cached[2])
 
     def psnr(self, rgb: Tensor) -> float:
         """Masked PSNR of a render against the photo (what `masked_quality` reports)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v2 as iio
 import numpy as np
@@ -103,6 +104,24 @@ def test_bench_render_prints_json():
     assert result["reference_timing"] == "both backends warm, median of 3"  # like for like
     ratio = result["reference_forward_s"] / result["forward_s_same_view"]
     assert ratio == pytest.approx(result["speedup_vs_reference"], rel=0.1)
+
+
+def test_bench_render_against_a_previous_release(tmp_path):
+    """--previous times another release's kernel in a child process the same way (here the
+    release is this source tree itself; timings of a 64-px scene on a shared machine are too
+    noisy to bound the ratio)."""
+    root = Path(__file__).resolve().parents[1]
+    small = ["--gaussians", "3000", "--size", "64", "--frames", "3", "--backward-size", "32",
+             "--backward-steps", "2", "--no-reference", "--json"]  # fmt: skip
+    res = run_avatar("bench", "render", *small, "--previous", str(root))
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["previous"] == str(root)
+    assert result["speedup_vs_previous"] == pytest.approx(
+        result["previous_forward_ms"] / result["forward_ms"], rel=0.01)  # fmt: skip
+    assert result["previous_forward_backward_s"] > 0
+    res = run_avatar("bench", "render", *small, "--previous", str(tmp_path))
+    assert res.returncode == 2 and "not a gsavatar source folder" in res.stderr
 
 
 def test_demo_creates_an_avatar_and_a_video(tmp_path):

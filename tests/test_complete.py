@@ -153,6 +153,29 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     assert grow == pytest.approx(float(want), rel=1e-3)
 
 
+def test_the_refinement_poses_like_apply_blend_with_its_orientations_cached():
+    from deform.skinning import apply_blend
+    from reconstruct.refine import RefineConfig, appearance_loss
+    from render import fit_to_points, scene_points
+    from render.rotations import axis_angle_to_rotmat
+
+    avatar = template_avatar(2000)
+    g, b = avatar.gaussians, avatar.binding
+    cam = fit_to_points(scene_points(g), 48, 48, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    j = avatar.body_template().num_bones
+    transforms = torch.eye(4).repeat(j, 1, 1)
+    transforms[:, :3, :3] = axis_angle_to_rotmat(torch.randn(j, 3) * 0.2)
+    objective = appearance_loss(g, b, transforms, cam, torch.ones(48, 48, 3), torch.ones(48, 48),
+                                RefineConfig())  # fmt: skip
+    for step in range(2):  # the second call reads the cache
+        moved = g.replace(means=g.means + 0.01 * step)
+        posed, want = objective._pose(moved), apply_blend(moved, objective.blend)
+        assert torch.equal(posed.quats, want.quats) and torch.equal(posed.means, want.means)
+    turned = g.replace(quats=torch.roll(g.quats, 1, -1))  # other orientations: computed anew
+    assert torch.equal(objective._pose(turned).quats, apply_blend(turned, objective.blend).quats)
+
+
 def test_hair_colour_is_the_hair_around_the_face():
     from reconstruct.complete import hair_colour
 

@@ -27,6 +27,17 @@ def small(tmp_path_factory):
     return path
 
 
+def read_accessor(path, doc: dict, index: int) -> np.ndarray:
+    """An accessor's array from the GLB's binary chunk (float32 VEC4 here)."""
+    raw = path.read_bytes()
+    json_size = struct.unpack("<I", raw[12:16])[0]
+    blob = raw[20 + json_size + 8 :]
+    acc = doc["accessors"][index]
+    view = doc["bufferViews"][acc["bufferView"]]
+    data = blob[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
+    return np.frombuffer(data, np.float32).reshape(acc["count"], -1)
+
+
 def glb_json(path) -> dict:
     raw = path.read_bytes()
     magic, version, length = struct.unpack("<4sII", raw[:12])
@@ -53,8 +64,10 @@ def test_glb_is_the_skinned_template_with_colours(small, tmp_path):
     assert 1.4 < hi[1] - lo[1] < 2.2 and hi[0] - lo[0] < 2.0  # a standing person, metres, +Y up
     colour = np.asarray(mesh.visual.vertex_attributes["color"])[:, :3]
     skin = ~template.part_masks()["hidden"].numpy()
-    # the test avatar's skin is (0.75..0.85, 0.55..0.65, 0.45..0.55), its lips and mouth darker
-    assert np.allclose(np.median(colour[skin], 0), [0.8, 0.6, 0.5], atol=0.05)
+    # the test avatar's skin is (0.75..0.85, 0.55..0.65, 0.45..0.55) in sRGB, its lips and mouth
+    # darker; glTF's COLOR_0 is linear
+    want = np.array([0.8, 0.6, 0.5])
+    assert np.allclose(np.median(colour[skin], 0), ((want + 0.055) / 1.055) ** 2.4, atol=0.04)
     doc = glb_json(out)
     (skin_doc,) = doc["skins"]
     assert len(skin_doc["joints"]) == template.num_bones
@@ -62,6 +75,10 @@ def test_glb_is_the_skinned_template_with_colours(small, tmp_path):
     assert names == template.bone_names
     attributes = doc["meshes"][0]["primitives"][0]["attributes"]
     assert {"POSITION", "NORMAL", "COLOR_0", "JOINTS_0", "WEIGHTS_0"} <= set(attributes)
+    # a reader of the first four influences only (three.js) gets each vertex's main bone
+    top = template.skin_weights.max(1).values.numpy()
+    first = read_accessor(out, doc, attributes["WEIGHTS_0"])
+    assert np.allclose(first[:, 0], top / template.skin_weights.sum(1).numpy(), atol=1e-5)
 
 
 def test_glb_joints_sit_at_the_rest_bone_heads(small, tmp_path):
@@ -107,6 +124,7 @@ def test_ply_sequence_follows_the_speech(small, tmp_path):
     assert len(list(out.glob("frame_*.ply"))) == num
     first = load_splats(out / "frame_00000.ply")
     streamed = next(api.drive_gaussians(small, speech, fps=10))
+    assert torch.is_grad_enabled()  # the generator's no_grad does not leak into its caller
     assert torch.allclose(first.means, streamed.means, atol=1e-5)
     moved = [load_splats(out / f["file"]).means for f in doc["frames"][::10]]
     assert max((m - moved[0]).abs().max() for m in moved[1:]) > 1e-3  # the avatar moves
@@ -144,6 +162,10 @@ def test_bad_exports_are_clear_errors_that_write_nothing(small, tmp_path, capsys
 
 
 def test_api_options_are_checked(small, tmp_path):
+    from avatar.pipelines.export import ExportConfig
+
+    summary = api.export(small, tmp_path / "rest.ply", ExportConfig(pose="rest"))  # suffix wins
+    assert summary["format"] == "ply" and summary["pose"] == "rest"
     with pytest.raises(TypeError, match="no option colour"):
         api.export(small, tmp_path / "a.ply", colour="red")
     with pytest.raises(api.AvatarError, match="--pose"):

@@ -34,10 +34,11 @@ def server():
     assert not app.root.exists()  # uploads and outputs go with the server
 
 
-def call(
-    url: str, data: bytes | None = None, method: str | None = None
-) -> tuple[int, dict | bytes]:
-    req = urllib.request.Request(url, data=data, method=method)
+def call(url: str, data: bytes | None = None, method: str | None = None,
+         headers: dict | None = None) -> tuple[int, dict | bytes]:  # fmt: skip
+    """A request as the page makes it (POSTs carry its X-Avatar header)."""
+    page = {"X-Avatar": "1"} if data is not None else {}
+    req = urllib.request.Request(url, data=data, method=method, headers={**page, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as res:
             status, body = res.status, res.read()
@@ -79,6 +80,9 @@ def test_bad_requests_get_clear_messages_and_the_server_lives(server, tmp_path):
     base, app = server
     status, body = call(base + "/api/upload?name=a.png", b"")
     assert status == 400 and body["error"] == "a.png: the file is empty"
+    for name in ("avatar.py", "numpy.so", "x.pyc", "notes.txt", "-h"):  # nothing importable
+        status, body = call(base + f"/api/upload?name={name}", b"import os")
+        assert status == 400 and "upload a photo or a sound file" in body["error"], name
     status, body = call(base + "/api/upload?name=big.wav", b"0" * (2 * 2**20))
     assert status == 413 and "the limit is 1 MB" in body["error"]
     status, body = call(base + "/api/jobs", b"not json", "POST")
@@ -91,15 +95,29 @@ def test_bad_requests_get_clear_messages_and_the_server_lives(server, tmp_path):
     assert status == 400 and "upload a file first" in body["error"]
     # a file that is not a photo: the job fails with the CLI's own message, naming the file
     uid = call(base + "/api/upload?name=notes.png", b"hello, not an image")[1]["upload"]
+    assert len(uid) >= 16  # unguessable
     job = call(base + "/api/jobs", json.dumps({"kind": "create", "photo": uid}).encode())[1]
     job = wait_for(base, job["id"])
     assert job["status"] == "error"
-    (tmp_path / "notes.png").write_bytes(b"hello, not an image")
-    cli = subprocess.run([sys.executable, "-m", "avatar", "create", "notes.png", "-o", "a.avatar"],
-                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.png").write_bytes(b"hello, not an image")
+    cli = subprocess.run([sys.executable, "-m", "avatar", "create", "in/notes.png", "-o",
+                          "a.avatar"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert job["error"] == cli.stderr.strip().removeprefix("avatar: error: ")
     assert call(base + "/api/avatars")[1] == []
     assert call(base + "/")[0] == 200  # still serving
+
+
+def test_only_the_page_of_this_server_is_answered(server):
+    base, _ = server
+    port = base.rsplit(":", 1)[1]
+    # another site's page: a cross-site form or no-cors fetch cannot add the page's header
+    status, body = call(base + "/api/upload?name=a.wav", b"RIFF", headers={"X-Avatar": ""})
+    assert status == 403 and "X-Avatar" in body["error"]
+    # DNS rebinding: the browser sends the attacker's host name
+    status, _ = call(base + "/api/avatars", headers={"Host": f"evil.example:{port}"})
+    assert status == 403
+    assert call(base + "/api/avatars", headers={"Host": f"localhost:{port}"})[0] == 200
 
 
 def test_serve_warns_when_open_to_the_network_and_cleans_up():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deform.audio import AudioError, load_audio
+from deform.audio import Audio, AudioError, load_audio
 from deform.controls import blinks
 from deform.deformer import SpeechDeformer, load_deformer, load_exact
 from deform.eyes import EyeCover, eye_cover
@@ -166,40 +166,40 @@ class Driver:
         return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
                              FRAMINGS[cfg.framing])  # fmt: skip
 
+    @torch.no_grad()  # as a decorator it holds only while the generator runs, not its caller
     def posed(self, samples: np.ndarray, num_frames: int, listener=None) -> Iterator[Gaussians]:
         """The avatar posed for each frame (body frame, no grad); with a
         `deform.listener.Listener` it also listens (head, face, gaze and blinks blended with the
         conversation model's)."""
         cfg, rig, model = self.cfg, self.rig, self.model
         audio = torch.from_numpy(samples)
-        with torch.no_grad():
-            text = model.transcript_embedding(cfg.transcript)
-            state = model.start(self.tokens)
-            hands = HandState()
-            for start in range(0, num_frames, CHUNK):
-                n = min(CHUNK, num_frames - start)
-                with stage("deformer"):
-                    motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
-                if not cfg.particles:
-                    motion = motion.without_particles()
-                eyes = None
-                if listener is None:
-                    blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
-                else:
-                    blink = listener.blinks(start, n)
-                    motion, eyes = listener.chunk(motion, start)
-                with stage("rig"):
-                    fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
-                yield from rig.posed_frames(motion, blink, fingers, eyes)
+        text = model.transcript_embedding(cfg.transcript)
+        state = model.start(self.tokens)
+        hands = HandState()
+        for start in range(0, num_frames, CHUNK):
+            n = min(CHUNK, num_frames - start)
+            with stage("deformer"):
+                motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+            if not cfg.particles:
+                motion = motion.without_particles()
+            eyes = None
+            if listener is None:
+                blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+            else:
+                blink = listener.blinks(start, n)
+                motion, eyes = listener.chunk(motion, start)
+            with stage("rig"):
+                fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
+            yield from rig.posed_frames(motion, blink, fingers, eyes)
 
+    @torch.no_grad()
     def frames(
         self, samples: np.ndarray, num_frames: int, progress: bool = True, listener=None
     ) -> Iterator[np.ndarray]:
         """The video's frames (`posed`, rendered by the configured camera)."""
         cams = self.cameras(num_frames)
         bg = torch.ones(3)
-        bar = tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress)
-        with bar, torch.no_grad():
+        with tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress) as bar:
             for i, g in enumerate(self.posed(samples, num_frames, listener)):
                 cam = cams[min(i, len(cams) - 1)]
                 with stage("render"):
@@ -217,19 +217,25 @@ def frame_count(duration_s: float, fps: float) -> int:
     return max(1, int(round(duration_s * fps)))
 
 
-def drive_avatar(avatar: Avatar, audio_path: str | Path, out_path: str | Path,
-                 cfg: DriveConfig = DriveConfig(), progress: bool = True) -> dict:  # fmt: skip
-    """Write the talking video (H.264 + the input audio as AAC) atomically; returns a summary."""
+def speech_frames(audio_path: str | Path, fps: float) -> tuple[Audio, int]:
+    """The speech (16 kHz mono) and its frame count at `fps`; bad audio or a bad frame rate is
+    an `AvatarError` that says so."""
+    if fps <= 0 or not math.isfinite(fps):
+        raise AvatarError(f"--fps {fps}: must be a positive number")
     try:
         with stage("audio"):
             audio = load_audio(audio_path)
     except AudioError as exc:
         raise AvatarError(str(exc)) from None
-    if cfg.fps <= 0 or not math.isfinite(cfg.fps):
-        raise AvatarError(f"--fps {cfg.fps}: must be a positive number")
+    return audio, frame_count(audio.duration_s, fps)
+
+
+def drive_avatar(avatar: Avatar, audio_path: str | Path, out_path: str | Path,
+                 cfg: DriveConfig = DriveConfig(), progress: bool = True) -> dict:  # fmt: skip
+    """Write the talking video (H.264 + the input audio as AAC) atomically; returns a summary."""
+    audio, num = speech_frames(audio_path, cfg.fps)
     with stage("setup"):
         driver = Driver(avatar, cfg)
-    num = frame_count(audio.duration_s, cfg.fps)
     frames = driver.frames(audio.samples, num, progress)
     count = write_video(out_path, frames, fps=cfg.fps, audio_path=audio_path)
     return {"frames": count, "fps": cfg.fps, "audio_s": round(audio.duration_s, 3),

@@ -17,14 +17,12 @@ atomically.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deform.audio import AudioError, load_audio
 from deform.templates import BodyTemplate
 from render.io import atomic_path, ply_bytes, save_splat
 from render.sh import SH_C0
@@ -32,7 +30,7 @@ from render.sh import SH_C0
 from ..asset import Avatar
 from ..errors import AvatarError
 from .create import posed_gaussians
-from .drive import DriveConfig, Driver, frame_count
+from .drive import DriveConfig, Driver, speech_frames
 
 FORMATS = ("splat", "ply", "glb", "ply-seq")
 POSES = ("rest", "body", "photo")
@@ -40,8 +38,9 @@ POSES = ("rest", "body", "photo")
 
 @dataclass(frozen=True)
 class ExportConfig:
-    format: str = "splat"
-    """splat, ply, glb, or ply-seq (one PLY per frame; needs --audio)."""
+    format: str = ""
+    """splat, ply, glb, or ply-seq (one PLY per frame; needs --audio); empty: from the
+    output's suffix (.splat, .ply, .glb; none: ply-seq)."""
     pose: str = "body"
     """splat / ply: rest (canonical), body (the photo's pose, upright) or photo (where the
     photo's camera saw it)."""
@@ -55,6 +54,12 @@ def export_avatar(avatar: Avatar, out_path: str | Path, cfg: ExportConfig = Expo
                   audio: str | Path | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Write `out_path` in `cfg.format`; returns a summary (what was written, counts)."""
     out = Path(out_path)
+    if not cfg.format:
+        by_suffix = {".splat": "splat", ".ply": "ply", ".glb": "glb", "": "ply-seq"}
+        if out.suffix.lower() not in by_suffix:
+            raise AvatarError(f"{out}: unknown output type {out.suffix!r}; use .splat, .ply, "
+                              ".glb, or a folder name for a PLY sequence")  # fmt: skip
+        cfg = replace(cfg, format=by_suffix[out.suffix.lower()])
     if cfg.format not in FORMATS:
         raise AvatarError(f"--format {cfg.format}: use one of {', '.join(FORMATS)}")
     if cfg.pose not in POSES:
@@ -77,6 +82,9 @@ def export_avatar(avatar: Avatar, out_path: str | Path, cfg: ExportConfig = Expo
         return {"format": "glb", **counts}
     g = posed_gaussians(avatar, template, cfg.pose)
     if cfg.format == "splat":
+        if g.sh is None:
+            raise AvatarError(f"{out}: this avatar's Gaussians carry features, not colours, "
+                              "which .splat cannot hold: export ply")  # fmt: skip
         save_splat(g, out)
     else:
         with atomic_path(out) as tmp:
@@ -85,16 +93,10 @@ def export_avatar(avatar: Avatar, out_path: str | Path, cfg: ExportConfig = Expo
 
 
 def _ply_sequence(avatar: Avatar, audio_path, out: Path, cfg: ExportConfig, progress: bool) -> dict:
-    if cfg.fps <= 0 or not math.isfinite(cfg.fps):
-        raise AvatarError(f"--fps {cfg.fps}: must be a positive number")
-    try:
-        audio = load_audio(audio_path)
-    except AudioError as exc:
-        raise AvatarError(str(exc)) from None
     from tqdm import tqdm
 
+    audio, num = speech_frames(audio_path, cfg.fps)
     driver = Driver(avatar, DriveConfig(fps=cfg.fps, seed=cfg.seed))
-    num = frame_count(audio.duration_s, cfg.fps)
     frames = []
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -153,22 +155,24 @@ def vertex_colours(avatar: Avatar, template: BodyTemplate) -> np.ndarray:
 def glb_bytes(avatar: Avatar, template: BodyTemplate) -> tuple[bytes, dict]:
     """The fitted template as one skinned glTF 2.0 binary: mesh in the rest pose (the avatar's
     shape), one joint node per bone at its rest head (translation only, so a joint turns about
-    its head as Anny's bones do), skin weights in groups of four, vertex colours."""
+    its head as Anny's bones do), skin weights in groups of four (largest first), vertex colours (linear, as glTF
+    wants)."""
     with torch.no_grad():
         rest = template(avatar.shape[None].float())
     pos = rest.rest_vertices[0].float().numpy()
     heads = rest.joints[0].float().numpy()
     faces = template.faces.numpy().astype(np.uint32)
     normals = _vertex_normals(pos, faces)
-    colours = vertex_colours(avatar, template).astype(np.float32)
+    colours = srgb_to_linear(vertex_colours(avatar, template)).astype(np.float32)  # glTF: linear
     parents = template.bone_parents
     J, K = len(parents), template.skin_ids.shape[1]
     sets = (K + 3) // 4
     ids = np.zeros((len(pos), 4 * sets), np.uint16 if J > 255 else np.uint8)
     weights = np.zeros((len(pos), 4 * sets), np.float32)
-    ids[:, :K] = template.skin_ids.numpy()
-    weights[:, :K] = template.skin_weights.numpy()
-    weights[:, :K] /= np.maximum(weights[:, :K].sum(1, keepdims=True), 1e-12)
+    order = np.argsort(-template.skin_weights.numpy(), 1, kind="stable")  # largest first: a
+    w = np.take_along_axis(template.skin_weights.numpy(), order, 1)  # 4-influence reader
+    ids[:, :K] = np.where(w > 0, np.take_along_axis(template.skin_ids.numpy(), order, 1), 0)
+    weights[:, :K] = w / np.maximum(w.sum(1, keepdims=True), 1e-12)  # (three.js) keeps the main
     inverse_bind = np.tile(np.eye(4, dtype=np.float32), (J, 1, 1))
     inverse_bind[:, :3, 3] = -heads
     writer = _GlbWriter()
@@ -207,6 +211,11 @@ def glb_bytes(avatar: Avatar, template: BodyTemplate) -> tuple[bytes, dict]:
     }
     return writer.glb(doc), {"vertices": len(pos), "triangles": len(faces), "bones": J,
                              "skin_sets": sets}  # fmt: skip
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """Display (sRGB) colour values, as the Gaussians store them, to glTF's linear COLOR_0."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
 def _vertex_normals(pos: np.ndarray, faces: np.ndarray) -> np.ndarray:

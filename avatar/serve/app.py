@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -44,15 +45,22 @@ QUALITY = {  # create's settings per choice on the page
 OUTPUTS = {"avatar": "avatar.zip", "turntable": "turntable.mp4", "splat": "avatar.splat",
            "ply": "avatar.ply", "glb": "avatar.glb", "video": "talk.mp4"}  # fmt: skip
 TURNTABLE = ["--orbit", "48", "--size", "384"]
+# what may be uploaded: photos and speech (or a video's sound), by suffix; nothing a Python
+# process could import, nothing a command line could read as a flag
+MEDIA = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".wav", ".mp3", ".flac",
+         ".ogg", ".oga", ".opus", ".webm", ".m4a", ".aac", ".mp4", ".mov", ".mkv"}  # fmt: skip
+CHUNK = 1 << 20  # uploads stream to disk in pieces of this size
 FRAMINGS, SIZES = ("full", "upper", "face"), (256, 384, 512)
 
 
 class App:
     """The server's state: uploads, avatars and jobs, all under one temporary folder."""
 
-    def __init__(self, max_upload_mb: float = 50.0) -> None:
+    def __init__(self, max_upload_mb: float = 50.0, max_total_mb: float = 2048.0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="avatar-serve-"))
         self.max_upload = int(max_upload_mb * 1024 * 1024)
+        self.max_total = int(max_total_mb * 1024 * 1024)  # all uploads together
+        self.stored = 0
         self.queue = JobQueue()
         self.uploads: dict[str, Path] = {}
         self.avatars: dict[str, dict] = {}  # job id of the create -> what the page shows
@@ -63,32 +71,46 @@ class App:
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- uploads ---------------------------------------------------------------------------
-    def upload(self, name: str, data: bytes) -> str:
-        """Keep an uploaded file under its own (cleaned) name, so that the CLI's messages name
-        it as the user knows it."""
-        if not data:
+    def upload(self, name: str, length: int, stream) -> str:
+        """Stream an upload of `length` bytes to disk under its own (cleaned) name, so that the
+        CLI's messages name it as the user knows it; only photo and sound suffixes."""
+        clean = re.sub(r"[^\w.\-]+", "_", Path(name).name).lstrip(".-")[-80:] or "upload"
+        if Path(clean).suffix.lower() not in MEDIA:
+            raise AvatarError(f"{name}: upload a photo or a sound file "
+                              f"({', '.join(sorted(MEDIA))})")  # fmt: skip
+        if length <= 0:
             raise AvatarError(f"{name}: the file is empty")
-        clean = re.sub(r"[^\w.\-]+", "_", Path(name).name).lstrip(".")[-80:] or "upload"
         with self.lock:
-            uid = f"u{len(self.uploads) + 1:04d}"
-            path = self.root / "uploads" / uid / clean
-            path.parent.mkdir(parents=True)
-            path.write_bytes(data)
+            if self.stored + length > self.max_total:
+                raise AvatarError(f"{name}: the server holds {self.stored / 2**20:.0f} MB of "
+                                  "uploads already; restart it to make room")  # fmt: skip
+            self.stored += length
+            uid = secrets.token_hex(8)
+        path = self.root / "uploads" / uid / clean
+        path.parent.mkdir(parents=True)
+        left = length
+        with open(path, "wb") as fh:
+            while left > 0 and (piece := stream.read(min(CHUNK, left))):
+                fh.write(piece)
+                left -= len(piece)
+        if left:
+            path.unlink()
+            raise AvatarError(f"{name}: the upload stopped after {length - left} of {length} bytes")
+        with self.lock:
             self.uploads[uid] = path
         return uid
 
     def _input(self, uid, folder: Path, prefix: str = "") -> str:
-        """An upload linked into a job's folder; the name the job's command line uses."""
+        """An upload linked into the job's `in/` folder; the path its command line uses (never
+        in the folder the command runs in, where Python could import it)."""
         if not isinstance(uid, str) or uid not in self.uploads:
             raise AvatarError("upload a file first")
         source = self.uploads[uid]
         name = prefix + source.name
-        if name in OUTPUTS.values():  # never the name of a job's output
-            name = f"upload-{name}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / name).exists():
-            os.link(source, folder / name)
-        return name
+        (folder / "in").mkdir(parents=True, exist_ok=True)
+        if not (folder / "in" / name).exists():
+            os.link(source, folder / "in" / name)
+        return f"in/{name}"
 
     def _avatar(self, aid) -> Path:
         if not isinstance(aid, str) or aid not in self.avatars:
@@ -105,7 +127,7 @@ class App:
             quality = QUALITY.get(request.get("quality", "full"))
             if quality is None:
                 raise AvatarError(f"quality {request.get('quality')!r}: use fast or full")
-            title = f"create from {photo}"
+            title = f"create from {Path(photo).name}"
             steps = [
                 Step("create", ["create", photo, "-o", "avatar.zip", *quality]),
                 Step("turntable", ["render", "avatar.zip", "-o", "turntable.mp4", *TURNTABLE]),
@@ -129,8 +151,8 @@ class App:
                 argv = ["drive", str(avatars[0]), audio, "-o", "talk.mp4", *options]
             else:
                 partner = self._input(request.get("partner"), folder, "partner-")
-                argv = ["converse", *map(str, avatars), "--audio", str(audio), "--partner",
-                        str(partner), "-o", "talk.mp4", *options]  # fmt: skip
+                argv = ["converse", *map(str, avatars), "--audio", audio, "--partner", partner,
+                        "-o", "talk.mp4", *options]  # fmt: skip
             title = f"{kind} {', '.join(self.avatars[a]['name'] for a in self._ids(request))}"
             job = Job(jid, kind, title, [Step(kind, argv)], folder, {"video": OUTPUTS["video"]})
         else:
@@ -166,6 +188,9 @@ def viewer_camera(splat: Path) -> tuple[list[float], list[float]]:
     """Where the 3D viewer looks (the Gaussians' middle) and stands (in front, far enough to see
     the whole body, with a margin, in the viewer's field of view)."""
     means = np.frombuffer(splat.read_bytes(), np.float32).reshape(-1, 8)[:, :3]
+    means = means[np.isfinite(means).all(1)]
+    if len(means) == 0:
+        return [0.0, 0.0, 0.0], [0.0, 0.0, 3.0]
     lo, hi = np.percentile(means, 1, 0), np.percentile(means, 99, 0)
     centre = (lo + hi).astype(np.float64) / 2
     distance = 1.3 * float((hi - lo).max()) / (2 * np.tan(np.radians(VIEWER_FOV / 2)))
@@ -174,7 +199,9 @@ def viewer_camera(splat: Path) -> tuple[list[float], list[float]]:
 
 class Handler(BaseHTTPRequestHandler):
     app: App  # set by `make_server`
+    hosts: frozenset[str] = frozenset()  # Host headers answered; empty: any (--host 0.0.0.0)
     server_version = "avatar-serve"
+    timeout = 60  # a client that stops sending is dropped, not waited for
 
     def log_message(self, format, *args) -> None:  # quiet: the page shows what happens
         pass
@@ -197,13 +224,41 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"error": message}, status)
 
     def _file(self, path: Path, download: str | None = None) -> None:
-        extra = {"Cache-Control": "no-cache"}
+        """A file, or the byte range asked for (video players seek with ranges)."""
+        extra = {"Cache-Control": "no-cache", "Accept-Ranges": "bytes"}
         if download:
             extra["Content-Disposition"] = f'attachment; filename="{download}"'
-        self._send(200, path.read_bytes(), TYPES.get(path.suffix, "application/octet-stream"),
-                   extra)  # fmt: skip
+        kind = TYPES.get(path.suffix, "application/octet-stream")
+        size = path.stat().st_size
+        ask = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if ask is None or not (ask[1] or ask[2]):
+            return self._send(200, path.read_bytes(), kind, extra)
+        start, end = (
+            (int(ask[1]), int(ask[2] or size - 1)) if ask[1] else (size - int(ask[2]), size - 1)
+        )
+        start, end = max(start, 0), min(end, size - 1)
+        if start > end:
+            return self._send(416, b"", kind, {"Content-Range": f"bytes */{size}"})
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            body = fh.read(end - start + 1)
+        self._send(206, body, kind, {**extra, "Content-Range": f"bytes {start}-{end}/{size}"})
+
+    def _trusted(self) -> bool:
+        """Only pages of this server may talk to it: the Host must be this server's own name
+        (another site's page reached by DNS rebinding names its own host), and a POST must
+        carry the page's X-Avatar header (a cross-site form or no-cors fetch cannot)."""
+        if self.hosts and self.headers.get("Host", "") not in self.hosts:
+            self._error("this server answers only to its own address", 403)
+            return False
+        if self.command == "POST" and self.headers.get("X-Avatar") != "1":
+            self._error("requests come from the avatar page (X-Avatar header missing)", 403)
+            return False
+        return True
 
     def do_GET(self) -> None:
+        if not self._trusted():
+            return
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
         if url.path == "/":
@@ -226,6 +281,9 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        if not self._trusted():
+            self.close_connection = True
+            return
         url = urlparse(self.path)
         try:
             length = int(self.headers.get("Content-Length", "-1"))
@@ -238,11 +296,11 @@ class Handler(BaseHTTPRequestHandler):
             limit = self.app.max_upload / 2**20
             return self._error(f"the file is {length / 2**20:.1f} MB; the limit is {limit:g} MB",
                                413)  # fmt: skip
-        body = self.rfile.read(length)
         try:
             if url.path == "/api/upload":
                 name = parse_qs(url.query).get("name", ["upload"])[0][:200]
-                return self._json({"upload": self.app.upload(name, body)})
+                return self._json({"upload": self.app.upload(name, length, self.rfile)})
+            body = self.rfile.read(length)
             if url.path == "/api/jobs":
                 try:
                     request = json.loads(body or b"{}")
@@ -252,6 +310,7 @@ class Handler(BaseHTTPRequestHandler):
                     return self._error("the request is not a JSON object")
                 return self._json(self.app.submit(request).public())
         except AvatarError as exc:
+            self.close_connection = True  # the body may be unread
             return self._error(str(exc))
         except (TypeError, ValueError) as exc:
             return self._error(f"bad request: {exc}")
@@ -259,9 +318,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(host: str, port: int, app: App) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
+    """The server; bound to a loopback address it answers only requests naming it."""
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
+    port = server.server_address[1]
+    loopback = host in ("127.0.0.1", "localhost")
+    names = {f"{name}:{port}" for name in ("127.0.0.1", "localhost")} if loopback else set()
+    server.RequestHandlerClass = type("BoundHandler", (Handler,),
+                                      {"app": app, "hosts": frozenset(names)})  # fmt: skip
     return server
 
 

@@ -8,10 +8,11 @@ label, percentage and ETA.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import re
+import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -66,13 +67,14 @@ class JobQueue:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._ids = itertools.count(1)
         self._child: subprocess.Popen | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._work, name="avatar-jobs", daemon=True)
         self._thread.start()
 
     def new_id(self) -> str:
-        return f"{next(self._ids):04d}"
+        """A job's id: unguessable, since it names the job's files in URLs."""
+        return secrets.token_hex(6)
 
     def submit(self, job: Job) -> Job:
         with self.lock:
@@ -85,14 +87,17 @@ class JobQueue:
             return [j.public() for j in reversed(self.jobs.values())]
 
     def close(self) -> None:
+        """Stop: queued jobs never start, the running one is killed (its whole process group)."""
+        with self.lock:
+            self._closing = True
+            child = self._child
         self._queue.put(None)
-        child = self._child
         if child is not None and child.poll() is None:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)
         self._thread.join(timeout=10)
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None and not self._closing:
             job.status, job.started = "running", time.time()
             try:
                 for step in job.steps:
@@ -109,10 +114,16 @@ class JobQueue:
             job.finished = time.time()
 
     def _run(self, job: Job, step: Step) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = subprocess.Popen([self.python, "-m", "avatar", *step.argv], cwd=job.folder,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
-        self._child = child
+        # the job's folder is not put on sys.path (-P, PYTHONSAFEPATH): nothing in it is imported
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+        safe = ["-P"] if sys.version_info >= (3, 11) else []
+        with self.lock:
+            if self._closing:
+                job.status, job.error = "error", "the server stopped"
+                return
+            child = self._child = subprocess.Popen(
+                [self.python, *safe, "-m", "avatar", *step.argv], cwd=job.folder, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
         tail = ""
         while chunk := child.stderr.read1(4096):
             tail = (tail + chunk.decode(errors="replace"))[-8192:]

@@ -9,8 +9,10 @@ function showMessage(text) {
   box.hidden = !text;
 }
 
-async function request(url, options) {
-  const response = await fetch(url, options);
+async function request(url, options = {}) {
+  // the server answers POSTs only with this header (a cross-site form cannot send it)
+  const headers = { ...(options.headers || {}), ...(options.method === "POST" ? { "X-Avatar": "1" } : {}) };
+  const response = await fetch(url, { ...options, headers });
   let body = null;
   try { body = await response.json(); } catch (e) { /* not JSON */ }
   if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
@@ -108,7 +110,9 @@ function renderJobs(jobs) {
       state.shownVideos.add(job.id);
       const box = document.createElement("div");
       box.className = "video";
-      box.innerHTML = `<div>${job.title.replace(/[<>&]/g, "")}</div>`;
+      const title = document.createElement("div");
+      title.textContent = job.title;
+      box.append(title);
       const video = document.createElement("video");
       video.controls = true; video.src = job.outputs.video; video.id = `video-${job.id}`;
       const link = document.createElement("a");
@@ -146,7 +150,7 @@ function renderAvatars(avatars) {
       ...avatars.map((a) => new Option(`${a.name} (#${a.id})`, a.id)));
     if (keep && avatars.some((a) => a.id === keep)) select.value = keep;
   }
-  for (const avatar of fresh.reverse()) {
+  for (const avatar of [...fresh].reverse()) {  // oldest first, so the newest ends on top
     const box = document.createElement("div");
     box.className = "avatar"; box.id = `avatar-${avatar.id}`;
     const name = document.createElement("strong");
