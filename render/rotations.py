@@ -18,6 +18,16 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:  # [..., 4] wxyz (any norm) -> [...
     ).reshape(*quats.shape[:-1], 3, 3)  # fmt: skip
 
 
+def quat_multiply(a: Tensor, b: Tensor) -> Tensor:  # [..., 4] wxyz, broadcast -> [..., 4]
+    """The Hamilton product a ⊗ b: the rotation b, then a (a's matrix times b's)."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], -1)  # fmt: skip
+
+
 def det3(m: Tensor) -> Tensor:  # [..., 3, 3] -> [...]
     """Determinants of 3x3 matrices by the cofactor formula (several times faster than
     `torch.linalg.det`'s LU for many small matrices on a CPU; differentiable)."""

@@ -57,3 +57,15 @@ def test_composition_and_points():
     )
     back = se3.exp(-xi)[0] @ t  # composing with the inverse twist gives the identity
     assert torch.allclose(back, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_quaternion_product_composes_rotations_and_cofactor_determinants():
+    from render.rotations import det3, quat_multiply, quat_to_rotmat
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 4, generator=gen), torch.randn(50, 4, generator=gen)
+    a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    both = quat_to_rotmat(quat_multiply(a, b))
+    assert torch.allclose(both, quat_to_rotmat(a) @ quat_to_rotmat(b), atol=1e-5)
+    m = torch.randn(50, 3, 3, generator=gen)
+    assert torch.allclose(det3(m), torch.linalg.det(m), atol=1e-4)

@@ -27,7 +27,8 @@ from deform.listener import Listener
 from deform.voice import Tracks, speech_probability
 from render import Cameras, Gaussians, fit_to_points, intrinsics, look_at, rasterize, to_uint8
 from render.io import atomic_path
-from render.rotations import quat_to_rotmat, rotmat_to_quat
+from render.profiling import stage
+from render.rotations import quat_multiply
 
 from ..errors import AvatarError
 from ..layout import Placement, SceneLayout, layout_from_text, toward
@@ -57,8 +58,11 @@ class Member:
     def place(self, g: Gaussians) -> Gaussians:
         """Body frame -> scene (view-dependent colour is not turned: avatars are degree 0)."""
         r = self.rotation().to(g.means)
-        return g.replace(means=g.means @ r.T + self.offset().to(g.means),
-                         quats=rotmat_to_quat(r @ quat_to_rotmat(g.quats)))  # fmt: skip
+        half = math.radians(self.placement.yaw_deg) / 2  # the same turn as a quaternion
+        turn = g.quats.new_tensor([math.cos(half), 0.0, math.sin(half), 0.0])
+        return g.replace(
+            means=g.means @ r.T + self.offset().to(g.means), quats=quat_multiply(turn, g.quats)
+        )
 
     def head(self, deltas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head joint's scene position and facing direction (the body's +Z turned by the
@@ -141,9 +145,13 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
         bar = tqdm(total=num, unit="frame", desc="converse", disable=not progress)
         with bar, torch.no_grad():
             for i, posed in enumerate(zip(*streams, strict=True)):
-                scene = Gaussians.cat([m.place(g) for m, g in zip(members, posed, strict=True)])
+                with stage("rig"):
+                    scene = Gaussians.cat([m.place(g) for m, g in zip(members, posed,
+                                                                      strict=True)])  # fmt: skip
                 cam = cams[min(i, len(cams) - 1)]
-                yield to_uint8(rasterize(scene, cam, background=bg).rgb[0, ..., :3])
+                with stage("render"):
+                    frame = to_uint8(rasterize(scene, cam, background=bg).rgb[0, ..., :3])
+                yield frame
                 bar.update(1)
 
     count = write_conversation(out_path, frames(), tracks, cfg.fps)
