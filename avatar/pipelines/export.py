@@ -25,7 +25,7 @@ import torch
 
 from deform.templates import BodyTemplate
 from render.io import atomic_path, ply_bytes, save_splat
-from render.sh import SH_C0
+from render.sh import sh0_to_rgb
 
 from ..asset import Avatar
 from ..errors import AvatarError
@@ -125,7 +125,7 @@ def vertex_colours(avatar: Avatar, template: BodyTemplate) -> np.ndarray:
     g, b = avatar.gaussians, avatar.binding
     if g.sh is None:
         raise AvatarError("this avatar's Gaussians carry features, not colours: export ply")
-    rgb = (g.sh[:, 0].detach().float() * SH_C0 + 0.5).clamp(0, 1)
+    rgb = sh0_to_rgb(g.sh[:, 0].detach().float()).clamp(0, 1)
     w = b.bary.float() * g.opacities.detach().float()[:, None]  # [N, 3]
     verts = template.faces[b.face_ids]  # [N, 3]
     V = template.num_vertices

@@ -138,7 +138,8 @@ class App:
             outputs = {k: v for k, v in OUTPUTS.items() if k != "video"}
             job = Job(jid, kind, title, steps, folder, outputs, on_done=self._register)
         elif kind in ("drive", "converse"):
-            avatars = [self._avatar(a) for a in request.get("avatars") or [request.get("avatar")]]
+            ids = list(request.get("avatars") or [request.get("avatar")])
+            avatars = [self._avatar(a) for a in ids]
             audio = self._input(request.get("audio"), folder)
             framing, view = request.get("framing", "full"), str(request.get("view", "front"))
             size = int(request.get("size", 384))
@@ -153,16 +154,12 @@ class App:
                 partner = self._input(request.get("partner"), folder, "partner-")
                 argv = ["converse", *map(str, avatars), "--audio", audio, "--partner", partner,
                         "-o", "talk.mp4", *options]  # fmt: skip
-            title = f"{kind} {', '.join(self.avatars[a]['name'] for a in self._ids(request))}"
+            title = f"{kind} {', '.join(self.avatars[a]['name'] for a in ids)}"
             job = Job(jid, kind, title, [Step(kind, argv)], folder, {"video": OUTPUTS["video"]})
         else:
             raise AvatarError(f"job kind {kind!r}: use create, drive or converse")
         folder.mkdir(parents=True, exist_ok=True)
         return self.queue.submit(job)
-
-    @staticmethod
-    def _ids(request: dict) -> list[str]:
-        return list(request.get("avatars") or [request.get("avatar")])
 
     def _register(self, job: Job) -> None:
         """A finished create: the avatar joins the list, with where the viewer should look."""
