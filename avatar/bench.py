@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from render import rasterize
+from render import fit_to_points, rasterize, scene_points
 
 from .errors import AvatarError
 from .pipelines.render import OrbitConfig, orbit_cameras
@@ -30,7 +30,9 @@ class RenderBenchConfig:
     gaussians: int = 50_000
     """Gaussians in the person-shaped scene."""
     size: int = 512
-    """Forward image size (square)."""
+    """Forward image width (and height, unless --height)."""
+    height: int = 0
+    """Forward image height (0: square); e.g. --size 1920 --height 1080."""
     frames: int = 30
     """Forward frames timed (views around the person)."""
     backward_size: int = 256
@@ -58,6 +60,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _device_name(device: str) -> str:
+    from render import pick_device
+
+    where = pick_device(device)
+    return _cpu_name() if where.type == "cpu" else torch.cuda.get_device_name(where)
 
 
 def _median_time(fn, repeats: int, sync, warmup: int = 0) -> float:
@@ -113,7 +122,9 @@ def _versus_reference(scene, cam, small_cam, bg, target, sync) -> dict:
 
 def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
     scene = person_scene(cfg.gaussians, sh_degree=1).to(device)
-    cams = orbit_cameras(scene, OrbitConfig(orbit=cfg.frames, size=cfg.size, fill=0.6))
+    yaws = torch.arange(cfg.frames, dtype=torch.float64) * 360.0 / cfg.frames
+    cams = fit_to_points(scene_points(scene), cfg.size, cfg.height or cfg.size, yaws, 5.0, 30.0,
+                         0.6).to(device)  # fmt: skip
     bg = torch.ones(3, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -148,10 +159,11 @@ def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
     result = {
         "benchmark": "render",
         "backend": first.backend,
-        "device": _cpu_name() if device == "cpu" else torch.cuda.get_device_name(),
+        "device": _device_name(device),
         "threads": torch.get_num_threads(),
         "gaussians": cfg.gaussians,
         "size": cfg.size,
+        "height": cfg.height or cfg.size,
         "forward_fps": round(1.0 / fwd_s, 2),
         "forward_ms": round(fwd_s * 1000, 2),
         "forward_backward_s": round(fwdbwd_s, 4),
@@ -189,6 +201,8 @@ def _versus_previous(cfg: RenderBenchConfig, device: str, ours: dict) -> dict:
             "--device", device]  # fmt: skip
     for name in ("gaussians", "size", "frames", "backward_size", "backward_steps"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    if cfg.height:  # releases before this one render squares only
+        argv += ["--height", str(cfg.height)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     res = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
     if res.returncode != 0:
@@ -303,6 +317,8 @@ class DriveBenchConfig:
     profile: str = ""
     """Also write the timed drive's Python stacks, sampled every 5 ms, to this file (collapsed
     stacks: flamegraph.pl, speedscope or inferno draw it); sampling costs a few percent."""
+    device: str = "auto"
+    """Where the avatar is posed and rendered (avatar drive --device): auto, cpu or cuda."""
 
 
 STAGES = ("setup", "audio", "deformer", "rig", "render", "encode")  # drive's stages, in order
@@ -321,15 +337,16 @@ def _drive_worker(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, queu
         avatar = Avatar.load(avatar_path, cfg.body)
         with tempfile.TemporaryDirectory() as tmp, sampler, Profile() as prof:
             summary = drive_avatar(avatar, audio_path, Path(tmp) / "bench.mp4",
-                                   DriveConfig(size=cfg.size, framing=cfg.framing), progress=False)  # fmt: skip
+                                   DriveConfig(size=cfg.size, framing=cfg.framing,
+                                               device=cfg.device), progress=False)  # fmt: skip
         if cfg.profile:
             summary["profile_samples"] = sampler.write(cfg.profile)
     except AvatarError as exc:
         queue.put({"error": str(exc)})
         return
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the video encoder (FFmpeg)
+    own = resource.getrusage(resource.RUSAGE_SELF)  # all threads: torch's, numba's, x264's
     queue.put({"wall_s": prof.wall, "peak_rss_mb": _peak_rss_mb(), "stages": prof.report(STAGES),
-               "encoder_cpu_s": children.ru_utime + children.ru_stime, **summary})  # fmt: skip
+               "cpu_s": own.ru_utime + own.ru_stime, **summary})  # fmt: skip
 
 
 def _end_to_end(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, out: Path) -> float:
@@ -338,7 +355,7 @@ def _end_to_end(avatar_path: str, audio_path: str, cfg: DriveBenchConfig, out: P
     import sys
 
     argv = [sys.executable, "-m", "avatar", "drive", avatar_path, audio_path, "-o", str(out),
-            "--size", str(cfg.size), "--framing", cfg.framing]  # fmt: skip
+            "--size", str(cfg.size), "--framing", cfg.framing, "--device", cfg.device]  # fmt: skip
     if cfg.body:
         argv += ["--body", cfg.body]
     t0 = time.perf_counter()
@@ -434,7 +451,7 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
             "peak_rss_mb": round(short["peak_rss_mb"], 1),
             "stage_seconds": short["stages"]["seconds"],
             "stage_shares": short["stages"]["shares"],
-            "encoder_process_cpu_s": round(short["encoder_cpu_s"], 2),
+            "process_cpu_s": round(short["cpu_s"], 2),
         }
         if cfg.profile:
             result["profile"] = f"{cfg.profile} ({short['profile_samples']} stack samples)"
@@ -448,7 +465,8 @@ def bench_drive(cfg: DriveBenchConfig) -> dict:
                 "memory_ratio_long_vs_short": round(long["peak_rss_mb"] / short["peak_rss_mb"], 3),
             })  # fmt: skip
     result.update({"audio": cfg.audio or "built-in demo clip", "threads": torch.get_num_threads(),
-                   "cpu": _cpu_name(), "python": platform.python_version()})  # fmt: skip
+                   "cpu": _cpu_name(), "python": platform.python_version(),
+                   "device": _device_name(cfg.device)})  # fmt: skip
     return result
 
 

@@ -40,13 +40,12 @@ def _device(text: str) -> str:
 
 
 def _resolve_device(name: str) -> str:
-    import torch
+    from render import pick_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AvatarError(f"--device {name}: no CUDA device is available here")
-    return name
+    try:
+        return str(pick_device(name))
+    except ValueError as exc:
+        raise AvatarError(f"--device {exc}") from None
 
 
 # ---- subcommands -------------------------------------------------------------------------------

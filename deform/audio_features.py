@@ -66,9 +66,9 @@ class LogMel(nn.Module):
 
     def forward(self, samples: np.ndarray | Tensor, first: int, last: int) -> Tensor:
         """Mel frames first..last-1 (may reach before 0 or past the end) -> [last-first, 80]."""
-        x = torch.as_tensor(samples, dtype=torch.float32)
+        x = torch.as_tensor(samples, dtype=torch.float32)  # the whole clip stays where it is
         lo, hi = first * HOP, (last - 1) * HOP + WIN
-        seg = x[max(lo, 0) : max(min(hi, len(x)), 0)]
+        seg = x[max(lo, 0) : max(min(hi, len(x)), 0)].to(self.window.device)
         seg = nn.functional.pad(seg, (max(0, -lo), hi - lo - max(0, -lo) - len(seg)))
         frames = seg.unfold(0, WIN, HOP) * self.window  # [F, WIN]
         power = torch.fft.rfft(frames, n=512).abs().pow(2)
@@ -131,7 +131,7 @@ class Wav2Vec2Encoder(nn.Module):
         x = torch.as_tensor(samples, dtype=torch.float32)
         lo = max(0, int(math.floor((start / fps - CONTEXT_S) * SAMPLE_RATE)))
         hi = int(math.ceil(stop / fps * SAMPLE_RATE + LOOKAHEAD_S * SAMPLE_RATE))
-        seg = x[lo:hi]
+        seg = x[lo:hi].to(self.adapter.weight.device)
         seg = nn.functional.pad(seg, (0, max(0, hi - lo - len(seg))))
         seg = (seg - seg.mean()) / (seg.std() + 1e-5)
         with torch.no_grad():

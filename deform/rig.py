@@ -16,6 +16,7 @@ For a frame, in this order:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from .controls import (
 from .eyes import EyeCover
 from .hands import HandShaper
 from .particles import Particles
+from .posing import pose_gaussians
 from .skinning import blend_matrix, blend_transforms
 from .surface import interpolate
 
@@ -94,6 +96,11 @@ def expression_basis(template, shape: Tensor) -> Tensor:
     return moved - base
 
 
+def _moved(tensors, device: torch.device):
+    """A dataclass of tensors with each one on `device`."""
+    return type(tensors)(*(getattr(tensors, f.name).to(device) for f in fields(tensors)))
+
+
 class SpeechRig:
     def __init__(
         self,
@@ -118,6 +125,7 @@ class SpeechRig:
         # sparse weight matrices: posing without gradients multiplies instead of gathering
         self.bone_matrix = blend_matrix(bone_ids, bone_weights, template.num_bones)
         self.particle_matrix = particles.matrix()
+        self.use_kernel = True  # CPU without gradients: pose in one numba pass (deform.posing)
         self._rest_rotation: tuple[Tensor, int, Tensor] | None = None
         self.parts = torch.zeros(len(gaussians), dtype=torch.uint8) if parts is None else parts
         self.driven = torch.tensor([template.bone_names.index(b) for b in DRIVEN_BONES])
@@ -148,6 +156,28 @@ class SpeechRig:
         return cls(template, shape, base, gaussians, b.face_ids, b.bary, b.bone_ids,
                    b.bone_weights, particles, b.parts)  # fmt: skip
 
+    def to(self, device: torch.device | str) -> SpeechRig:
+        """Pose and paint on `device` (in place; returns self). The body template stays on
+        the CPU: `transforms` evaluates it there and moves its [T, J, 4, 4] result (a few KB
+        per frame); everything per Gaussian (the canonical Gaussians, skinning and particle
+        weights, expression basis, eye cover) moves."""
+        device = torch.device(device)
+        self.gaussians = self.gaussians.to(device)
+        self.bone_ids, self.bone_weights = self.bone_ids.to(device), self.bone_weights.to(device)
+        self.bone_matrix, self.particle_matrix = (self.bone_matrix.to(device),
+                                                  self.particle_matrix.to(device))  # fmt: skip
+        self.particles = _moved(self.particles, device)
+        self.parts, self.moving, self.basis = (t.to(device) for t in (self.parts, self.moving,
+                                                                      self.basis))  # fmt: skip
+        if self.eyes is not None:
+            self.eyes = _moved(self.eyes, device)
+        self._rest_rotation = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.gaussians.means.device
+
     def expression_offsets(self, actions: Tensor) -> Tensor:  # [T, E] -> [T, N, 3]
         out = actions.new_zeros(actions.shape[0], len(self.gaussians), 3)
         out[:, self.moving] = torch.einsum("te,enc->tnc", actions, self.basis)
@@ -158,7 +188,7 @@ class SpeechRig:
         """[T, B, 3] deltas of DRIVEN_BONES (and [T, 30, 3] finger rotations from
         `deform.hands`, replacing the photo's finger pose; [T, 2, 3] deltas of the eye bones,
         left then right: gaze) -> [T, J, 4, 4]."""
-        ids, deltas = self.driven, bones.float()
+        ids, deltas = self.driven, bones.float().cpu()  # the template runs on the CPU
         if eyes is not None:
             eye_ids = torch.tensor([self.template.bone_names.index(f"eye.{s}") for s in "LR"])
             ids, deltas = torch.cat([ids, eye_ids]), torch.cat([deltas, eyes.to(deltas)], 1)
@@ -166,7 +196,7 @@ class SpeechRig:
         if fingers is not None:
             pose[:, self.finger_ids] = fingers.to(pose)
         shape = self.shape[None].expand(len(pose), -1)
-        return self.template(shape, pose=pose).transforms
+        return self.template(shape, pose=pose).transforms.to(self.device)
 
     def tokens(self, model):
         """The deformer's per-avatar tokens (`SpeechDeformer.avatar_tokens`) for these Gaussians
@@ -191,6 +221,7 @@ class SpeechRig:
             actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
             actions[:, self.template_ids] = motion.actions
             actions[:, self.blink_ids] = blink[:, None].to(actions)
+            actions, motion = actions.to(self.device), _moved(motion, self.device)
         for i in range(len(blink)):
             with stage("rig"):
                 posed = self.pose(actions[i], transforms[i], motion.particles[i], motion.offsets[i],
@@ -213,22 +244,22 @@ class SpeechRig:
         transforms = self.transforms(torch.zeros(1, self.driven.numel(), 3))[0]
         return self.pose(torch.zeros(len(self.template.expression_names)), transforms)
 
-    def framing_points(self, framing: str) -> Tensor:  # [2, 3]
+    def framing_points(self, framing: str) -> Tensor:  # [2, 3] on the CPU
         """What a camera with this framing (`FRAMINGS`: full, upper or face) frames: the robust
         bounding box of the Gaussians in the base pose, all, above the hips or near the head."""
         if framing not in FRAMINGS:
             raise ValueError(f"framing {framing!r}: use {', '.join(FRAMINGS)}")
         posed = self.still()
         if framing == "full":
-            return scene_points(posed)
+            return scene_points(posed).cpu()
         joints = self.template(self.shape[None], pose=self.base_pose[None]).joints[0]
         if framing == "upper":
             hip = joints[self.template.bone_names.index("upperleg01.L"), 1]
             keep = posed.means[:, 1] > hip
         else:  # face
             head = joints[self.template.bone_names.index("head")]
-            keep = (posed.means - head).norm(dim=-1) < 0.16
-        return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
+            keep = (posed.means - head.to(posed.means)).norm(dim=-1) < 0.16
+        return (scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)).cpu()
 
     def pose(
         self,
@@ -241,19 +272,28 @@ class SpeechRig:
         color: Tensor | None = None,  # [N, 3] Δc
     ) -> Gaussians:
         g = self.gaussians
-        means = g.means + self.expression_offsets(actions[None])[0]
-        lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None],
-                               self.bone_matrix)[0]  # [N,4,4]  # fmt: skip
-        lin = lbs[:, :3, :3]
-        if particle_transforms is not None:
-            moved, p = self.particles.move(means, particle_transforms[None],
-                                           matrix=self.particle_matrix)  # fmt: skip
-            means, lin = moved[0], lin @ p[0, :, :3, :3]
-        if offsets is not None:
-            means = means + offsets
-        means = (lbs[:, :3, :3] @ means[..., None])[..., 0] + lbs[:, :3, 3]
-        lin = lin / det3(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
-        quats = rotmat_to_quat(lin @ self.rest_rotations())
+        means = g.means + self.expression_offsets(actions[None].to(g.means))[0]
+        inputs = (means, g.quats, transforms, particle_transforms, offsets)
+        if self.use_kernel and g.means.device.type == "cpu" and g.means.dtype == torch.float32 \
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in inputs)):  # fmt: skip
+            p = self.particles
+            means, quats = pose_gaussians(means, self.rest_rotations(), self.bone_ids,
+                                          self.bone_weights, transforms, p.ids, p.weights,
+                                          particle_transforms, offsets)  # fmt: skip
+        else:
+            lbs = blend_transforms(self.bone_ids, self.bone_weights, transforms[None],
+                                   self.bone_matrix)[0]  # [N,4,4]  # fmt: skip
+            lin = lbs[:, :3, :3]
+            if particle_transforms is not None:
+                moved, p = self.particles.move(means, particle_transforms[None],
+                                               matrix=self.particle_matrix)  # fmt: skip
+                means, lin = moved[0], lin @ p[0, :, :3, :3]
+            if offsets is not None:
+                means = means + offsets
+            means = (lbs[:, :3, :3] @ means[..., None])[..., 0] + lbs[:, :3, 3]
+            lin = lin / det3(lin).clamp_min(1e-12).pow(1 / 3)[:, None, None]
+            quats = rotmat_to_quat(lin @ self.rest_rotations())
         out = g.replace(means=means, quats=quats)
         if log_scales is not None:
             out = out.replace(log_scales=g.log_scales + log_scales)

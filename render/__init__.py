@@ -3,7 +3,15 @@
 from .cameras import Cameras, fit_to_points, intrinsics, look_at, orbit, scene_points
 from .gaussians import Gaussians
 from .io import load_splats, save_ply, save_splat
-from .rasterize import RasterConfig, RenderOutput, choose_backend, has_gsplat, rasterize, to_uint8
+from .rasterize import (
+    RasterConfig,
+    RenderOutput,
+    choose_backend,
+    has_gsplat,
+    pick_device,
+    rasterize,
+    to_uint8,
+)
 
 __all__ = [
     "Cameras",
@@ -17,6 +25,7 @@ __all__ = [
     "load_splats",
     "look_at",
     "orbit",
+    "pick_device",
     "rasterize",
     "save_ply",
     "save_splat",

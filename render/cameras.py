@@ -156,6 +156,7 @@ def fit_to_points(
 ) -> Cameras:
     """Cameras looking at the points' bounding-box centre from the given yaws, at a distance where
     the bounding sphere spans `fill` of the shorter image side (so every yaw frames it)."""
+    where, points = points.device, points.detach().cpu()  # camera maths on the CPU, in float64
     lo, hi = points.min(0).values, points.max(0).values
     center = (lo + hi) / 2
     extent = (hi - lo).norm().item() / 2  # bounding-sphere radius
@@ -166,8 +167,8 @@ def fit_to_points(
     dist = extent / math.sin(half)
     yaws = torch.as_tensor(yaws_deg, dtype=torch.float64).reshape(-1)
     eyes = orbit_eyes(center.double(), dist, yaws, elevation_deg)
-    views = look_at(eyes, center.double().expand_as(eyes)).to(points.dtype).to(points.device)
-    ks = intrinsics(fov_y_deg, width, height, points.dtype).to(points.device)
+    views = look_at(eyes, center.double().expand_as(eyes)).to(points.dtype).to(where)
+    ks = intrinsics(fov_y_deg, width, height, points.dtype).to(where)
     return Cameras(views, ks.expand(len(yaws), 3, 3).clone(), width, height)
 
 
@@ -179,5 +180,5 @@ def scene_points(gaussians: Gaussians, min_opacity: float = 0.05) -> Tensor:
     pts = means[visible] if visible.sum() >= 8 else means
     if len(pts) > 200_000:  # quantile needs a bounded sample
         pts = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(0))[:200_000]]
-    q = torch.tensor([0.005, 0.995], dtype=pts.dtype)
+    q = torch.tensor([0.005, 0.995], dtype=pts.dtype, device=pts.device)
     return torch.quantile(pts, q, dim=0)

@@ -71,6 +71,26 @@ def has_gsplat() -> bool:
     return importlib.util.find_spec("gsplat") is not None
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto`: the current CUDA device when there is one and gsplat is installed, else the CPU;
+    "cpu" or "cuda[:N]" as asked, with a ValueError that says what is missing."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and has_gsplat() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{requested!r}: use auto, cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{requested}: this machine's torch sees no CUDA device")
+        if not has_gsplat():
+            raise ValueError(f"{requested}: CUDA rendering needs gsplat: "
+                             "pip install 'gsavatar[cuda]'")  # fmt: skip
+    return device
+
+
 def choose_backend(device: torch.device, requested: str = "auto") -> str:
     """Resolve "auto": gsplat for CUDA tensors when installed, the native kernel on CPU."""
     if requested not in BACKENDS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from deform.hands import HandState
 from deform.particles import Particles, template_particles
 from deform.rig import FRAMINGS, SpeechRig
 from reconstruct.canonical import PART_CODES
-from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
+from render import Cameras, Gaussians, fit_to_points, pick_device, rasterize, to_uint8
 from render.profiling import stage
 
 from ..asset import Avatar, AvatarFileError
@@ -58,6 +58,10 @@ class DriveConfig:
     particles: bool = True
     """False: no particle twists or Gaussian residuals, only the template's bones and actions
     (the paper's ablation: what driving the Gaussians directly adds)."""
+    device: str = "auto"
+    """Where the deformer runs and the avatar is posed and rendered: auto (a CUDA GPU when
+    there is one and gsplat is installed, else the CPU), cpu or cuda[:N]. The body template,
+    hands and listener (a few numbers per frame) run on the CPU either way."""
 
 
 def _yaws(view: str, num_frames: int) -> torch.Tensor:
@@ -149,10 +153,15 @@ class Driver:
     def __init__(self, avatar: Avatar, cfg: DriveConfig = DriveConfig()):
         self.cfg = cfg
         self.avatar = avatar
+        try:
+            self.device = pick_device(cfg.device)
+        except ValueError as exc:
+            raise AvatarError(f"--device {exc}") from None
         self.rig = speech_rig(avatar)
         self.rig.eyes = find_eyes(self.rig)
         self.rig.hands.seed = cfg.seed
-        self.model = load_motion_model(avatar, cfg)
+        self.model = load_motion_model(avatar, cfg).to(self.device)
+        self.rig.to(self.device)
         with torch.no_grad():
             self.tokens = self.rig.tokens(self.model)
 
@@ -164,7 +173,7 @@ class Driver:
         except ValueError as exc:
             raise AvatarError(f"--{exc}") from None
         return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
-                             FRAMINGS[cfg.framing])  # fmt: skip
+                             FRAMINGS[cfg.framing]).to(self.device)  # fmt: skip
 
     @torch.no_grad()  # as a decorator it holds only while the generator runs, not its caller
     def posed(self, samples: np.ndarray, num_frames: int, listener=None) -> Iterator[Gaussians]:
@@ -180,6 +189,9 @@ class Driver:
             n = min(CHUNK, num_frames - start)
             with stage("deformer"):
                 motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                # the per-frame controls (bones, actions: a few numbers) go on to the CPU code
+                # (template, hands, listener); the per-Gaussian motion stays on the device
+                motion = replace(motion, controls=motion.controls.cpu())
             if not cfg.particles:
                 motion = motion.without_particles()
             eyes = None
@@ -198,7 +210,7 @@ class Driver:
     ) -> Iterator[np.ndarray]:
         """The video's frames (`posed`, rendered by the configured camera)."""
         cams = self.cameras(num_frames)
-        bg = torch.ones(3)
+        bg = torch.ones(3, device=self.device)
         with tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress) as bar:
             for i, g in enumerate(self.posed(samples, num_frames, listener)):
                 cam = cams[min(i, len(cams) - 1)]

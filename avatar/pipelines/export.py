@@ -96,7 +96,8 @@ def _ply_sequence(avatar: Avatar, audio_path, out: Path, cfg: ExportConfig, prog
     from tqdm import tqdm
 
     audio, num = speech_frames(audio_path, cfg.fps)
-    driver = Driver(avatar, DriveConfig(fps=cfg.fps, seed=cfg.seed))
+    # posed on the CPU: the frames go straight to the PLY writer
+    driver = Driver(avatar, DriveConfig(fps=cfg.fps, seed=cfg.seed, device="cpu"))
     frames = []
     with atomic_path(out) as tmp:
         tmp.mkdir()

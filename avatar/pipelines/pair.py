@@ -111,7 +111,7 @@ def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Came
             g = m.place(m.driver.rig.still())
             keep = g.means[:, 1] > 0.72 * float(g.means[:, 1].max())  # chest up
             points.append(g.means[keep])
-        pts = torch.cat(points)
+        pts = torch.cat(points).cpu()
     box = torch.stack([pts.quantile(0.01, 0), pts.quantile(0.99, 0)])
     yaws = torch.arange(num, dtype=torch.float64) * 360.0 / max(num, 1) if kind == "orbit" else 0.0
     return fit_to_points(box, size, size, yaws, 5.0, 30.0, 0.8)
@@ -137,9 +137,10 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
         yaw, pitch = toward(m.placement, tuple(heads[1 - k].tolist()), tuple(heads[k].tolist()))
         m.listener = Listener(model, probs[k], voices[1 - k], probs[1 - k], cfg.fps,
                               cfg.seed + k, yaw, pitch, temperature=listen.temperature)  # fmt: skip
-    cams = scene_cameras(members, camera, cfg.size, num)
+    device = drivers[0].device
+    cams = scene_cameras(members, camera, cfg.size, num).to(device)
     streams = [m.driver.posed(voices[k], num, m.listener) for k, m in enumerate(members)]
-    bg = torch.ones(3)
+    bg = torch.ones(3, device=device)
 
     def frames():
         bar = tqdm(total=num, unit="frame", desc="converse", disable=not progress)
