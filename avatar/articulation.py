@@ -235,7 +235,9 @@ def measure_avatar(avatar, seed: int = 0, size: int = 256, *, fps: float = 25.0,
                 kept.append(rgb)
             yield rgb
 
-    face = Driver(avatar, DriveConfig(size=size, fps=fps, framing="face", particles=particles))
+    # on the CPU wherever it runs: the figures must not depend on the machine's GPU
+    face = Driver(avatar, DriveConfig(size=size, fps=fps, framing="face", particles=particles,
+                                      device="cpu"))  # fmt: skip
     track = mouth_track(keep_some(face.frames(samples, num, progress=False)))
     out = articulation(track["opening"], track["width"], spans, fps)
     if ident is not None:
@@ -244,7 +246,8 @@ def measure_avatar(avatar, seed: int = 0, size: int = 256, *, fps: float = 25.0,
         out["pass"]["identity"] = bool(out["identity"] >= 0.6)
     if not body:
         return out
-    full = Driver(avatar, DriveConfig(size=2 * size, fps=fps, framing="full", particles=particles))
+    full = Driver(avatar, DriveConfig(size=2 * size, fps=fps, framing="full", particles=particles,
+                                      device="cpu"))  # fmt: skip
     body = body_track(full.frames(samples, num, progress=False))
     angles = np.array([arm_angles(b) for b in body])
     out["upper_arm_deg"] = [float(np.nanmedian(a)) if np.isfinite(a).any() else float("nan")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from render import fit_to_points, rasterize, scene_points
+from render import rasterize
 
 from .errors import AvatarError
 from .pipelines.render import OrbitConfig, orbit_cameras
@@ -122,9 +122,7 @@ def _versus_reference(scene, cam, small_cam, bg, target, sync) -> dict:
 
 def bench_render(cfg: RenderBenchConfig, device: str = "cpu") -> dict:
     scene = person_scene(cfg.gaussians, sh_degree=1).to(device)
-    yaws = torch.arange(cfg.frames, dtype=torch.float64) * 360.0 / cfg.frames
-    cams = fit_to_points(scene_points(scene), cfg.size, cfg.height or cfg.size, yaws, 5.0, 30.0,
-                         0.6).to(device)  # fmt: skip
+    cams = orbit_cameras(scene, OrbitConfig(orbit=cfg.frames, size=cfg.size, fill=0.6), cfg.height)
     bg = torch.ones(3, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -201,7 +199,7 @@ def _versus_previous(cfg: RenderBenchConfig, device: str, ours: dict) -> dict:
             "--device", device]  # fmt: skip
     for name in ("gaussians", "size", "frames", "backward_size", "backward_steps"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
-    if cfg.height:  # releases before this one render squares only
+    if cfg.height:  # releases before 3c76fdd render squares only: theirs fails and says so
         argv += ["--height", str(cfg.height)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     res = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)

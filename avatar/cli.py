@@ -310,7 +310,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     speech = demo_speech()
     print(f"demo: driving it with {speech.name} (speech the project synthesised with espeak-ng)")
     talk = out_dir / "talk.mp4"
-    summary = drive_avatar(avatar, speech, talk, DriveConfig(size=args.size, framing="upper"))
+    summary = drive_avatar(avatar, speech, talk,
+                           DriveConfig(size=args.size, framing="upper", device=args.device))  # fmt: skip
     print(f"wrote {talk} ({summary['frames']} frames, {summary['video_s']} s, with sound)")
     print(
         "next: avatar create YOUR_PHOTO.jpg -o me.avatar && avatar drive me.avatar speech.wav -o talk.mp4"

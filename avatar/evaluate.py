@@ -70,13 +70,18 @@ def read_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     with _open(Path(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        indexed, count = stream.frames, 0  # the index's frame count (0 where none is known)
         try:
             for frame in container.decode(stream):
+                count += 1
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as exc:
             raise EvaluationError(
                 f"{path}: the video data is corrupt ({exc.strerror or exc})"
             ) from None
+        if count < indexed:  # an index up front (a streaming MP4) outlives a cut-off download
+            raise EvaluationError(f"{path}: the video is truncated ({count} of its {indexed} "
+                                  "frames are in the file)")  # fmt: skip
 
 
 def video_fps(path: str | os.PathLike) -> float:

@@ -367,9 +367,9 @@ class SpeechDeformer(nn.Module):
         # without gradients, blocks of Gaussians: each block's [T, W, n] and [T, n, g]
         # intermediates stay in the CPU's cache (2.5x faster than all 50,000 at once; the same
         # numbers)
-        block = len(gq) if torch.is_grad_enabled() else GAUSS_BLOCK
+        block = max(len(gq), 1) if torch.is_grad_enabled() else GAUSS_BLOCK
         heads = [self.gaussian_head(keys, values, gq[i : i + block], lips)
-                 for i in range(0, len(gq), block)]  # fmt: skip
+                 for i in range(0, max(len(gq), 1), block)]  # fmt: skip
         offsets, log_scales, opacity, color = (
             x[0] if len(x) == 1 else torch.cat(x, 1) for x in zip(*heads, strict=True)
         )

@@ -195,8 +195,7 @@ class SpeechRig:
         pose = compose_pose(self.base_pose, ids, deltas)
         if fingers is not None:
             pose[:, self.finger_ids] = fingers.to(pose)
-        shape = self.shape[None].expand(len(pose), -1)
-        return self.template(shape, pose=pose).transforms.to(self.device)
+        return self.template.pose_transforms(self.shape, pose).to(self.device)
 
     def tokens(self, model):
         """The deformer's per-avatar tokens (`SpeechDeformer.avatar_tokens`) for these Gaussians

@@ -78,8 +78,8 @@ def stage(name: str) -> Iterator[None]:
     prof._stack.append(entry)
     try:
         yield
+        _wait_for_gpu()  # not after an error: a failed GPU would raise again and hide it
     finally:
-        _wait_for_gpu()
         prof._stack.pop()
         spent = time.perf_counter() - entry[1]
         prof.totals[name] += spent - entry[2]

@@ -85,6 +85,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{requested}: this machine's torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{requested}: there are {torch.cuda.device_count()} CUDA devices")
         if not has_gsplat():
             raise ValueError(f"{requested}: CUDA rendering needs gsplat: "
                              "pip install 'gsavatar[cuda]'")  # fmt: skip

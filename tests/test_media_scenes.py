@@ -34,6 +34,43 @@ def test_interrupted_video_keeps_the_previous_file(tmp_path):
     assert out.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_video_sound_keeps_its_level_interleaves_and_streams(tmp_path, channels):
+    """The sound track: mono or stereo as the file has it, more channels averaged (FFmpeg's own
+    downmix would add six channels up), packets interleaved with the video, index first."""
+    import wave
+
+    import av
+
+    rate, gen = 22050, np.random.default_rng(0)
+    signal = 0.5 * np.sin(2 * np.pi * 330 * np.arange(3 * rate) / rate) * np.hanning(3 * rate)
+    pcm = (np.repeat(signal[:, None], channels, 1) * 32767).astype("<i2")
+    with wave.open(str(tmp_path / "in.wav"), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    frames = (gen.integers(0, 255, (32, 48, 3), dtype=np.uint8) for _ in range(75))
+    write_video(tmp_path / "v.mp4", frames, fps=25.0, audio_path=tmp_path / "in.wav")
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        sound = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], 1)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        kinds = [p.stream.type for p in c.demux() if p.size][:30]
+    assert sound.shape[0] == (2 if channels == 2 else 1)
+    rms = np.sqrt((sound**2).mean(1))
+    assert np.allclose(rms, np.sqrt((signal**2).mean()), rtol=0.1), rms
+    assert "audio" in kinds and "video" in kinds  # interleaved, not all video then all audio
+    head = (tmp_path / "v.mp4").read_bytes()
+    assert head.index(b"moov") < head.index(b"mdat")  # plays while it downloads
+
+
+def test_a_video_with_unreadable_sound_is_a_clear_error(tmp_path):
+    (tmp_path / "junk.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    with pytest.raises(AvatarError, match="could not write the video"):
+        write_video(tmp_path / "v.mp4", _frames(3), audio_path=tmp_path / "junk.wav")
+    assert not (tmp_path / "v.mp4").exists()
+
+
 def test_interrupted_frame_folder_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_frames(tmp_path / "frames", _frames(4, fail_at=3))

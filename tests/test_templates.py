@@ -94,3 +94,22 @@ def test_skinned_gaussians_follow_a_rigid_turn(tpl):
     assert torch.allclose(
         turn @ torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), atol=1e-5
     )
+
+
+def test_pose_transforms_skip_the_mesh_and_equal_the_full_forward(tpl):
+    """Driving asks the template for transforms only (`pose_transforms`: Anny's rest skeleton
+    once per shape, then forward kinematics); they must equal a full forward's, and gradients
+    still reach the pose and the shape."""
+    gen = torch.Generator().manual_seed(0)
+    shape = tpl.default_shape() + 0.1 * torch.rand(len(tpl.shape_names), generator=gen)
+    pose = torch.randn(6, tpl.num_bones, 3, generator=gen) * 0.3
+    full = tpl(shape[None].expand(6, -1), pose=pose).transforms
+    fast = tpl.pose_transforms(shape, pose)
+    assert fast.shape == (6, tpl.num_bones, 4, 4)
+    assert (fast - full).abs().max() < 1e-5
+    other = tpl.pose_transforms(tpl.default_shape(), pose[:1])  # a new shape is not the cached one
+    assert (other - tpl(tpl.default_shape()[None], pose=pose[:1]).transforms).abs().max() < 1e-5
+    shape.requires_grad_()
+    pose.requires_grad_()
+    tpl.pose_transforms(shape, pose)[:, :, :3, 3].sum().backward()
+    assert pose.grad.abs().sum() > 0 and shape.grad.abs().sum() > 0

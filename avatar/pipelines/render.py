@@ -43,10 +43,11 @@ class OrbitConfig:
     """Yaw of the first view, degrees; 0 looks at the front (+Z)."""
 
 
-def orbit_cameras(gaussians: Gaussians, cfg: OrbitConfig) -> Cameras:
+def orbit_cameras(gaussians: Gaussians, cfg: OrbitConfig, height: int = 0) -> Cameras:
+    """The turntable's cameras, `cfg.size` square (or `cfg.size` wide and `height` high)."""
     yaws = cfg.yaw + torch.arange(cfg.orbit, dtype=torch.float64) * 360.0 / cfg.orbit
-    return fit_to_points(scene_points(gaussians), cfg.size, cfg.size, yaws, cfg.elevation,
-                         cfg.fov, cfg.fill).to(gaussians.device)  # fmt: skip
+    return fit_to_points(scene_points(gaussians), cfg.size, height or cfg.size, yaws,
+                         cfg.elevation, cfg.fov, cfg.fill).to(gaussians.device)  # fmt: skip
 
 
 def render_frames(

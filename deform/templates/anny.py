@@ -92,6 +92,7 @@ class AnnyTemplate(BodyTemplate):
         super().__init__()
         model = _build_anny()
         object.__setattr__(self, "_anny", model)  # shared, not a registered submodule
+        self._rest_cache: tuple[tuple, Tensor] | None = None  # (shape values, rest skeleton)
         self.bone_names = list(model.bone_labels)
         self.shape_names = list(model.phenotype_labels)
         self.expression_names = list(model.facial_action_labels)
@@ -155,12 +156,33 @@ class AnnyTemplate(BodyTemplate):
             heads = out["rest_bone_heads"] @ c.T
             transforms = eye.expand(batch, self.num_bones, 4, 4)
             return TemplateOutput(rest, rest, transforms, heads)
-        transforms = out["bone_poses"] @ torch.linalg.inv(out["rest_bone_poses"])
-        c4 = torch.eye(4, dtype=c.dtype, device=c.device)
-        c4[:3, :3] = c
-        transforms = c4 @ transforms @ c4.T
+        transforms = self._canonical(out["bone_poses"] @ torch.linalg.inv(out["rest_bone_poses"]))
         heads = out["bone_poses"][..., :3, 3] @ c.T
         return TemplateOutput(out["vertices"] @ c.T, rest, transforms, heads)
+
+    def _canonical(self, transforms: Tensor) -> Tensor:  # Anny's axes -> canonical, [..., 4, 4]
+        c4 = torch.eye(4, dtype=transforms.dtype, device=transforms.device)
+        c4[:3, :3] = self.to_canonical
+        return c4 @ transforms @ c4.T
+
+    def pose_transforms(self, shape: Tensor, pose: Tensor) -> Tensor:
+        """The rest skeleton of `shape` once (cached while no gradient flows to it), then
+        forward kinematics alone: no blendshapes or skinning of 14,000 vertices per frame."""
+        m = self._anny
+        if torch.is_grad_enabled() and shape.requires_grad:
+            rest = self._rest_skeleton(shape)
+        else:
+            key = tuple(shape.tolist())
+            if self._rest_cache is None or self._rest_cache[0] != key:
+                with torch.no_grad():
+                    self._rest_cache = (key, self._rest_skeleton(shape))
+            rest = self._rest_cache[1]
+        _, bone_poses = m.get_bone_transforms(self._to_anny_pose(pose.float(), None), rest)
+        return self._canonical(bone_poses @ torch.linalg.inv(rest))
+
+    def _rest_skeleton(self, shape: Tensor) -> Tensor:  # [S] -> Anny's rest bone poses [1, J, 4, 4]
+        phen = {name: shape[None, i].float() for i, name in enumerate(self.shape_names)}
+        return self._anny(pose_parameters=None, phenotype_kwargs=phen)["rest_bone_poses"]
 
     # ---- semantics ---------------------------------------------------------------------------
     @functools.cached_property

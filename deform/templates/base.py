@@ -88,6 +88,11 @@ class BodyTemplate(nn.Module):
     ) -> TemplateOutput:
         raise NotImplementedError
 
+    def pose_transforms(self, shape: Tensor, pose: Tensor) -> Tensor:
+        """Skinning transforms [B, J, 4, 4] of poses [B, J, 3] of one body `shape` [S]: what
+        driving needs per frame (`forward(...).transforms`; subclasses may skip the mesh)."""
+        return self(shape[None].expand(len(pose), -1), pose=pose).transforms
+
     @property
     def bone_parents(self) -> list[int]:
         """Per bone, its parent bone's index (-1 for a root); parents come before children."""
