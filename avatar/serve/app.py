@@ -289,7 +289,11 @@ class Handler(BaseHTTPRequestHandler):
         if length < 0:
             return self._error("the request has no Content-Length", 411)
         if length > self.app.max_upload:
-            self.close_connection = True  # do not read it
+            self.close_connection = True
+            # closing on an unread body resets the connection before the client has read the
+            # answer: a body up to a few times the limit is read and dropped, a larger one not
+            if length <= 4 * self.app.max_upload:
+                _discard(self.rfile, length)
             limit = self.app.max_upload / 2**20
             return self._error(f"the file is {length / 2**20:.1f} MB; the limit is {limit:g} MB",
                                413)  # fmt: skip
@@ -324,6 +328,14 @@ def make_server(host: str, port: int, app: App) -> ThreadingHTTPServer:
     server.RequestHandlerClass = type("BoundHandler", (Handler,),
                                       {"app": app, "hosts": frozenset(names)})  # fmt: skip
     return server
+
+
+def _discard(stream, size: int, block: int = 2**20) -> None:
+    while size > 0:
+        chunk = stream.read(min(block, size))
+        if not chunk:
+            return
+        size -= len(chunk)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 50.0,
