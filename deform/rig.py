@@ -243,14 +243,14 @@ class SpeechRig:
         transforms = self.transforms(torch.zeros(1, self.driven.numel(), 3))[0]
         return self.pose(torch.zeros(len(self.template.expression_names)), transforms)
 
-    def framing_points(self, framing: str) -> Tensor:  # [2, 3] on the CPU
+    def framing_points(self, framing: str) -> Tensor:  # [2, 3]
         """What a camera with this framing (`FRAMINGS`: full, upper or face) frames: the robust
         bounding box of the Gaussians in the base pose, all, above the hips or near the head."""
         if framing not in FRAMINGS:
             raise ValueError(f"framing {framing!r}: use {', '.join(FRAMINGS)}")
         posed = self.still()
         if framing == "full":
-            return scene_points(posed).cpu()
+            return scene_points(posed)
         joints = self.template(self.shape[None], pose=self.base_pose[None]).joints[0]
         if framing == "upper":
             hip = joints[self.template.bone_names.index("upperleg01.L"), 1]
@@ -258,7 +258,7 @@ class SpeechRig:
         else:  # face
             head = joints[self.template.bone_names.index("head")]
             keep = (posed.means - head.to(posed.means)).norm(dim=-1) < 0.16
-        return (scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)).cpu()
+        return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
 
     def pose(
         self,

@@ -111,7 +111,7 @@ def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Came
             g = m.place(m.driver.rig.still())
             keep = g.means[:, 1] > 0.72 * float(g.means[:, 1].max())  # chest up
             points.append(g.means[keep])
-        pts = torch.cat(points).cpu()
+        pts = torch.cat(points)
     box = torch.stack([pts.quantile(0.01, 0), pts.quantile(0.99, 0)])
     yaws = torch.arange(num, dtype=torch.float64) * 360.0 / max(num, 1) if kind == "orbit" else 0.0
     return fit_to_points(box, size, size, yaws, 5.0, 30.0, 0.8)
