@@ -11,7 +11,10 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
   of its own body segment (upper arm, lower leg, torso, ...) on that segment's rim (its sides
   as the photo shows them, turned 41-72° from the camera), neighbours at the same height
   first: clothing continues around from the nearest visible region of the same part, and the
-  print on a shirt's front does not;
+  print on a shirt's front does not; the back of the torso is its garment as the torso's sides
+  show it: the middle of the front (a neckline, the shirt and tie in a jacket's opening) and
+  skin are not continued around the back (a skin-coloured back under a hairline reads as a
+  face from behind);
 - **its mirror image**: a point of the face, head, neck or torso whose mirror image (x → -x)
   the photo sees well takes its colour: a cheek turned away from the camera looks like the one
   it shows;
@@ -22,6 +25,8 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +46,8 @@ HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays
 NEAR = 0.03  # metres
 MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Gaussian
 K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
+SKIN_CHROMA = 0.03  # chromaticity distance to the face's skin below which a colour is skin
+HAIR_NEAR = 0.15  # RGB distance to the hanging hair's colour below which a pixel is that hair
 
 
 def facing(posed: Gaussians, cam: Cameras) -> Tensor:
@@ -126,6 +133,144 @@ def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = Fal
     return scalp & on_head & (back | sides_or_top | (normal[:, 1] > 0.6))
 
 
+@dataclass
+class Hair:
+    """What the photo shows of the hair: `crown` [3] the colour of the top of the head (a hat's
+    under a hat, skin on a bald head); `hanging` [3] the colour of the hair beside the face below
+    the eyes (None: the photo shows skin or nothing there), and `below_chin` how far below the
+    chin that hair hangs, in face heights (0: no lower than the chin)."""
+
+    crown: Tensor
+    hanging: Tensor | None = None
+    below_chin: float = 0.0
+
+
+def skin_like(rgb: Tensor, skin: Tensor, chroma: float = SKIN_CHROMA) -> Tensor:
+    """[...] bool: colours `rgb` [..., 3] with the chromaticity of `skin` [3] (r, g, b over
+    their sum within `chroma`) and a brightness between 0.35 and 1.6 times its own: skin in
+    light or shade, not a shirt as bright as it or dark hair."""
+    total, skin_total = rgb.sum(-1, keepdim=True), skin.sum()
+    off = (rgb / total.clamp_min(1e-6) - skin / skin_total.clamp_min(1e-6)).norm(dim=-1)
+    ratio = total[..., 0] / skin_total.clamp_min(1e-6)
+    return (off < chroma) & (ratio > 0.35) & (ratio < 1.6)
+
+
+def _hue_saturation(rgb: Tensor) -> tuple[Tensor, Tensor]:
+    """HSV hue (degrees) and saturation of `rgb` [..., 3]."""
+    hi, lo = rgb.max(-1).values, rgb.min(-1).values
+    span = (hi - lo).clamp_min(1e-6)
+    r, g, b = rgb.unbind(-1)
+    hue = torch.where(
+        hi == r, ((g - b) / span) % 6, torch.where(hi == g, (b - r) / span + 2, (r - g) / span + 4)
+    )
+    return hue * 60, (hi - lo) / hi.clamp_min(1e-6)
+
+
+def shaded_skin(rgb: Tensor, skin: Tensor) -> Tensor:
+    """[...] bool: `rgb` [..., 3] could be `skin` [3] in light or shade: its hue within 15°, at
+    least 0.8 of its saturation (shade saturates skin; grey or white hair is paler) and 0.35-1.3
+    of its brightness (dark hair is darker). Ears and neck beside the face, not the hair."""
+    hue, sat = _hue_saturation(rgb)
+    skin_hue, skin_sat = _hue_saturation(skin)
+    turn = (hue - skin_hue).abs()
+    ratio = rgb.sum(-1) / skin.sum().clamp_min(1e-6)
+    return (
+        (torch.minimum(turn, 360 - turn) < 15)
+        & (sat >= 0.8 * skin_sat)
+        & (ratio > 0.35)
+        & (ratio < 1.3)
+    )
+
+
+def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Hair | None:
+    """The photo's `Hair` from the face's landmarks `face_uv` [P, 2] (image pixels): the crown
+    above the face, and the person's non-skin pixels in bands beside the face (0.4 of its width
+    each side) from the eyes down; below the chin, the rows where those bands still hold that
+    colour give the hair's length. None when the photo cuts the head off."""
+    import cv2
+
+    crown = hair_colour(image, mask, face_uv)
+    if crown is None:
+        return None
+    h, w = mask.shape
+    lo, hi = face_uv.min(0), face_uv.max(0)
+    fw, fh = hi - lo
+    hull = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(face_uv.astype(np.int32)), 1)
+    person = torch.from_numpy((mask.numpy() > 0.5) & (hull == 0))
+    cols = torch.zeros(w, dtype=torch.bool)
+    cols[int(max(0, lo[0] - 0.4 * fw)) : int(max(0, lo[0] - 0.02 * fw))] = True
+    cols[int(min(w, hi[0] + 0.02 * fw)) : int(min(w, hi[0] + 0.4 * fw))] = True
+    eyes, chin = int(lo[1] + 0.45 * fh), int(hi[1])
+    rows = slice(int(lo[1] + 0.55 * fh), int(lo[1] + 0.75 * fh))  # below glasses, beside the nose
+    cheeks = torch.cat([image[rows, int(lo[0] + a * fw) : int(lo[0] + b * fw)].reshape(-1, 3)
+                        for a, b in ((0.15, 0.35), (0.65, 0.85))])  # fmt: skip
+    if len(cheeks) == 0:
+        return Hair(crown)
+    skin = cheeks.median(0).values
+    band = person & cols[None, :]
+    beside = image[eyes:chin][band[eyes:chin]]
+    if len(beside) < 10:
+        return Hair(crown)
+    # two colours beside the face: the skin of ears and neck (lit or shaded), and the hair
+    centres, labels = _two_means(beside)
+    k = int((centres - skin).norm(dim=-1).argmax())
+    if shaded_skin(centres[k], skin) or (labels == k).sum() < max(10, 0.15 * len(beside)):
+        return Hair(crown)
+    hanging = beside[labels == k].median(0).values
+    last, gap = 0, 0
+    for r in range(chin, min(h, chin + int(2 * fh))):  # hair down to 2 face heights below the chin
+        inside = band[r]
+        hairy = inside & ((image[r] - hanging).norm(dim=-1) < HAIR_NEAR)
+        if inside.sum() >= 2 and hairy.sum() >= 0.3 * inside.sum():
+            last, gap = r - chin + 1, 0
+        else:
+            gap += 1
+            if gap > 0.2 * fh:
+                break
+    return Hair(crown, hanging, last / fh)
+
+
+def _two_means(x: Tensor, steps: int = 10) -> tuple[Tensor, Tensor]:
+    """k-means with k = 2 of colours `x` [M, 3], from the darkest and the brightest: the
+    centres [2, 3] and each colour's label [M]."""
+    total = x.sum(-1)
+    centres = torch.stack([x[total.argmin()], x[total.argmax()]])
+    for _ in range(steps):
+        labels = torch.cdist(x, centres).argmin(1)
+        centres = torch.stack(
+            [x[labels == k].mean(0) if (labels == k).any() else centres[k] for k in range(2)]
+        )
+    return centres, labels
+
+
+def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Tensor, Tensor]:
+    """[N] bool twice, splitting `hair_region`: the crown (above the eyes: a hat, or the top of
+    the hair) and the hair below it at the back of the head; where the photo shows `hair`
+    hanging beside the face, also the sides of the head below the eyes and, for hair hanging
+    below the chin, the back of the neck and torso behind the head (a band as wide as the head)
+    down to its length."""
+    region = hair_region(canonical, binding)
+    face = canonical.means[binding.parts == PART_CODES["face"]]
+    if len(face) == 0:
+        return region, region
+    chin, top = face[:, 1].min(), face[:, 1].max()
+    x, y, z = canonical.means.unbind(-1)
+    crown = region & (y > chin + 0.55 * (top - chin))
+    hanging = region & ~crown
+    if hair.hanging is not None:
+        normal = quat_to_rotmat(canonical.quats)[:, :, 2]
+        body = binding.parts == 0
+        near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < 0.16
+        nape = chin + 0.35 * (top - chin)
+        hanging |= body & near & (normal[:, 2] < 0.3) & (y > nape) & ~crown  # beside the face
+        if hair.below_chin > 0:
+            behind = (normal[:, 2] < -0.2) & (z < face[:, 2].mean()) & body
+            wide = (x - face[:, 0].mean()).abs() < 0.6 * (top - chin)
+            hanging |= behind & wide & (y > chin - hair.below_chin * (top - chin)) & (y < nape)
+    return crown, hanging
+
+
 def hair_colour(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Tensor | None:
     """The median colour of the crown: the person's pixels from the top of the head down a
     quarter of the face's height, above the face's middle (face landmarks `face_uv` [P, 2] in
@@ -209,16 +354,18 @@ def _sources(name: str) -> list[tuple[str, bool]]:
 
 def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTemplate,
                      photo_rgb: Tensor, cos: Tensor, well: Tensor,
-                     hair: Tensor | None) -> Tensor:  # fmt: skip
+                     hair: Hair | None) -> Tensor:  # fmt: skip
     """[N, 3] colours: `photo_rgb` [N, 3] where the photo sees a Gaussian well (`well` [N],
     `well_seen`), completed elsewhere as the module docstring says; `cos` [N] (`facing`) finds
     the rim."""
     rgb = photo_rgb.clone()
     todo = ~well
     if hair is not None:
-        head = hair_region(canonical, binding) & todo
-        rgb[head] = hair.to(rgb)
-        todo &= ~head
+        crown, hanging = hair_regions(canonical, binding, hair)
+        for region, colour in ((crown, hair.crown), (hanging, hair.hanging)):
+            region &= todo
+            rgb[region] = (hair.crown if colour is None else colour).to(rgb)
+            todo &= ~region
     if not well.any():
         return rgb
     seg, names = segments(template, binding)
@@ -236,16 +383,34 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
                 rgb[rows] = photo_rgb[refs][idx[hit]].mean(1)
                 todo[rows] = False
     skin = binding.parts == PART_CODES["face"]
+    skin_rgb = photo_rgb[well & skin].median(0).values if (well & skin).any() else None
     for i, name in enumerate(names):
         need = todo & (seg == i)
         if not need.any():
             continue
-        if name.startswith("hand") and not (well & (seg == i)).any() and (well & skin).any():
-            rgb[need] = photo_rgb[well & skin].median(0).values  # unseen hands: the face's skin
+        if name.startswith("hand") and not (well & (seg == i)).any() and skin_rgb is not None:
+            rgb[need] = skin_rgb  # unseen hands: the face's skin
             continue
         refs, mirror = _references(name, names, seg, well, well & (cos > RIM))
+        if name == "torso":
+            refs = _garment(refs, canonical.means, photo_rgb, skin_rgb)
         rgb[need] = _nearest_median((mirrored if mirror else x)[need], x[refs], photo_rgb[refs])
     return rgb
+
+
+def _garment(refs: Tensor, x: Tensor, photo_rgb: Tensor, skin_rgb: Tensor | None) -> Tensor:
+    """`refs` [N] bool, of the torso, without the middle of its front (within 40% of its half
+    width of its centre line, `x` [N, 3] the Gaussians' positions: a neckline, a shirt and tie
+    in a jacket's opening, a print) and without skin-coloured ones (`skin_like` `skin_rgb` [3]),
+    when at least a tenth of them and 10 Gaussians are left: a torso's unseen back is its garment,
+    as its sides show it."""
+    keep = refs.clone()
+    if refs.any():
+        centre = x[refs, 0].median()
+        keep &= (x[:, 0] - centre).abs() > 0.4 * (x[refs, 0] - centre).abs().max()
+    if skin_rgb is not None:
+        keep &= ~skin_like(photo_rgb, skin_rgb)
+    return keep if keep.sum() >= max(10, 0.1 * refs.sum()) else refs
 
 
 def _references(name: str, names: list[str], seg: Tensor, well: Tensor,
@@ -279,9 +444,9 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
         posed = apply_blend(canonical, posed_blend(binding, transforms))
         well = well_seen(posed, cam, binding, face_uv)
         pixels = photo_pixels(posed, cam, image, mask)
-        hair = hair_colour(image, mask, face_uv)  # the crown; else the scalp it sees
-        if hair is None:
-            hair = scalp_colour(canonical, binding, pixels, well)
+        hair = hair_from_photo(image, mask, face_uv)  # else the scalp it sees
+        if hair is None and (scalp := scalp_colour(canonical, binding, pixels, well)) is not None:
+            hair = Hair(scalp)
         rgb = complete_colours(canonical, binding, template, pixels, facing(posed, cam), well, hair)
         if given is not None:
             rgb[well] = given[well].to(rgb)

@@ -46,10 +46,10 @@ def scene():
 
 
 def test_unseen_colours_come_from_parts_like_them(scene):
-    from reconstruct.complete import complete_colours, hair_region
+    from reconstruct.complete import Hair, complete_colours, hair_region
 
     g, b, template, name, photo, cos, seen, hidden_arm = scene
-    rgb = complete_colours(g, b, template, photo, cos, seen, HAIR)
+    rgb = complete_colours(g, b, template, photo, cos, seen, Hair(HAIR))
     x = g.means
     back = (
         (cos > 0.5)
@@ -70,11 +70,11 @@ def test_unseen_colours_come_from_parts_like_them(scene):
 
 def test_hidden_legs_continue_the_clothes_above(scene):
     """A portrait shows no legs: they take the colour of what they hang from, not skin."""
-    from reconstruct.complete import complete_colours
+    from reconstruct.complete import Hair, complete_colours
 
     g, b, template, name, photo, cos, seen, _ = scene
     legs = torch.tensor([n.startswith(("upperleg", "lowerleg", "foot")) for n in name])
-    rgb = complete_colours(g, b, template, photo, cos, seen & ~legs, HAIR)
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~legs, Hair(HAIR))
     assert (rgb[legs] - RED).norm(dim=-1).median() < 0.1
 
 
@@ -82,7 +82,7 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     """The face turned to one side: its hidden cheek copies its mirror image, not the
     nose and lips beside it."""
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import complete_colours
+    from reconstruct.complete import Hair, complete_colours
 
     g, b, template, name, photo, cos, seen, _ = scene
     x = g.means[:, 0]
@@ -91,10 +91,60 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     photo[face & (x < -0.025)] = SKIN  # the cheek the photo shows
     photo[face & (x.abs() <= 0.025)] = GREEN  # the middle of the face, a different colour
     hidden = face & (x > 0.025)
-    rgb = complete_colours(g, b, template, photo, cos, seen & ~hidden, HAIR)
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~hidden, Hair(HAIR))
     cheek = hidden & (x > 0.04) & (cos < -0.3)
     assert cheek.sum() > 30
     assert (rgb[cheek] - SKIN).norm(dim=-1).median() < 0.05
+
+
+def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
+    """Hair that hangs below the chin covers the back of the neck and the top of the back; the
+    rest of the back is the top's colour, though the front's rim at the neckline shows skin (a
+    skin-coloured back under a hairline reads as a face from behind)."""
+    from reconstruct.complete import Hair, complete_colours, hair_regions
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means
+    torso = torch.tensor([n == "torso" for n in name])
+    photo = photo.clone()
+    top = x[torso, 1].max()
+    photo[torso & (x[:, 1] > top - 0.25)] = SKIN  # a deep neckline, seen at the rim too
+    crown, dark = torch.tensor([0.8, 0.7, 0.5]), torch.tensor([0.15, 0.1, 0.08])  # a hat, hair
+    rgb = complete_colours(g, b, template, photo, cos, seen, Hair(crown, dark, 1.0))
+    hat, hanging = hair_regions(g, b, Hair(crown, dark, 1.0))
+    assert not (hat & hanging).any()
+    assert torch.allclose(rgb[hat & ~seen], crown.expand(int((hat & ~seen).sum()), 3))
+    short, tied = hair_regions(g, b, Hair(crown, dark))[1], hair_regions(g, b, Hair(crown))[1]
+    assert hanging.sum() > short.sum() + 50 and short.sum() > tied.sum()  # down the back
+    nape = hanging & ~seen & torso
+    assert nape.sum() > 20 and torch.allclose(rgb[nape], dark.expand(int(nape.sum()), 3))
+    back = (cos > 0.5) & torso & ~hanging & (x[:, 1] > top - 0.15)
+    assert back.sum() > 50
+    assert (rgb[back] - RED).norm(dim=-1).median() < 0.05  # the top, not the neckline's skin
+
+
+def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
+    """A hat on top, dark hair beside the face down to 1.5 face heights below the chin; or hair
+    tied back, with ears and neck beside the face: no hanging hair."""
+    from reconstruct.complete import hair_from_photo
+
+    hat, dark = torch.tensor([0.8, 0.7, 0.5]), torch.tensor([0.15, 0.1, 0.08])
+    image, mask = torch.ones(400, 300, 3), torch.zeros(400, 300)
+    mask[40:400, 60:240] = 1
+    image[40:400, 60:240] = RED  # a red top below
+    image[40:80, 80:220] = hat
+    image[80 : 140 + 90, 90:210] = dark  # hair from the hat down, 1.5 x 60 px below the chin
+    image[80:140, 120:180] = SKIN  # the face: 60 px wide and tall
+    face = np.array([[120, 80], [180, 80], [180, 140], [120, 140]], np.float32)
+    got = hair_from_photo(image, mask, face)
+    assert torch.allclose(got.crown, hat) and torch.allclose(got.hanging, dark)
+    assert got.below_chin == pytest.approx(1.5, abs=0.1)
+    image[80:230, 90:210] = RED
+    image[80:140, 90:210] = SKIN * 0.8  # shaded ears and neck beside the face
+    image[80:140, 120:180] = SKIN
+    got = hair_from_photo(image, mask, face)
+    assert got.hanging is None and got.below_chin == 0
+    assert hair_from_photo(image, mask, None) is None
 
 
 def test_face_gaussians_outside_the_face_outline_are_not_judged():
