@@ -185,7 +185,7 @@ def shaded_skin(rgb: Tensor, skin: Tensor) -> Tensor:
 def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Hair | None:
     """The photo's `Hair` from the face's landmarks `face_uv` [P, 2] (image pixels): the crown
     above the face, and the person's non-skin pixels in bands beside the face (0.4 of its width
-    each side) from the eyes down; below the chin, the rows where those bands still hold that
+    each side, found on both sides) from the eyes down; below the chin, the rows where those bands still hold that
     colour give the hair's length. None when the photo cuts the head off."""
     import cv2
 
@@ -198,9 +198,10 @@ def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> 
     hull = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(face_uv.astype(np.int32)), 1)
     person = torch.from_numpy((mask.numpy() > 0.5) & (hull == 0))
-    cols = torch.zeros(w, dtype=torch.bool)
-    cols[int(max(0, lo[0] - 0.4 * fw)) : int(max(0, lo[0] - 0.02 * fw))] = True
-    cols[int(min(w, hi[0] + 0.02 * fw)) : int(min(w, hi[0] + 0.4 * fw))] = True
+    left, right = torch.zeros(w, dtype=torch.bool), torch.zeros(w, dtype=torch.bool)
+    left[int(max(0, lo[0] - 0.4 * fw)) : int(max(0, lo[0] - 0.02 * fw))] = True
+    right[int(min(w, hi[0] + 0.02 * fw)) : int(min(w, hi[0] + 0.4 * fw))] = True
+    cols = left | right
     eyes, chin = int(lo[1] + 0.45 * fh), int(hi[1])
     rows = slice(int(lo[1] + 0.55 * fh), int(lo[1] + 0.75 * fh))  # below glasses, beside the nose
     cheeks = torch.cat([image[rows, int(lo[0] + a * fw) : int(lo[0] + b * fw)].reshape(-1, 3)
@@ -208,14 +209,20 @@ def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> 
     if len(cheeks) == 0:
         return Hair(crown)
     skin = cheeks.median(0).values
+    hue, sat = _hue_saturation(skin)
+    if not (skin.mean() > 0.15 and 0.08 < sat < 0.75 and (hue < 50 or hue > 340)):
+        return Hair(crown)  # the cheeks are not skin (a face mask, paint): nothing to tell hair by
     band = person & cols[None, :]
     beside = image[eyes:chin][band[eyes:chin]]
     if len(beside) < 10:
         return Hair(crown)
-    # two colours beside the face: the skin of ears and neck (lit or shaded), and the hair
+    # two colours beside the face: the skin of ears and neck (lit or shaded), and the hair,
+    # which hangs on both sides (a raised hand or a scarf beside the face is on one)
     centres, labels = _two_means(beside)
     k = int((centres - skin).norm(dim=-1).argmax())
-    if shaded_skin(centres[k], skin) or (labels == k).sum() < max(10, 0.15 * len(beside)):
+    side = left[None, :].expand_as(band)[eyes:chin][band[eyes:chin]]
+    both = all((labels[s] == k).sum() >= max(5, 0.15 * s.sum()) for s in (side, ~side))
+    if shaded_skin(centres[k], skin) or not both:
         return Hair(crown)
     hanging = beside[labels == k].median(0).values
     last, gap = 0, 0

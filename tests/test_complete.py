@@ -144,6 +144,12 @@ def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
     image[80:140, 120:180] = SKIN
     got = hair_from_photo(image, mask, face)
     assert got.hanging is None and got.below_chin == 0
+    image[80:230, 90:120] = dark  # on one side only: a raised hand, a scarf, not hair
+    assert hair_from_photo(image, mask, face).hanging is None
+    image[80:230, 180:210] = dark
+    assert torch.allclose(hair_from_photo(image, mask, face).hanging, dark)
+    image[110:140, 120:180] = 0.08  # a black face mask over the cheeks: no skin to tell hair by
+    assert hair_from_photo(image, mask, face).hanging is None
     assert hair_from_photo(image, mask, None) is None
 
 
