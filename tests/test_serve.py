@@ -120,6 +120,60 @@ def test_only_the_page_of_this_server_is_answered(server):
     assert call(base + "/api/avatars", headers={"Host": f"localhost:{port}"})[0] == 200
 
 
+def test_a_queued_job_cancelled_never_starts_and_a_running_one_stops(tmp_path):
+    """The queue's jobs: cancelling the running one kills its process at once (not after its
+    30 s), a cancelled queued one never starts, and the queue goes on with the next."""
+    from avatar.serve.jobs import Job, JobQueue, Step
+
+    child = tmp_path / "child.sh"  # stands in for `python -P -m avatar ...`: sleeps its last arg
+    child.write_text('#!/bin/bash\nsleep "${@: -1}"\n')
+    child.chmod(0o755)
+    queue = JobQueue(python=str(child))
+    try:
+        jobs = [queue.submit(Job(queue.new_id(), "drive", name, [Step(name, [seconds])], tmp_path))
+                for name, seconds in (("a", "30"), ("b", "30"), ("c", "0"))]  # fmt: skip
+        end = time.time() + 10
+        while jobs[0].status != "running" and time.time() < end:
+            time.sleep(0.05)
+        assert queue.cancel(jobs[1].id).status == "cancelled"
+        t0 = time.time()
+        assert queue.cancel(jobs[0].id).status == "cancelled"
+        while jobs[2].status != "done" and time.time() < end + 10:
+            time.sleep(0.05)
+        assert jobs[2].status == "done" and time.time() - t0 < 10
+        assert [j.status for j in jobs] == ["cancelled", "cancelled", "done"]
+        assert jobs[1].started == 0 and not jobs[0].error  # never ran; stopped, not failed
+        assert queue.cancel("nope") is None and queue.cancel(jobs[2].id).status == "done"
+    finally:
+        queue.close()
+
+
+def test_cancel_over_http(server):
+    base, _ = server
+    status, body = call(base + "/api/jobs/0123456789ab/cancel", b"")
+    assert status == 404 and body["error"] == "no such job"
+
+
+def test_serve_listens_on_ipv6_loopback():
+    app = App()
+    try:
+        httpd = make_server("::1", 0, app)
+    except OSError as exc:
+        app.close()
+        pytest.skip(f"this machine has no IPv6 loopback ({exc})")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://[::1]:{httpd.server_address[1]}"
+        assert call(base + "/api/avatars") == (200, [])
+        port = httpd.server_address[1]
+        assert call(base + "/api/avatars", headers={"Host": f"evil.example:{port}"})[0] == 403
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        app.close()
+
+
 def test_serve_warns_when_open_to_the_network_and_cleans_up():
     proc = subprocess.Popen([sys.executable, "-m", "avatar", "serve", "--host", "0.0.0.0",
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -208,6 +262,21 @@ def test_the_page_creates_shows_and_drives_an_avatar_in_chromium(tmp_path):
             lambda b: b.find_element(By.CSS_SELECTOR, "#jobs li[data-status='error'] .error")
         )
         assert "notes.png: not an image file" in error.text
+
+        # a job started by mistake: its cancel button stops it
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def click_cancel(b) -> bool:  # the list is drawn anew every second: retry a stale one
+            try:
+                b.find_element(By.CSS_SELECTOR, "#jobs li button.cancel").click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        browser.find_element(By.ID, "drive").click()
+        wait.until(click_cancel)
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#jobs li[data-status='cancelled']"))
+        assert not browser.find_elements(By.CSS_SELECTOR, "#jobs li button.cancel")
     finally:
         browser.quit()
         proc.terminate()

@@ -4,6 +4,7 @@
     GET  /static/NAME         the page's files, among them the 3D viewer (static/viewer.js)
     POST /api/upload?name=F   the request body is a file (photo or speech) -> {"upload": ID}
     POST /api/jobs            JSON {"kind": "create" | "drive" | "converse", ...} -> a job
+    POST /api/jobs/ID/cancel  a queued job never starts; a running one is stopped -> the job
     GET  /api/jobs            every job: queued, running (stage, percent, ETA), done, error
     GET  /api/avatars         the avatars made since the server started, with their files
     GET  /files/JOB/NAME      a job's output (avatar .zip, .splat, .ply, .glb, .mp4)
@@ -19,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from http import HTTPStatus
@@ -310,6 +312,10 @@ class Handler(BaseHTTPRequestHandler):
                 if not isinstance(request, dict):
                     return self._error("the request is not a JSON object")
                 return self._json(self.app.submit(request).public())
+            parts = [p for p in url.path.split("/") if p]
+            if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":
+                job = self.app.queue.cancel(parts[2])
+                return self._json(job.public()) if job else self._error("no such job", 404)
         except AvatarError as exc:
             self.close_connection = True  # the body may be unread
             return self._error(str(exc))
@@ -318,13 +324,20 @@ class Handler(BaseHTTPRequestHandler):
         self._error("not found", 404)
 
 
+class _ServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def make_server(host: str, port: int, app: App) -> ThreadingHTTPServer:
-    """The server; bound to a loopback address it answers only requests naming it."""
-    server = ThreadingHTTPServer((host, port), Handler)
+    """The server (IPv6 for an IPv6 address: `::1`, `::`); bound to a loopback address it
+    answers only requests naming it."""
+    server = (_ServerV6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
     server.daemon_threads = True
     port = server.server_address[1]
-    loopback = host in ("127.0.0.1", "localhost")
-    names = {f"{name}:{port}" for name in ("127.0.0.1", "localhost")} if loopback else set()
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    names = (
+        {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")} if loopback else set()
+    )
     server.RequestHandlerClass = type("BoundHandler", (Handler,),
                                       {"app": app, "hosts": frozenset(names)})  # fmt: skip
     return server
@@ -353,7 +366,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 50.0
         app.close()
         raise AvatarError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
-        shown = "localhost" if host in ("127.0.0.1", "::1") else host
+        shown = {"127.0.0.1": "localhost", "::1": "[::1]", "::": "[::]"}.get(
+            host, f"[{host}]" if ":" in host else host
+        )
         ready(f"avatar serve: http://{shown}:{server.server_address[1]}/ (Ctrl-C stops it)")
         ready(f"avatar serve: uploads and outputs in {app.root} (removed when it stops)")
         server.serve_forever()

@@ -42,7 +42,7 @@ class Job:
     steps: list[Step]
     folder: Path
     outputs: dict[str, str] = field(default_factory=dict)  # name -> file name in `folder`
-    status: str = "queued"  # queued | running | done | error
+    status: str = "queued"  # queued | running | done | error | cancelled
     stage: str = ""
     percent: int = 0
     eta: str = ""
@@ -86,6 +86,20 @@ class JobQueue:
         with self.lock:
             return [j.public() for j in reversed(self.jobs.values())]
 
+    def cancel(self, jid: str) -> Job | None:
+        """Cancel a job: a queued one never starts, a running one's process group is killed
+        (what it was writing is a temporary file, never an output). None: no such job."""
+        with self.lock:
+            job = self.jobs.get(jid)
+            if job is None or job.status not in ("queued", "running"):
+                return job
+            running = job.status == "running"
+            job.status, job.stage, job.finished = "cancelled", "cancelled", time.time()
+            child = self._child if running else None
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        return job
+
     def close(self) -> None:
         """Stop: queued jobs never start, the running one is killed (its whole process group)."""
         with self.lock:
@@ -98,12 +112,15 @@ class JobQueue:
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None and not self._closing:
-            job.status, job.started = "running", time.time()
+            with self.lock:
+                if job.status != "queued":  # cancelled while it waited
+                    continue
+                job.status, job.started = "running", time.time()
             try:
                 for step in job.steps:
                     job.stage, job.percent, job.eta = step.label, 0, ""
                     self._run(job, step)
-                    if job.status == "error":
+                    if job.status != "running":
                         break
                 else:
                     if job.on_done is not None:
@@ -121,6 +138,8 @@ class JobQueue:
             if self._closing:
                 job.status, job.error = "error", "the server stopped"
                 return
+            if job.status != "running":  # cancelled between two steps
+                return
             child = self._child = subprocess.Popen(
                 [self.python, *safe, "-m", "avatar", *step.argv], cwd=job.folder, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
@@ -132,7 +151,10 @@ class JobQueue:
                     job.stage = f"{step.label}: {m['label'].strip()}"
                     job.percent, job.eta = int(m["percent"]), m["eta"]
         code = child.wait()
-        self._child = None
+        with self.lock:
+            self._child = None
+            if job.status != "running":  # cancelled: killed on purpose, not an error
+                return
         if code != 0:
             job.status = "error"
             messages = [m["message"] for line in tail.splitlines() if (m := ERROR.match(line))]

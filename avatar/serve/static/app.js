@@ -97,6 +97,13 @@ function renderJobs(jobs) {
       bar.max = 100; bar.value = job.percent;
       item.append(bar);
     }
+    if (job.status === "running" || job.status === "queued") {
+      const cancel = document.createElement("button");
+      cancel.textContent = "cancel"; cancel.className = "cancel";
+      cancel.onclick = () => request(`/api/jobs/${job.id}/cancel`, { method: "POST" })
+        .then(refresh).catch((e) => showMessage(e.message));
+      item.append(cancel);
+    }
     if (job.error) {
       const error = document.createElement("div");
       error.className = "error";
