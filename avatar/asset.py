@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deform.eyes import EyeCover
 from deform.particles import Particles
 from deform.templates import BodyTemplate, load_template, template_kind
 from reconstruct.canonical import Binding
@@ -61,6 +62,7 @@ class Avatar:
     meta: dict = field(default_factory=dict)  # provenance and quality figures
     deformer: dict[str, Tensor] = field(default_factory=dict)  # fine-tuned motion weights
     particles: Particles | None = None  # the deformer's particles (computed when absent)
+    eyes: EyeCover | None = None  # the blink's eye cover (found from a render when absent)
     body: str = ""  # where the template's files are (the user's --body); never saved
     source: str = ""  # where this avatar was read from, for messages; never saved
 
@@ -109,6 +111,8 @@ class Avatar:
         })  # fmt: skip
         if self.particles is not None:
             tensors.update(self.particles.tensors("particle."))
+        if self.eyes is not None:
+            tensors.update(self.eyes.tensors("eyes."))
         deformer = {k: v.detach().float().contiguous() for k, v in self.deformer.items()}
         doc = {
             "format": FORMAT,
@@ -195,11 +199,12 @@ class Avatar:
         particles = None
         if "particle.rest" in bound:
             particles = Particles.from_tensors(bound, "particle.")
+        eyes = EyeCover.from_tensors(bound, "eyes.") if "eyes.ids" in bound else None
         binding = Binding(**{k[len("binding.") :]: v for k, v in bound.items()
                              if k.startswith("binding.")})  # fmt: skip
         return Avatar(gaussians, binding, doc.template, bound["template.shape"],
                       bound["photo.pose"], bound["photo.translation"], doc.camera, doc.meta,
-                      tensors["deformer.safetensors"], particles, source=label)  # fmt: skip
+                      tensors["deformer.safetensors"], particles, eyes, source=label)  # fmt: skip
 
 
 # ---- reading the files, capped and consistent ---------------------------------------------------

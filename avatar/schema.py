@@ -201,7 +201,8 @@ class Spec(NamedTuple):
     range: tuple[float, float] | None = None  # a float tensor: every value in [lo, hi]
 
 
-# N Gaussians, K bones and P particles per Gaussian, J bones, S shape parameters, M particles
+# N Gaussians, K bones and P particles per Gaussian, J bones, S shape parameters, M particles,
+# E Gaussians in the open eyes
 BINDING = {
     "binding.face_ids": Spec(torch.int64, "N", "F"),
     "binding.bary": Spec(torch.float32, "N 3", range=(-1.0, 2.0)),
@@ -217,6 +218,11 @@ PARTICLES = {  # optional, all or none (an avatar without them gets the template
     "particle.parts": Spec(torch.uint8, "M"),
     "particle.ids": Spec(torch.int64, "N P", "M"),
     "particle.weights": Spec(torch.float32, "N P", range=(0.0, 1.0)),
+}
+EYES = {  # optional, all or none: the blink's eye cover (`deform.eyes`; drive finds it if absent)
+    "eyes.ids": Spec(torch.int64, "E", "N"),
+    "eyes.height": Spec(torch.float32, "E", range=(-10.0, 10.0)),
+    "eyes.lid_rgb": Spec(torch.float32, "E 3", range=(-1.0, 2.0)),
 }
 MAX_SIZES = {"K": 32, "P": 32, "M": 65536}  # more is no avatar this toolkit makes (8, 4, 512)
 
@@ -255,13 +261,15 @@ def check_tensors(tensors: dict[str, Tensor], spec: dict[str, Spec], sizes: dict
 
 
 def check_binding(tensors: dict[str, Tensor], sizes: dict[str, int], where: str) -> None:
-    """binding.safetensors: the binding, photo pose and shape, and the particles if present."""
-    extra = sorted(set(tensors) - set(BINDING) - set(PARTICLES))
+    """binding.safetensors: the binding, photo pose and shape, and the particles and the eye
+    cover if present."""
+    extra = sorted(set(tensors) - set(BINDING) - set(PARTICLES) - set(EYES))
     if extra:
         raise AvatarFileError(f"{where}: unexpected tensor '{extra[0]}'")
     check_tensors(tensors, BINDING, sizes, where)
-    if any(k in tensors for k in PARTICLES):
-        check_tensors(tensors, PARTICLES, sizes, where)
+    for optional in (PARTICLES, EYES):
+        if any(k in tensors for k in optional):
+            check_tensors(tensors, optional, sizes, where)
     for name in ("binding.parts", "particle.parts"):
         if (
             name in tensors

@@ -27,6 +27,7 @@ EYE_OUTLINES = (
     ((263, 466, 388, 387, 386, 385, 384, 398, 362), (263, 249, 390, 373, 374, 380, 381, 382, 362)),
 )
 SWEEP = 0.2  # the width of the lid's edge, in opening heights
+EYE_FIELDS = ("ids", "height", "lid_rgb")
 
 
 @dataclass
@@ -34,6 +35,13 @@ class EyeCover:
     ids: Tensor  # [n] long, Gaussians in the open eye
     height: Tensor  # [n] 0 at the upper lid .. 1 at the lower
     lid_rgb: Tensor  # [n, 3] the lid colour each takes when covered
+
+    def tensors(self, prefix: str = "eyes.") -> dict[str, Tensor]:
+        return {prefix + name: getattr(self, name).contiguous() for name in EYE_FIELDS}
+
+    @staticmethod
+    def from_tensors(t: dict[str, Tensor], prefix: str = "eyes.") -> EyeCover:
+        return EyeCover(**{name: t[prefix + name] for name in EYE_FIELDS})
 
     def paint(self, gaussians: Gaussians, blink: float) -> Gaussians:
         """The Gaussians with the lid drawn over the eye at blink weight `blink`."""

@@ -9,6 +9,7 @@ import sys
 import imageio.v2 as iio
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from .helpers import SHARED_DATA
@@ -53,6 +54,28 @@ def test_create_writes_a_complete_avatar(small_avatar):
     assert avatar.binding.bone_weights.sum(-1).allclose(
         avatar.gaussians.means.new_ones(8000), atol=1e-5
     )
+
+
+def test_create_saves_the_eye_cover_drive_would_find(small_avatar, tmp_path):
+    """Drive reads the blink's eye cover from the avatar instead of finding it on a render with
+    MediaPipe each time: the saved one is the one it would find; a damaged one is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from avatar.asset import Avatar, AvatarFileError
+    from avatar.pipelines.drive import find_eyes, speech_rig
+
+    avatar = Avatar.load(small_avatar)
+    assert avatar.eyes is not None and len(avatar.eyes.ids) > 20
+    found = find_eyes(speech_rig(avatar))
+    for name in ("ids", "height", "lid_rgb"):
+        assert torch.allclose(getattr(avatar.eyes, name).double(), getattr(found, name).double())
+    broken = tmp_path / "broken.avatar"
+    avatar.save(broken)
+    tensors = load_file(broken / "binding.safetensors")
+    tensors["eyes.ids"] = tensors["eyes.ids"] + len(avatar.gaussians)
+    save_file(tensors, broken / "binding.safetensors")
+    with pytest.raises(AvatarFileError, match="eyes.ids"):
+        Avatar.load(broken)
 
 
 def test_render_avatar_views(small_avatar, tmp_path):

@@ -28,6 +28,7 @@ from .. import __version__
 from ..asset import Avatar
 from ..errors import AvatarError
 from ..photo import read_photo
+from .drive import find_eyes, speech_rig
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     avatar = Avatar(canonical, binding, template_kind(cfg.body), fit.shape, fit.pose,
                     fit.translation, frame, {"provenance": provenance, "quality": quality},
                     particles=particles, body=cfg.body)  # fmt: skip
+    avatar.eyes = find_eyes(speech_rig(avatar))  # saved, so that drive need not find them
     return avatar, times
 
 

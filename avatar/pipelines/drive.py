@@ -158,7 +158,7 @@ class Driver:
         except ValueError as exc:
             raise AvatarError(f"--device {exc}") from None
         self.rig = speech_rig(avatar)
-        self.rig.eyes = find_eyes(self.rig)
+        self.rig.eyes = avatar.eyes if avatar.eyes is not None else find_eyes(self.rig)
         self.rig.hands.seed = cfg.seed
         self.model = load_motion_model(avatar, cfg).to(self.device)
         self.rig.to(self.device)

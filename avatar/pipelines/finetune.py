@@ -80,7 +80,7 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
     drive_cfg = DriveConfig(size=opts.size, framing="face")
     clips = load_clips(audio, drive_cfg.fps)  # bad speech fails before the rig is built
     rig = speech_rig(avatar)
-    rig.eyes = find_eyes(rig)
+    rig.eyes = avatar.eyes if avatar.eyes is not None else find_eyes(rig)
     model = load_motion_model(avatar, drive_cfg)
     fps = drive_cfg.fps
     scene = DistillScene(rig, clips, training_cameras(rig, opts.size), fps)
@@ -115,6 +115,7 @@ def finetune_avatar(avatar: Avatar, audio: list[str | Path], out: str | Path,
         avatar.deformer = {
             k: v.detach().clone() for k, v in objective.deformer.state_dict().items()
         }
+    avatar.eyes = find_eyes(speech_rig(avatar))  # on the new Gaussians
     summary = {
         "teacher": objective.teacher.name,
         "steps": result.step,
