@@ -4,7 +4,7 @@
                           counts, provenance and quality figures
     gaussians.ply         the canonical (rest-pose) Gaussians, standard 3DGS layout
     binding.safetensors   how each Gaussian hangs on the template and on the deformer's
-                          particles, and the photo's pose
+                          particles, the photo's pose, and the blink's eye cover
     deformer.safetensors  the avatar's own motion weights (empty: the shipped default is used)
 
 Writes are atomic: a new folder or zip is written under a temporary name and swapped into place.
