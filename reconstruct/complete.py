@@ -167,19 +167,16 @@ def _hue_saturation(rgb: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def shaded_skin(rgb: Tensor, skin: Tensor) -> Tensor:
-    """[...] bool: `rgb` [..., 3] could be `skin` [3] in light or shade: its hue within 15°, at
-    least 0.8 of its saturation (shade saturates skin; grey or white hair is paler) and 0.35-1.3
-    of its brightness (dark hair is darker). Ears and neck beside the face, not the hair."""
+    """[...] bool: `rgb` [..., 3] could be `skin` [3] in light or shade: its hue within 15°, a
+    saturation of at least 0.8 of the skin's or 0.25 (shade saturates skin; grey or white hair is
+    paler) and 0.35-1.3 of its brightness (dark hair is darker). Ears and neck beside the face,
+    not the hair; in doubt, skin (the hair then takes the crown's colour, as it did before)."""
     hue, sat = _hue_saturation(rgb)
     skin_hue, skin_sat = _hue_saturation(skin)
     turn = (hue - skin_hue).abs()
     ratio = rgb.sum(-1) / skin.sum().clamp_min(1e-6)
-    return (
-        (torch.minimum(turn, 360 - turn) < 15)
-        & (sat >= 0.8 * skin_sat)
-        & (ratio > 0.35)
-        & (ratio < 1.3)
-    )
+    hued = (torch.minimum(turn, 360 - turn) < 15) & (sat >= torch.clamp(0.8 * skin_sat, max=0.25))
+    return hued & (ratio > 0.35) & (ratio < 1.3)
 
 
 def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Hair | None:
