@@ -67,8 +67,9 @@ def test_create_saves_the_eye_cover_drive_would_find(small_avatar, tmp_path):
     avatar = Avatar.load(small_avatar)
     assert avatar.eyes is not None and len(avatar.eyes.ids) > 20
     found = find_eyes(speech_rig(avatar))
-    for name in ("ids", "height", "lid_rgb"):
-        assert torch.allclose(getattr(avatar.eyes, name).double(), getattr(found, name).double())
+    assert torch.equal(avatar.eyes.ids, found.ids)
+    for name in ("height", "lid_rgb"):  # another process: float sums in another order
+        assert torch.allclose(getattr(avatar.eyes, name), getattr(found, name), atol=1e-3)
     broken = tmp_path / "broken.avatar"
     avatar.save(broken)
     tensors = load_file(broken / "binding.safetensors")

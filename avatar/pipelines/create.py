@@ -151,7 +151,8 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     avatar = Avatar(canonical, binding, template_kind(cfg.body), fit.shape, fit.pose,
                     fit.translation, frame, {"provenance": provenance, "quality": quality},
                     particles=particles, body=cfg.body)  # fmt: skip
-    avatar.eyes = find_eyes(speech_rig(avatar))  # saved, so that drive need not find them
+    if particles is not None:  # a template speech can drive: its eye cover, saved for drive
+        avatar.eyes = find_eyes(speech_rig(avatar))
     return avatar, times
 
 
