@@ -145,14 +145,14 @@ class Hair:
     below_chin: float = 0.0
 
 
-def skin_like(rgb: Tensor, skin: Tensor, chroma: float = SKIN_CHROMA) -> Tensor:
+def skin_like(rgb: Tensor, skin: Tensor) -> Tensor:
     """[...] bool: colours `rgb` [..., 3] with the chromaticity of `skin` [3] (r, g, b over
-    their sum within `chroma`) and a brightness between 0.35 and 1.6 times its own: skin in
+    their sum within SKIN_CHROMA) and a brightness between 0.35 and 1.6 times its own: skin in
     light or shade, not a shirt as bright as it or dark hair."""
     total, skin_total = rgb.sum(-1, keepdim=True), skin.sum()
     off = (rgb / total.clamp_min(1e-6) - skin / skin_total.clamp_min(1e-6)).norm(dim=-1)
     ratio = total[..., 0] / skin_total.clamp_min(1e-6)
-    return (off < chroma) & (ratio > 0.35) & (ratio < 1.6)
+    return (off < SKIN_CHROMA) & (ratio > 0.35) & (ratio < 1.6)
 
 
 def _hue_saturation(rgb: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,8 +182,8 @@ def shaded_skin(rgb: Tensor, skin: Tensor) -> Tensor:
 def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Hair | None:
     """The photo's `Hair` from the face's landmarks `face_uv` [P, 2] (image pixels): the crown
     above the face, and the person's non-skin pixels in bands beside the face (0.4 of its width
-    each side, found on both sides) from the eyes down; below the chin, the rows where those bands still hold that
-    colour give the hair's length. None when the photo cuts the head off."""
+    each side, found on both sides) from the eyes down; below the chin, the rows where those
+    bands still hold that colour give the hair's length. None when the photo cuts the head off."""
     import cv2
 
     crown = hair_colour(image, mask, face_uv)
