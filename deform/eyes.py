@@ -12,7 +12,7 @@ clip((1.2 w - h) / 0.2, 0, 1), so at w = 1 the whole opening is lid skin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ EYE_OUTLINES = (
     ((263, 466, 388, 387, 386, 385, 384, 398, 362), (263, 249, 390, 373, 374, 380, 381, 382, 362)),
 )
 SWEEP = 0.2  # the width of the lid's edge, in opening heights
-EYE_FIELDS = ("ids", "height", "lid_rgb")
 
 
 @dataclass
@@ -37,11 +36,11 @@ class EyeCover:
     lid_rgb: Tensor  # [n, 3] the lid colour each takes when covered
 
     def tensors(self, prefix: str = "eyes.") -> dict[str, Tensor]:
-        return {prefix + name: getattr(self, name).contiguous() for name in EYE_FIELDS}
+        return {prefix + f.name: getattr(self, f.name).contiguous() for f in fields(self)}
 
     @staticmethod
     def from_tensors(t: dict[str, Tensor], prefix: str = "eyes.") -> EyeCover:
-        return EyeCover(**{name: t[prefix + name] for name in EYE_FIELDS})
+        return EyeCover(**{f.name: t[prefix + f.name] for f in fields(EyeCover)})
 
     def paint(self, gaussians: Gaussians, blink: float) -> Gaussians:
         """The Gaussians with the lid drawn over the eye at blink weight `blink`."""

@@ -84,6 +84,11 @@ def avatar_particles(avatar: Avatar, template) -> Particles:
     return template_particles(template, avatar.shape, PART_CODES, b.face_ids, b.bary)
 
 
+def avatar_eyes(avatar: Avatar, rig: SpeechRig) -> EyeCover | None:
+    """The blink's eye cover create saved in the avatar, else found on `rig`'s front render."""
+    return avatar.eyes if avatar.eyes is not None else find_eyes(rig)
+
+
 def load_motion_model(avatar: Avatar, cfg: DriveConfig) -> SpeechDeformer:
     """--deformer, else the shipped deformer with the avatar's own fine-tuned weights (which
     must fit it exactly: same keys, shapes and dtypes)."""
@@ -158,7 +163,7 @@ class Driver:
         except ValueError as exc:
             raise AvatarError(f"--device {exc}") from None
         self.rig = speech_rig(avatar)
-        self.rig.eyes = avatar.eyes if avatar.eyes is not None else find_eyes(self.rig)
+        self.rig.eyes = avatar_eyes(avatar, self.rig)
         self.rig.hands.seed = cfg.seed
         self.model = load_motion_model(avatar, cfg).to(self.device)
         self.rig.to(self.device)

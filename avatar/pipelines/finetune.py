@@ -23,7 +23,14 @@ from distill.trainer import TrainConfig, distributed, train
 
 from ..asset import Avatar
 from ..errors import AvatarError
-from .drive import DriveConfig, find_eyes, frame_count, load_motion_model, speech_rig
+from .drive import (
+    DriveConfig,
+    avatar_eyes,
+    find_eyes,
+    frame_count,
+    load_motion_model,
+    speech_rig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
     drive_cfg = DriveConfig(size=opts.size, framing="face")
     clips = load_clips(audio, drive_cfg.fps)  # bad speech fails before the rig is built
     rig = speech_rig(avatar)
-    rig.eyes = avatar.eyes if avatar.eyes is not None else find_eyes(rig)
+    rig.eyes = avatar_eyes(avatar, rig)
     model = load_motion_model(avatar, drive_cfg)
     fps = drive_cfg.fps
     scene = DistillScene(rig, clips, training_cameras(rig, opts.size), fps)
