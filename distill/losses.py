@@ -1,6 +1,6 @@
 """Distillation losses (paper section 3.3), each a plain function; `Weight` schedules their λ.
 
-    L = λ_vsd L_vsd + λ_kpt L_kpt + λ_img L_img + λ_reg L_arap
+    L = λ_vsd L_vsd + λ_kpt L_kpt + λ_img L_img + λ_reg L_arap + λ_lips L_lips
 
 - `loss_keypoints` (eq. 10): Σ_t ρ(‖K_face − K̃_face‖) + λ_hand ρ(‖K_hand − K̃_hand‖), ρ the
   Charbonnier penalty sqrt(r² + δ²) − δ (quadratic below δ pixels, linear above: one wrong
@@ -8,6 +8,8 @@
 - `loss_image`: per-frame L1 + λ_perc LPIPS (`distill.lpips`, real AlexNet LPIPS weights).
 - `loss_arap`: as-rigid-as-possible on a kNN graph built once in the rest pose; each node's own
   rotation maps its rest edges, ‖(x'_j − x'_i) − R_i (x_j − x_i)‖², so rigid motion costs nothing.
+- `loss_lip_motion`: the lip shape the deformer's own visemes ask for, made by the particles and
+  the Gaussian head's Δp (stage 1 of `distill.train_drive` learns it; distillation keeps it).
 - Video score distillation lives in `distill.score` (one shared function).
 """
 
@@ -130,3 +132,20 @@ def loss_arap(
     rest = graph.edges(graph.rest)  # [P, k, 3]
     want = torch.einsum("tpij,pkj->tpki", rotations, rest)
     return ((graph.edges(deformed) - want) ** 2).sum(-1).mean()
+
+
+def loss_lip_motion(rig, means: Tensor, motion, ids: Tensor, offsets: Tensor, lip_ids: Tensor
+                    ) -> Tensor:  # fmt: skip
+    """How far the particles and Δp are from the lip shape the motion's own visemes ask for.
+
+    `motion.lips` [T, L] (held fixed) times the template's expression basis of the lip actions
+    `lip_ids` gives the displacement each of the Gaussians `ids` (sorted, all in `rig.moving`)
+    should make in canonical space; the blended particle transforms applied to `means[ids]`, plus
+    `offsets` [T, len(ids), 3], give the one they make. Mean squared error in units of the wanted
+    motion's mean square (1 mm floor), so a pucker's few millimetres weigh as much as a jaw."""
+    idx = torch.searchsorted(rig.moving, ids)
+    want = torch.einsum("te,enc->tnc", motion.lips.detach(), rig.basis[lip_ids][:, idx])
+    scale = want.pow(2).sum(-1).mean().clamp_min(0.001**2)
+    mu = means[ids]
+    moved, _ = rig.particles.move(mu, motion.particles, offsets, ids)
+    return (((moved - mu) - want) ** 2).sum(-1).mean() / scale

@@ -78,6 +78,7 @@ from reconstruct.canonical import PART_CODES, sample_canonical
 from render.sh import rgb_to_sh0
 
 from .finetune import FinetuneConfig, FinetuneObjective, SharedObjective
+from .losses import loss_lip_motion
 from .phones import SENTENCES, align_phones, synthesize_speech
 from .scene import DistillScene, SpeechClip, training_cameras
 from .teacher import TeacherConfig, teach
@@ -313,7 +314,7 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
             n = min(args.window, len(clip.bones))
             start = int(rng.integers(0, len(clip.bones) - n + 1))
             samples = torch.from_numpy(augment(clip.samples, rng))
-            g, p = rig.gaussians, rig.particles
+            g = rig.gaussians
             tokens = rig.tokens(model)
             state = model.start(tokens)
             state.frame = start
@@ -332,14 +333,8 @@ def supervise(model: SpeechDeformer, template, clips: list[Clip], rigs: list[Spe
             # particles + Δp reproduce the displacement of the lip actions the student's visemes
             # make (canonical space), in units of that motion in the window (1 for still
             # particles), so a pucker's few millimetres weigh as much as a jaw or an arm beat
-            idx = torch.searchsorted(rig.moving, sub)
-            lips = motion.lips.detach()
-            want = torch.einsum("te,enc->tnc", lips, rig.basis[p_ids][:, idx])
-            scale = want.pow(2).sum(-1).mean().clamp_min(0.001**2)
-            mu = g.means[sub]
-            moved, _ = p.move(mu, motion.particles, motion.offsets, sub)
-            losses["particles"] = (
-                losses["particles"] + (((moved - mu) - want) ** 2).sum(-1).mean() / scale
+            losses["particles"] = losses["particles"] + loss_lip_motion(
+                rig, g.means, motion, sub, motion.offsets, p_ids
             )
             losses["residual"] = (
                 losses["residual"]

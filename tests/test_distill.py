@@ -14,13 +14,40 @@ import pytest
 import torch
 from torch import nn
 
-from distill.losses import ArapGraph, Weight, loss_arap, loss_keypoints
+from distill.losses import ArapGraph, Weight, loss_arap, loss_keypoints, loss_lip_motion
 from distill.trainer import TrainConfig, load_checkpoint_info, train
 from render.rotations import axis_angle_to_rotmat
 
 from .helpers import template_avatar, tiny_wav2vec
 from .test_deformer import speechlike
 from .test_drive import run_avatar, write_wav
+
+
+def test_lip_motion_loss_measures_the_visemes_lip_shape():
+    """Still particles score 1 (all of the wanted lip motion missing, in its own units); Δp that
+    make exactly the expression basis's displacement score 0; half of it scores a quarter."""
+    from types import SimpleNamespace
+
+    from avatar.pipelines.drive import speech_rig
+    from deform.controls import PARTICLE_ACTIONS, action_index
+
+    rig = speech_rig(template_avatar(3000))
+    lip_ids = action_index(rig.template, PARTICLE_ACTIONS)
+    ids = rig.moving[::3].contiguous()
+    t, m = 4, len(rig.particles.rest)
+    lips = torch.rand(t, len(lip_ids), generator=torch.Generator().manual_seed(0))
+    still = torch.eye(4).expand(t, m, 4, 4)
+    basis = rig.basis[lip_ids][:, torch.searchsorted(rig.moving, ids)]
+    want = torch.einsum("te,enc->tnc", lips, basis)
+    assert want.abs().max() > 1e-3  # the lip actions move these Gaussians by millimetres
+
+    def loss(offsets):
+        motion = SimpleNamespace(lips=lips, particles=still)
+        return float(loss_lip_motion(rig, rig.gaussians.means, motion, ids, offsets, lip_ids))
+
+    assert loss(torch.zeros_like(want)) == pytest.approx(1.0, rel=1e-5)
+    assert loss(want) == pytest.approx(0.0, abs=1e-6)
+    assert loss(0.5 * want) == pytest.approx(0.25, rel=1e-4)
 
 
 def test_weight_schedules():
@@ -167,13 +194,13 @@ def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
     scene = DistillScene(driver.rig, clips, cams, 25.0)
     teach = make_teacher(teacher)
     teach.prepare(scene)
-    lambdas = {f"lambda_{k}": "0" for k in ("vsd", "kpt", "img", "reg")}
+    lambdas = {f"lambda_{k}": "0" for k in ("vsd", "kpt", "img", "reg", "lips")}
     lambdas[f"lambda_{only}"] = "1"
     cfg = FinetuneConfig(frames=frames, lr=5e-4, lr_gaussians=0.0, arap_gaussians=256, **lambdas)
     return FinetuneObjective(driver.model, scene, teach, cfg)
 
 
-@pytest.mark.parametrize("term", ["img", "kpt", "reg"])
+@pytest.mark.parametrize("term", ["img", "kpt", "reg", "lips"])
 def test_each_loss_decreases_when_optimised_alone(tiny, term):
     obj = _objective(tiny, term)
     opt = torch.optim.Adam(obj.param_groups())
@@ -252,7 +279,7 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
         (["--checkpoint-every", "0"], "at least 1"),
         (["--arap-gaussians", "3"], "at least 7"),
         (
-            ["--steps", "1"] + [f"--lambda-{k}=0" for k in ("vsd", "kpt", "img", "reg")],
+            ["--steps", "1"] + [f"--lambda-{k}=0" for k in ("vsd", "kpt", "img", "reg", "lips")],
             "no loss term",
         ),
     ],
@@ -307,7 +334,7 @@ def test_train_drive_runs_both_stages_and_resumes_after_stage_one(tmp_path):
     assert main(["--steps", "2", "--distill-steps", "2", *tiny]) == 0
     meta = deformer_meta(out)["training"]
     assert meta["steps"] == 2 and meta["distill"]["steps"] == 2
-    assert set(meta["distill"]["loss_last"]) >= {"img", "kpt", "reg"}
+    assert set(meta["distill"]["loss_last"]) >= {"img", "kpt", "reg", "lips"}
     before, after = load_file(str(work / STAGE1)), load_file(str(out))
     same = {k for k in after if torch.equal(before[k], after[k])}
     assert all(

@@ -79,7 +79,7 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
         raise AvatarError("finetune needs an avatar with colours (SH), not free feature vectors")
     if cfg.arap_gaussians < 7 or cfg.frames < 1:
         raise AvatarError("--arap-gaussians must be at least 7 and --frames at least 1")
-    for name in ("vsd", "kpt", "img", "reg"):
+    for name in ("vsd", "kpt", "img", "reg", "lips"):
         try:
             Weight.parse(getattr(cfg, f"lambda_{name}"))
         except ValueError as exc:
