@@ -43,6 +43,7 @@ from .surface import interpolate
 
 FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # how much of the frame each framing fills
 RELAXED_DEG = (25.0, 12.0)  # an upper arm further than 25° from the torso's side hangs at 12°
+PITCH_DEG = (15.0, 8.0)  # a head tipped further than 15° down or up is brought to 8°
 
 
 def arm_angles(template, joints: Tensor) -> Tensor:
@@ -85,6 +86,45 @@ def relax_arms(template, shape: Tensor, pose: Tensor, steps: int = 4) -> Tensor:
         jac = (angles[1:] - angles[:1]).T / eps  # [2, 3] degrees per radian
         pose[bones] -= jac * (err / (jac * jac).sum(-1).clamp_min(1e-9))[:, None]
     return pose
+
+
+def head_pitch(template, shape: Tensor, poses: Tensor) -> Tensor:
+    """[B] degrees the head's forward direction (where the rest pose's face looks, +Z) points
+    down (positive) or up from the horizontal, for poses [B, J, 3] of one `shape`."""
+    head = template.bone_segments().index("head")  # the chain's top: jaw and eyes come after it
+    forward = template.pose_transforms(shape, poses)[:, head, :3, 2]
+    return torch.rad2deg(torch.asin((-forward[:, 1]).clamp(-1, 1)))
+
+
+def face_forward(template, shape: Tensor, pose: Tensor, steps: int = 10) -> Tensor:
+    """`pose` [J, 3] with a head tipped further than PITCH_DEG[0] down or up brought to
+    PITCH_DEG[1]: the pitch (canonical x) components of the neck's and head's rotations are
+    scaled down together, the scale found by bisection. A photo's head pose is one moment of
+    the person, often looking down past the camera; a talking avatar looks at whoever it talks
+    to, and a face seen from above hides its mouth (the lips' gap read 0.3-1.3% of the face's
+    height while speaking on such an avatar). The head's turn to a side stays: undoing it
+    shows the side of the face the photo did not see."""
+    most, to = PITCH_DEG
+    seg = template.bone_segments()
+    chain = [i for i, s in enumerate(seg) if s == "neck"] + [seg.index("head")]
+    pose = pose.float()
+    with torch.no_grad():
+        if head_pitch(template, shape, pose[None])[0].abs() <= most:
+            return pose
+
+        def scaled(k: float) -> Tensor:
+            out = pose.clone()
+            out[chain, 0] *= k
+            return out
+
+        lo, hi = 0.0, 1.0  # scales: lo tips the head by at most `to` (or is 0), hi more
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if head_pitch(template, shape, scaled(mid)[None])[0].abs() <= to:
+                lo = mid
+            else:
+                hi = mid
+    return scaled(lo)
 
 
 def expression_basis(template, shape: Tensor) -> Tensor:
@@ -147,11 +187,13 @@ class SpeechRig:
     def from_avatar(cls, template, shape: Tensor, photo_pose: Tensor, gaussians: Gaussians,
                     binding, particles: Particles) -> SpeechRig:  # fmt: skip
         """The one way to rig an avatar's files (drive, finetune, eval, bench): its photo pose
-        without the root (upright, facing +Z), raised arms relaxed (`relax_arms`), its
-        canonical Gaussians bound as `binding` (reconstruct.canonical.Binding) says."""
+        without the root (upright, facing +Z), raised arms relaxed (`relax_arms`), a head
+        looking far down or up raised or lowered (`face_forward`), its canonical Gaussians
+        bound as `binding`
+        (reconstruct.canonical.Binding) says."""
         base = photo_pose.clone()
         base[0] = 0
-        base = relax_arms(template, shape, base)
+        base = face_forward(template, shape, relax_arms(template, shape, base))
         b = binding
         return cls(template, shape, base, gaussians, b.face_ids, b.bary, b.bone_ids,
                    b.bone_weights, particles, b.parts)  # fmt: skip

@@ -106,6 +106,30 @@ def test_relaxed_arms_hang_and_arms_already_down_stay():
     assert torch.equal(relaxed[untouched], rest[untouched])
 
 
+
+def test_a_head_looking_down_comes_up_and_keeps_its_turn():
+    pytest.importorskip("anny", reason="needs the Anny template")
+    from deform.rig import PITCH_DEG, face_forward, head_pitch
+    from deform.templates import load_template
+
+    t = load_template("anny")
+    shape = t.default_shape()
+    seg = t.bone_segments()
+    chain = [i for i, s in enumerate(seg) if s in ("neck", "head")][:4]  # neck01-03, head
+    down = torch.zeros(t.num_bones, 3)
+    down[chain] = torch.tensor([0.15, 0.1, 0.0])  # each bone tips down and turns a little
+    before = float(head_pitch(t, shape, down[None])[0])
+    assert before > PITCH_DEG[0]
+    up = face_forward(t, shape, down)
+    assert float(head_pitch(t, shape, up[None])[0]) == pytest.approx(PITCH_DEG[1], abs=0.5)
+    assert torch.equal(up[:, 1:], down[:, 1:])  # the turn and roll stay
+    others = [i for i in range(t.num_bones) if i not in chain]
+    assert torch.equal(up[others], down[others])
+    assert torch.equal(face_forward(t, shape, up), up)  # within the limit: unchanged
+    assert float(head_pitch(t, shape, face_forward(t, shape, -down)[None])[0]) == pytest.approx(
+        -PITCH_DEG[1], abs=0.5
+    )  # looking up comes down as far
+
 def test_eval_sync_measures_mouth_shapes_at_a_transcripts_phones(tmp_path):
     """`avatar eval sync --transcript`: phones aligned, shapes measured; a transcript that does
     not fit the speech is one clear error."""
