@@ -176,7 +176,9 @@ def test_several_people_warn_and_use_the_largest(tmp_path):
     canvas[300:940, 780:1260] = small
     Image.fromarray(canvas).save(tmp_path / "two.png")
     out = tmp_path / "two.avatar"
-    res = run_avatar("create", str(tmp_path / "two.png"), "-o", str(out), *SMALL)
+    tiny = ["--gaussians", "3000", "--size", "128", "--fit-steps", "20", "--refine-steps", "10",
+            "--personalise-steps", "5"]  # fmt: skip
+    res = run_avatar("create", str(tmp_path / "two.png"), "-o", str(out), *tiny)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 people in the photo; using the largest" in res.stderr
     assert json.loads((out / "avatar.json").read_text())["provenance"]["people_in_photo"] == 2

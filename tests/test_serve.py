@@ -216,8 +216,12 @@ def test_the_page_creates_shows_and_drives_an_avatar_in_chromium(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from avatar.scenes import demo_speech
+    from avatar.media import write_wav
 
+    from .test_deformer import speechlike
+
+    speech = tmp_path / "speech.wav"  # 2 s: the drive is the page's job, not its length
+    write_wav(speech, speechlike(2.0).numpy(), 16000)
     browser = chromium()
     proc = subprocess.Popen([sys.executable, "-m", "avatar", "serve", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -237,7 +241,7 @@ def test_the_page_creates_shows_and_drives_an_avatar_in_chromium(tmp_path):
         names = [a.text for a in browser.find_elements(By.CSS_SELECTOR, ".downloads a")]
         assert names == ["avatar .zip", ".splat", "PLY", "GLB (mesh + skeleton)"]
 
-        browser.find_element(By.ID, "audio").send_keys(str(demo_speech()))
+        browser.find_element(By.ID, "audio").send_keys(str(speech))
         Select(browser.find_element(By.ID, "size")).select_by_visible_text("256")
         browser.find_element(By.ID, "drive").click()
         video = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#videos video"))
