@@ -188,9 +188,8 @@ class SpeechRig:
                     binding, particles: Particles) -> SpeechRig:  # fmt: skip
         """The one way to rig an avatar's files (drive, finetune, eval, bench): its photo pose
         without the root (upright, facing +Z), raised arms relaxed (`relax_arms`), a head
-        looking far down or up raised or lowered (`face_forward`), its canonical Gaussians
-        bound as `binding`
-        (reconstruct.canonical.Binding) says."""
+        looking far down or up brought toward level (`face_forward`), its canonical Gaussians
+        bound as `binding` (reconstruct.canonical.Binding) says."""
         base = photo_pose.clone()
         base[0] = 0
         base = face_forward(template, shape, relax_arms(template, shape, base))

@@ -46,7 +46,7 @@ class FinetuneConfig:
     """L1 + λ_perc LPIPS."""
     lambda_reg: str = "1e4"
     """ARAP on particles and Gaussians (metres²)."""
-    lambda_lips: str = "0.05"
+    lambda_lips: str = "0.2"
     """The particles and Δp make the lip shape of the deformer's own visemes (normalised)."""
     particle_anchor: float = 0.1
     """Weight of the particles' rest anchor inside the regulariser."""

