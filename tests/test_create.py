@@ -68,8 +68,11 @@ def test_create_saves_the_eye_cover_drive_would_find(small_avatar, tmp_path):
     assert avatar.eyes is not None and len(avatar.eyes.ids) > 20
     found = find_eyes(speech_rig(avatar))
     assert torch.equal(avatar.eyes.ids, found.ids)
-    for name in ("height", "lid_rgb"):  # another process: float sums in another order
-        assert torch.allclose(getattr(avatar.eyes, name), getattr(found, name), atol=1e-3)
+    # another process: float sums in another order; the lid colour is read from the 8-bit
+    # render at MediaPipe's landmarks, and a landmark a pixel away reads its neighbour's colour
+    # (one suite run saw 0.2196 against 0.2314: 3 levels)
+    assert torch.allclose(avatar.eyes.height, found.height, atol=1e-3)
+    assert torch.allclose(avatar.eyes.lid_rgb, found.lid_rgb, atol=4 / 255)
     broken = tmp_path / "broken.avatar"
     avatar.save(broken)
     tensors = load_file(broken / "binding.safetensors")
@@ -210,3 +213,28 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
         res = run_avatar("create", photo, "-o", str(out), *fast, "--reconstructor", str(bad))
         assert res.returncode == 2 and "--reconstructor" in res.stderr and message in res.stderr
         assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_the_mouth_cavity_is_dark_below_the_lips_top_and_skin_above():
+    """Create paints the cavity dark so an open mouth reads as open; the part of it higher than
+    the lips (behind the upper lip and the nose) takes the skin above the lips, or it shows
+    through the skin as dark specks. Nothing else changes."""
+    from avatar.pipelines.create import MOUTH_RGB, _dark_mouth
+    from reconstruct.canonical import PART_CODES
+    from render.sh import sh0_to_rgb
+
+    from .helpers import template_avatar
+
+    a = template_avatar(6000)
+    g, parts = a.gaussians, a.binding.parts
+    out = _dark_mouth(g, a.binding)
+    mouth, lips, face = (parts == PART_CODES[k] for k in ("mouth", "lips", "face"))
+    y = g.means[:, 1]
+    top = torch.quantile(y[lips], 0.98)
+    high = mouth & (y > top)
+    assert high.any() and (mouth & ~high).any()
+    rgb = sh0_to_rgb(out.sh[:, 0])
+    assert torch.allclose(rgb[mouth & ~high], torch.tensor(MOUTH_RGB), atol=1e-5)
+    skin = sh0_to_rgb(g.sh[face & (y > top) & (y < top + 0.03), 0])
+    assert torch.allclose(rgb[high], skin.median(0).values, atol=1e-5)
+    assert torch.equal(out.sh[~mouth], g.sh[~mouth])

@@ -188,15 +188,26 @@ def _load_reconstructor(name: str):
 
 
 def _dark_mouth(gaussians: Gaussians, binding) -> Gaussians:
-    """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open."""
+    """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open. The
+    cavity's Gaussians higher than the lips (the palate, up behind the nose) take the colour of
+    the skin just above the lips instead: an open mouth shows little of them, and dark there
+    they showed through the skin as dark specks between the nose and the upper lip."""
     from render.sh import rgb_to_sh0
 
-    inside = binding.parts == PART_CODES["mouth"]
+    parts = binding.parts
+    inside = parts == PART_CODES["mouth"]
     if gaussians.sh is None or not inside.any():
         return gaussians
     sh = gaussians.sh.detach().clone()
     sh[inside] = 0
     sh[inside, 0] = rgb_to_sh0(torch.tensor(MOUTH_RGB))
+    lips, face = parts == PART_CODES["lips"], parts == PART_CODES["face"]
+    if lips.any() and face.any():
+        y = gaussians.means[:, 1]
+        top = torch.quantile(y[lips], 0.98)
+        skin = face & (y > top) & (y < top + 0.03)  # the upper lip's skin, below the nose
+        if skin.any():
+            sh[inside & (y > top), 0] = gaussians.sh[skin, 0].median(0).values
     return gaussians.replace(sh=sh)
 
 
