@@ -220,6 +220,7 @@ def test_the_mouth_cavity_is_dark_below_the_lips_top_and_skin_above():
     the lips (behind the upper lip and the nose) takes the skin above the lips, or it shows
     through the skin as dark specks. Nothing else changes."""
     from avatar.pipelines.create import MOUTH_RGB, _dark_mouth
+    from deform.templates import load_template
     from reconstruct.canonical import PART_CODES
     from render.sh import sh0_to_rgb
 
@@ -227,7 +228,7 @@ def test_the_mouth_cavity_is_dark_below_the_lips_top_and_skin_above():
 
     a = template_avatar(6000)
     g, parts = a.gaussians, a.binding.parts
-    out = _dark_mouth(g, a.binding)
+    out = _dark_mouth(g, a.binding, load_template("anny"), a.shape)
     mouth, lips, face = (parts == PART_CODES[k] for k in ("mouth", "lips", "face"))
     y = g.means[:, 1]
     top = torch.quantile(y[lips], 0.98)
@@ -237,4 +238,34 @@ def test_the_mouth_cavity_is_dark_below_the_lips_top_and_skin_above():
     assert torch.allclose(rgb[mouth & ~high], torch.tensor(MOUTH_RGB), atol=1e-5)
     skin = sh0_to_rgb(g.sh[face & (y > top) & (y < top + 0.03), 0])
     assert torch.allclose(rgb[high], skin.median(0).values, atol=1e-5)
-    assert torch.equal(out.sh[~mouth], g.sh[~mouth])
+    assert torch.equal(out.sh[~mouth & ~lips], g.sh[~mouth & ~lips])
+
+
+def test_the_lips_inner_faces_are_painted_between_the_lips_red_and_the_cavity():
+    """The lips' faces that meet the other lip take a colour between the outer lips' red and the
+    cavity's dark, whatever the photo painted there (teeth of parted lips): an open mouth then
+    shows an opening and a pause closed lips. The outer lips, facing forward, keep theirs."""
+    from avatar.pipelines.create import INNER_LIP_DARK, MOUTH_RGB, _dark_mouth, inner_lips
+    from deform.templates import load_template
+    from reconstruct.canonical import PART_CODES
+    from render.sh import rgb_to_sh0, sh0_to_rgb
+
+    from .helpers import template_avatar
+
+    tpl = load_template("anny")
+    a = template_avatar(6000)
+    lips = a.binding.parts == PART_CODES["lips"]
+    inner, slit = inner_lips(tpl, a.shape, a.binding)
+    assert inner.any() and (lips & ~inner).any() and not (inner & ~lips).any()
+    # the slit lies between the template's inner lip landmarks, inside the lips' height
+    y = a.gaussians.means[:, 1]
+    assert y[lips].min() < slit < y[lips].max()
+    # inner faces sit by the slit; the outer lips reach further (chin side, philtrum side)
+    assert (y[inner] - slit).abs().median() < (y[lips & ~inner] - slit).abs().median()
+    sh = a.gaussians.sh.clone()
+    sh[inner, 0] = rgb_to_sh0(torch.tensor([0.95, 0.95, 0.9]))  # teeth painted on them
+    out = _dark_mouth(a.gaussians.replace(sh=sh), a.binding, tpl, a.shape)
+    red, dark = torch.tensor([0.7, 0.25, 0.25]), torch.tensor(MOUTH_RGB)  # template_avatar's lips
+    want = (1 - INNER_LIP_DARK) * red + INNER_LIP_DARK * dark
+    assert torch.allclose(sh0_to_rgb(out.sh[inner, 0]), want, atol=1e-4)
+    assert torch.equal(out.sh[lips & ~inner], sh[lips & ~inner])

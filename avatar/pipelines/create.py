@@ -120,7 +120,7 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
                                               cfg.personalise_steps, cfg.seed, progress)  # fmt: skip
     times.reconstruct_s += stage["reconstruct_s"]
     times.refine_s += stage["refine_s"]
-    canonical = _dark_mouth(canonical, binding)
+    canonical = _dark_mouth(canonical, binding, tpl, fit.shape)
 
     with torch.no_grad():
         out = rasterize(apply_blend(canonical, posed_blend(binding, transforms)), fit.camera, 1.0)
@@ -187,12 +187,16 @@ def _load_reconstructor(name: str):
         raise AvatarError(f"--reconstructor {name}: {exc}") from None
 
 
-def _dark_mouth(gaussians: Gaussians, binding) -> Gaussians:
+def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) -> Gaussians:
     """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open. The
     cavity's Gaussians higher than the lips (the palate, up behind the nose) take the colour of
     the skin just above the lips instead: an open mouth shows little of them, and dark there
-    they showed through the skin as dark specks between the nose and the upper lip."""
-    from render.sh import rgb_to_sh0
+    they showed through the skin as dark specks between the nose and the upper lip. The lips'
+    inner faces (`inner_lips`) are painted between the lips' red and the cavity's dark: a photo
+    with parted lips painted its teeth there, which then stayed in every pause as a gap in
+    closed lips, and a photo with closed lips painted them like the outer lips, so an open
+    mouth read as red lips with no opening."""
+    from render.sh import rgb_to_sh0, sh0_to_rgb
 
     parts = binding.parts
     inside = parts == PART_CODES["mouth"]
@@ -208,7 +212,41 @@ def _dark_mouth(gaussians: Gaussians, binding) -> Gaussians:
         skin = face & (y > top) & (y < top + 0.03)  # the upper lip's skin, below the nose
         if skin.any():
             sh[inside & (y > top), 0] = gaussians.sh[skin, 0].median(0).values
+    inner, slit = inner_lips(template, shape, binding)
+    outer = lips & ~inner & ((gaussians.means[:, 1] - slit).abs() < LIP_BAND)
+    if inner.any() and outer.any():
+        red = sh0_to_rgb(gaussians.sh[outer, 0]).median(0).values  # the lips near the slit
+        sh[inner] = 0
+        sh[inner, 0] = rgb_to_sh0((1 - INNER_LIP_DARK) * red
+                                  + INNER_LIP_DARK * torch.tensor(MOUTH_RGB))  # fmt: skip
     return gaussians.replace(sh=sh)
+
+
+LIP_BAND = 0.006  # metres either side of the slit where the outer lips' red is read
+INNER_LIP_DARK = 0.6  # how far the inner lips' colour goes from the lips' red to the cavity's
+
+
+def inner_lips(template: BodyTemplate, shape, binding) -> tuple[torch.Tensor, float]:
+    """Which Gaussians sit on the lips' inner faces, and the height of the slit between the
+    lips (rest pose, metres): lip triangles facing the other lip more than forward (an upper
+    lip's faces turned down, a lower lip's turned up) or facing back. None without the
+    template's inner lip landmarks (all False, slit 0)."""
+    from deform.surface import face_areas_normals, interpolate
+
+    lm = template.face_landmarks
+    none = torch.zeros(len(binding.parts), dtype=torch.bool)
+    if "upper_lip_inner" not in lm or "lower_lip_inner" not in lm:
+        return none, 0.0
+    with torch.no_grad():
+        rest = template(shape[None].float())
+    pts = template.landmarks(rest, {k: lm[k] for k in ("upper_lip_inner", "lower_lip_inner")})
+    slit = float(pts[0, :, 1].mean())
+    _, normals = face_areas_normals(rest.rest_vertices[0], template.faces)
+    n = normals[binding.face_ids]
+    y = interpolate(rest.rest_vertices[0], template.faces, binding.face_ids, binding.bary)[:, 1]
+    toward = torch.where(y > slit, -n[:, 1], n[:, 1])  # along the way to the slit
+    inner = (binding.parts == PART_CODES["lips"]) & ((toward > n[:, 2]) | (n[:, 2] < 0))
+    return inner, slit
 
 
 def posed_gaussians(avatar: Avatar, template: BodyTemplate, frame: str = "photo") -> Gaussians:
