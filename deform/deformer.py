@@ -9,13 +9,17 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
     H_t   = softmax((Proj_Q(D_t) + Proj_P(Q0)) Kᵀ / √d) V           M queries, one per particle
     Δξ_mt = MLP_ξ(H_t[m] ⊕ D_t ⊕ s(T_m,t−1))  ∈ R⁶,   T_m,t = exp(Δξ̂_mt) · T_m,t−1
     H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])                      per Gaussian n
-    Δp, Δs, Δα, Δc = heads(H^gau)
+    Δp, Δs, Δα, Δc = heads(H^gau),   Δp += B_n · lips_t
+    B_n   = MLP_B(PE((μ_n − c) / r) ⊕ part_n) · (1 − |μ_n − c|² / (R r)²)₊²      [3, L]
+    lips_t = softmax(visemes(GRU(D_≤t))) · VISEME_LIPS              L fine lip actions
     controls_t = Linear(GRU(D_≤t))                                template bones + large actions
     bones_t   = bones_t−1 + r_t · (raw_t − bones_t−1),  r_t = r_pause + (r_speak − r_pause) · a_t
                a_t ∈ [0, 1]: speech activity (300-3000 Hz loudness against its running peak)
 
 Q are the avatar's Gaussian query tokens (an MLP of each Gaussian's canonical position, part and
-colour), pooled per particle for the keys; Q0 the template's query tokens (an MLP of each
+colour), pooled per particle for the keys; B_n is each Gaussian's own lip basis, read from where
+it sits relative to the mouth (c: the lip particles' centre, r = `lip_extent`, fading out by
+R = `lip_reach` of them) and its part, never its colour, so a lip moves the same on every face; Q0 the template's query tokens (an MLP of each
 particle's canonical position and part). Proj_Q acts on D_t; each particle adds its own template
 token so the M queries differ. s(T) = (vee(R − Rᵀ)/2, translation) tells MLP_ξ where the particle
 already is, so the recurrence can return to rest instead of drifting.
@@ -46,6 +50,7 @@ from .controls import (
 from .se3 import exp as se3_exp
 
 NUM_PARTS = 7  # reconstruct.canonical.PART_CODES
+LIP_PART = 2  # its "lips"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class DeformerConfig:
     twist_scale: float = 0.02  # Δξ per frame: radians and metres
     offset_scale: float = 0.003  # Δp, metres
     lip_scale: float = 0.01  # Δp per unit of a lip action through a Gaussian's lip basis, metres
+    lip_extent: float = 0.05  # r: the unit of the lip basis's mouth-relative coordinates, metres
+    lip_reach: float = 2.5  # R: the lip basis fades to zero this many units from the mouth
+    lip_freqs: int = 6  # PE frequencies of those coordinates (finest wavelength r / 32)
     bone_smoothing: float = 0.1  # causal exponential smoothing of arm rotations (1: none)
     head_smoothing: float = 0.1  # the same for head, neck and chest (slow, calm)
     pause_smoothing: float = 0.005  # the rate for every driven bone in pauses (no speech)
@@ -129,6 +137,7 @@ class AvatarTokens:
     values: Tensor  # [M, d]
     particle_queries: Tensor  # [M, d]  Proj_P(Q0)
     gauss_queries: Tensor  # [N, g]  per-Gaussian query tokens (projected)
+    lip_bases: Tensor  # [N, 3 * L]  B_n, each Gaussian's lip basis (flattened)
 
 
 @dataclass
@@ -214,11 +223,13 @@ class SpeechDeformer(nn.Module):
         self.g_hidden = nn.Sequential(nn.Linear(g, g), nn.GELU())
         self.g_out = nn.ModuleDict({k: nn.Linear(g, n) for k, n in
                                     (("p", 3), ("s", 3), ("a", 1), ("c", 3))})  # fmt: skip
-        # each Gaussian's own lip basis: Δp_lips = B_n · lips_t, B_n [3, L] read from its token
-        self.g_lip = nn.Linear(g, 3 * len(PARTICLE_ACTIONS))
-        for lin in (*self.g_out.values(), self.g_lip):
+        for lin in self.g_out.values():
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        # each Gaussian's own lip basis B_n [3, L] (Δp_lips = B_n · lips_t), from where it sits
+        # relative to the mouth and its part
+        self.lip_basis = mlp(3 + 6 * cfg.lip_freqs + NUM_PARTS, d, 3 * len(PARTICLE_ACTIONS),
+                             zero_last=True)  # fmt: skip
 
     # ---- per avatar --------------------------------------------------------------------------
     def avatar_tokens(
@@ -244,7 +255,22 @@ class SpeechDeformer(nn.Module):
         p_onehot = nn.functional.one_hot(particle_parts.long(), NUM_PARTS).to(means.dtype)
         q0 = self.template_token(torch.cat([position_encoding(particle_rest), p_onehot], -1))
         kv_in = torch.cat([pooled, q0], -1)
-        return AvatarTokens(self.proj_k(kv_in), self.proj_v(kv_in), self.proj_p(q0), self.gq(q))
+        return AvatarTokens(self.proj_k(kv_in), self.proj_v(kv_in), self.proj_p(q0), self.gq(q),
+                            self.lip_bases(means, onehot, particle_rest, particle_parts))  # fmt: skip
+
+    def lip_bases(self, means: Tensor, onehot: Tensor, particle_rest: Tensor,
+                  particle_parts: Tensor) -> Tensor:  # fmt: skip
+        """B_n [N, 3 * L] (module docstring): the mouth's centre c is the lip particles' (the
+        lip Gaussians' when there are no lip particles)."""
+        cfg = self.cfg
+        on_lips = particle_parts == LIP_PART
+        centre = (particle_rest[on_lips].mean(0) if on_lips.any()
+                  else means[onehot[:, LIP_PART] > 0].mean(0) if onehot[:, LIP_PART].any()
+                  else means.mean(0))  # fmt: skip
+        rel = (means - centre) / cfg.lip_extent
+        taper = (1 - rel.pow(2).sum(-1) / cfg.lip_reach**2).clamp_min(0).pow(2)
+        return self.lip_basis(torch.cat([position_encoding(rel, cfg.lip_freqs), onehot], -1)) \
+            * taper[:, None]  # fmt: skip
 
     def start(self, tokens: AvatarTokens) -> DeformerState:
         m = tokens.keys.shape[0]
@@ -278,11 +304,11 @@ class SpeechDeformer(nn.Module):
         return gamma[:, None] * self.proj_a(x) + (1 - gamma[:, None]) * text, gamma
 
     def gaussian_head(
-        self, keys: Tensor, values: Tensor, queries: Tensor, lips: Tensor
+        self, keys: Tensor, values: Tensor, queries: Tensor, lips: Tensor, lip_bases: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Δp [T, n, 3], Δs [T, n, 3], Δα [T, n], Δc [T, n, 3] of the Gaussians whose query
-        tokens are `queries` [n, g], from the window's keys and values [T, W, g] and the lip
-        actions [T, L]."""
+        tokens are `queries` [n, g] and lip bases `lip_bases` [n, 3 L], from the window's keys
+        and values [T, W, g] and the lip actions [T, L]."""
         cfg = self.cfg
         # attention weights laid out [T, W, n]: the softmax then runs across contiguous rows of
         # n (vectorised), not over runs of W = 8 (2.4x faster on a CPU; the same numbers)
@@ -293,7 +319,7 @@ class SpeechDeformer(nn.Module):
                                      torch.cat([lin.bias for lin in outs]))  # fmt: skip
         res = dict(zip(self.g_out, fused.split([lin.out_features for lin in outs], -1),
                        strict=True))  # fmt: skip
-        basis = self.g_lip(queries).unflatten(-1, (3, len(PARTICLE_ACTIONS)))  # [n, 3, L]
+        basis = lip_bases.unflatten(-1, (3, len(PARTICLE_ACTIONS)))  # [n, 3, L]
         lip_offsets = torch.einsum("nkl,tl->tnk", basis, lips) * cfg.lip_scale
         return (res["p"] * cfg.offset_scale + lip_offsets, 0.1 * torch.tanh(res["s"]),
                 res["a"][..., 0], 0.1 * torch.tanh(res["c"]))  # fmt: skip
@@ -362,13 +388,15 @@ class SpeechDeformer(nn.Module):
         # Gaussian head over a causal window of driving tokens
         window = torch.cat([state.window, drive], 0)  # [W-1+T, d]
         win = window.unfold(0, cfg.window, 1).transpose(-1, -2)  # [T, W, d]
-        gq = tokens.gauss_queries if gaussian_ids is None else tokens.gauss_queries[gaussian_ids]
+        gq, gb = tokens.gauss_queries, tokens.lip_bases
+        if gaussian_ids is not None:
+            gq, gb = gq[gaussian_ids], gb[gaussian_ids]
         keys, values = self.gk(win) / math.sqrt(cfg.gauss_dim), self.gv(win)  # [T, W, g] each
         # without gradients, blocks of Gaussians: each block's [T, W, n] and [T, n, g]
         # intermediates stay in the CPU's cache (2.5x faster than all 50,000 at once; the same
         # numbers)
         block = max(len(gq), 1) if torch.is_grad_enabled() else GAUSS_BLOCK
-        heads = [self.gaussian_head(keys, values, gq[i : i + block], lips)
+        heads = [self.gaussian_head(keys, values, gq[i : i + block], lips, gb[i : i + block])
                  for i in range(0, max(len(gq), 1), block)]  # fmt: skip
         offsets, log_scales, opacity, color = (
             x[0] if len(x) == 1 else torch.cat(x, 1) for x in zip(*heads, strict=True)

@@ -5,8 +5,10 @@
 Data the project makes itself: English sentences (`distill.phones.SENTENCES`) spoken by espeak-ng
 with varied voices, joined with pauses; the procedural teacher (`distill.teacher`) turns each
 clip, force-aligned to its text, into template controls. Bodies are Anny with varied phenotypes
-and Gaussians sampled on them (random colours in stage 1, painted like people in stage 2), so the
-weights are not tied to one identity.
+and Gaussians sampled on them, painted like people (skin tones, lips, hair, clothing colours,
+`paint`), so the weights are not tied to one identity. (Stage 1 once trained on random colours
+and stage 2 on painted bodies: on a real avatar the colour-dependent tokens met colours stage 1
+never saw, and its lip motion fell to a twentieth of its shape.)
 
 Two stages, one command:
 1. **Supervised** (`--steps`): plain regression on the teacher's targets.
@@ -27,7 +29,8 @@ Two stages, one command:
    rasteriser, over all the bodies at once (`SharedObjective`), with the bodies painted with
    skin, lips, mouth and clothing colours so the image terms see the mouth. As in fine-tuning,
    the audio front-end and the template head stay as stage 1 left them; the particle motion
-   head, the Gaussian head and the avatar-token encoder learn.
+   head, the Gaussian head and the avatar-token encoder learn, and a lip term (`--lambda-lips`)
+   keeps them making the lip shape of the deformer's own visemes.
 
 `--audio-encoder DIR` trains on a local wav2vec 2.0 model's features instead of log-mel: the
 model stays frozen, its adapter and everything after it learn, and the checkpoint keeps the
@@ -198,7 +201,7 @@ def distill(model: SpeechDeformer, template, clips: list[Clip], args: argparse.N
               for i, c in enumerate(clips)]  # fmt: skip
     teacher = ProceduralTeacher()  # the controls stage 1 learned from, not aligned again
     teacher.controls = [Controls(c.bones, c.actions) for c in clips]
-    cfg = FinetuneConfig(lr=args.distill_lr, lr_gaussians=0.0)
+    cfg = FinetuneConfig(lr=args.distill_lr, lr_gaussians=0.0, lambda_lips=args.lambda_lips)
     objectives = [
         FinetuneObjective(
             model, DistillScene(rig, speech, training_cameras(rig, args.size), fps), teacher, cfg
@@ -251,7 +254,7 @@ def train(args: argparse.Namespace) -> dict:
     settings = {k: getattr(args, k) for k in STAGE1_SETTINGS}
     run = {**settings, "init": file_digest(args.init) if args.init else "",
            "distill_gaussians": args.distill_gaussians, "size": args.size,
-           "distill_lr": args.distill_lr}  # fmt: skip
+           "distill_lr": args.distill_lr, "lambda_lips": args.lambda_lips}  # fmt: skip
     if work is not None and args.resume:  # before stage 1, not after it
         check_run(work, run)
     torch.manual_seed(args.seed)
@@ -271,6 +274,9 @@ def train(args: argparse.Namespace) -> dict:
         model = load_deformer(work / STAGE1)
     else:
         rigs = make_bodies(template, args.bodies, args.gaussians, args.seed)
+        paint_rng = np.random.default_rng(args.seed + 2)
+        for rig in rigs:  # coloured like people, as in stage 2 and on avatars
+            paint(rig, paint_rng)
         model = SpeechDeformer(DeformerConfig(audio_encoder=args.audio_encoder or None))
         meta = supervise(model, template, clips, rigs, args, fps)
         if work is not None:
@@ -372,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=300, help="stage 2 steps (0: none)")
     p.add_argument("--distill-lr", type=float, default=3e-4, help="stage 2 learning rate")
     p.add_argument("--size", type=int, default=256, help="stage 2 render size in pixels")
+    p.add_argument("--lambda-lips", default=FinetuneConfig.lambda_lips, metavar="W",
+                   help="stage 2's lip-shape weight (default: %(default)s)")  # fmt: skip
     p.add_argument("--distill-gaussians", type=int, default=30000, help="per body in stage 2")
     p.add_argument("--work", default="", help="keeps stage 1 and stage 2's checkpoints "
                    "(default: a temporary folder)")  # fmt: skip

@@ -238,7 +238,7 @@ def test_gaussian_head_equals_its_plain_formula():
 
     torch.manual_seed(1)
     model = SpeechDeformer(DeformerConfig()).eval()
-    for lin in (*model.g_out.values(), model.g_lip):  # zero at init: give them weights
+    for lin in (*model.g_out.values(), model.lip_basis[-1]):  # zero at init: give them weights
         torch.nn.init.normal_(lin.weight, std=0.3)
         torch.nn.init.normal_(lin.bias, std=0.1)
     tokens = tokens_for(model, n=2 * GAUSS_BLOCK + 300)  # two whole blocks and a part
@@ -256,7 +256,7 @@ def test_gaussian_head_equals_its_plain_formula():
         hg = model.g_hidden(att @ model.gv(win))
         res = {k: lin(hg) for k, lin in model.g_out.items()}
         lips = motion.lips
-        basis = model.g_lip(gq).unflatten(-1, (3, len(L)))
+        basis = tokens.lip_bases.unflatten(-1, (3, len(L)))
         offsets = (
             res["p"] * cfg.offset_scale + torch.einsum("nkl,tl->tnk", basis, lips) * cfg.lip_scale
         )
@@ -265,3 +265,41 @@ def test_gaussian_head_equals_its_plain_formula():
     assert torch.allclose(motion.opacity, res["a"][..., 0], atol=1e-5)
     assert torch.allclose(motion.color, 0.1 * torch.tanh(res["c"]), atol=1e-5)
     assert motion.color.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+def test_lip_basis_reads_where_a_gaussian_sits_relative_to_the_mouth_not_its_colour():
+    """Each Gaussian's lip basis B_n comes from its place relative to the mouth (the lip
+    particles' centre) and its part: another colour or the whole avatar moved (mouth and all)
+    changes nothing; Gaussians beyond `lip_reach` from the mouth get none."""
+    from deform.deformer import LIP_PART
+    from reconstruct.canonical import PART_CODES
+
+    assert LIP_PART == PART_CODES["lips"]
+    torch.manual_seed(2)
+    model = SpeechDeformer(DeformerConfig()).eval()
+    torch.nn.init.normal_(model.lip_basis[-1].weight, std=0.3)
+    gen = torch.Generator().manual_seed(3)
+    n, m = 200, 16
+    mouth = torch.tensor([0.0, 1.6, 0.1])
+    means = mouth + 0.05 * torch.randn(n, 3, generator=gen)
+    means[-1] = mouth + torch.tensor([0.0, -0.5, 0.0])  # a knee, far below
+    parts = torch.randint(0, 7, (n,), generator=gen)
+    prest = mouth + 0.01 * torch.randn(m, 3, generator=gen)
+    pparts = torch.full((m,), LIP_PART)
+    ids, w = torch.randint(0, m, (n, 4), generator=gen), torch.full((n, 4), 0.25)
+
+    def bases(shift=0.0, colours=None):
+        c = torch.rand(n, 3, generator=gen) if colours is None else colours
+        with torch.no_grad():
+            return model.avatar_tokens(means + shift, parts, c, prest + shift, pparts, ids,
+                                       w).lip_bases  # fmt: skip
+
+    b = bases()
+    assert b[:-1].abs().max() > 1e-3 and torch.equal(b[-1], torch.zeros_like(b[-1]))
+    assert torch.allclose(bases(), b)  # other random colours
+    moved = bases(torch.tensor([0.1, -0.3, 0.05]))  # float32 rounding of the shifted means
+    assert torch.allclose(moved, b, atol=1e-3 * float(b.abs().max()))
+    with torch.no_grad():  # a Gaussian moved 1 cm relative to the mouth has another basis
+        other = model.avatar_tokens(means + torch.tensor([0.0, 0.01, 0.0]), parts,
+                                    torch.rand(n, 3), prest, pparts, ids, w).lip_bases  # fmt: skip
+    assert (other[:-1] - b[:-1]).abs().max() > 0.05 * float(b.abs().max())
