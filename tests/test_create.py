@@ -215,29 +215,36 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
         assert "Traceback" not in res.stderr and not out.exists()
 
 
-def test_the_mouth_cavity_is_dark_below_the_lips_top_and_skin_above():
+def test_the_mouth_cavity_is_dark_where_an_open_mouth_shows_it_and_skin_elsewhere():
     """Create paints the cavity dark so an open mouth reads as open; the part of it higher than
-    the lips (behind the upper lip and the nose) takes the skin above the lips, or it shows
-    through the skin as dark specks. Nothing else changes."""
-    from avatar.pipelines.create import MOUTH_RGB, _dark_mouth
+    the lips (behind the upper lip and the nose) takes the skin above the lips, and the part
+    more than CAVITY_SHOWN below the lips' slit (behind the chin) the chin's skin, or they show
+    through the skin as dark specks. Nothing but the mouth and lips changes."""
+    from avatar.pipelines.create import CAVITY_SHOWN, MOUTH_RGB, _dark_mouth, inner_lips
     from deform.templates import load_template
     from reconstruct.canonical import PART_CODES
     from render.sh import sh0_to_rgb
 
     from .helpers import template_avatar
 
+    tpl = load_template("anny")
     a = template_avatar(6000)
     g, parts = a.gaussians, a.binding.parts
-    out = _dark_mouth(g, a.binding, load_template("anny"), a.shape)
+    out = _dark_mouth(g, a.binding, tpl, a.shape)
     mouth, lips, face = (parts == PART_CODES[k] for k in ("mouth", "lips", "face"))
-    y = g.means[:, 1]
+    x, y = g.means[:, 0], g.means[:, 1]
     top = torch.quantile(y[lips], 0.98)
-    high = mouth & (y > top)
-    assert high.any() and (mouth & ~high).any()
+    inner, slit = inner_lips(tpl, a.shape, a.binding)
+    high, low = mouth & (y > top), mouth & (y < slit - CAVITY_SHOWN)
+    shown = mouth & ~high & ~low
+    assert high.any() and low.any() and shown.any()
     rgb = sh0_to_rgb(out.sh[:, 0])
-    assert torch.allclose(rgb[mouth & ~high], torch.tensor(MOUTH_RGB), atol=1e-5)
+    assert torch.allclose(rgb[shown], torch.tensor(MOUTH_RGB), atol=1e-5)
     skin = sh0_to_rgb(g.sh[face & (y > top) & (y < top + 0.03), 0])
     assert torch.allclose(rgb[high], skin.median(0).values, atol=1e-5)
+    chin = (face | lips) & ~inner & (y < slit - 0.02) & (y > slit - 0.045) & (x.abs() < 0.025)
+    assert torch.allclose(rgb[low], sh0_to_rgb(g.sh[chin, 0]).median(0).values, atol=1e-5)
+    assert not torch.allclose(rgb[low], torch.tensor(MOUTH_RGB), atol=0.05)
     assert torch.equal(out.sh[~mouth & ~lips], g.sh[~mouth & ~lips])
 
 

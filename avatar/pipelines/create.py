@@ -189,13 +189,14 @@ def _load_reconstructor(name: str):
 
 def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) -> Gaussians:
     """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open. The
-    cavity's Gaussians higher than the lips (the palate, up behind the nose) take the colour of
-    the skin just above the lips instead: an open mouth shows little of them, and dark there
-    they showed through the skin as dark specks between the nose and the upper lip. The lips'
-    inner faces (`inner_lips`) are painted between the lips' red and the cavity's dark: a photo
-    with parted lips painted its teeth there, which then stayed in every pause as a gap in
-    closed lips, and a photo with closed lips painted them like the outer lips, so an open
-    mouth read as red lips with no opening."""
+    cavity reaches beyond what an open mouth shows: up behind the upper lip to the nose and down
+    behind the chin, and there, dark, it showed through the skin as dark specks (between the nose
+    and the upper lip; over the woman's chin). Its Gaussians higher than the lips take the colour
+    of the skin just above them; those more than `CAVITY_SHOWN` below the slit between the lips
+    the chin's. The lips' inner faces (`inner_lips`) are painted between the lips' red and the
+    cavity's dark: a photo with parted lips painted its teeth there, which then stayed in every
+    pause as a gap in closed lips, and a photo with closed lips painted them like the outer
+    lips, so an open mouth read as red lips with no opening."""
     from render.sh import rgb_to_sh0, sh0_to_rgb
 
     parts = binding.parts
@@ -206,14 +207,21 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     sh[inside] = 0
     sh[inside, 0] = rgb_to_sh0(torch.tensor(MOUTH_RGB))
     lips, face = parts == PART_CODES["lips"], parts == PART_CODES["face"]
-    if lips.any() and face.any():
-        y = gaussians.means[:, 1]
-        top = torch.quantile(y[lips], 0.98)
-        skin = face & (y > top) & (y < top + 0.03)  # the upper lip's skin, below the nose
-        if skin.any():
-            sh[inside & (y > top), 0] = gaussians.sh[skin, 0].median(0).values
+    x, y = gaussians.means[:, 0], gaussians.means[:, 1]
     inner, slit = inner_lips(template, shape, binding)
-    outer = lips & ~inner & ((gaussians.means[:, 1] - slit).abs() < LIP_BAND)
+
+    def skin_over(cavity, skin) -> None:  # the cavity's Gaussians `cavity` take `skin`'s colour
+        if skin.any():
+            sh[inside & cavity, 0] = gaussians.sh[skin, 0].median(0).values
+
+    if lips.any() and face.any():
+        top = torch.quantile(y[lips], 0.98)
+        skin_over(y > top, face & (y > top) & (y < top + 0.03))  # below the nose
+    if inner.any():
+        low = slit - CAVITY_SHOWN
+        chin = (face | lips) & (y < slit - 0.02) & (y > slit - 0.045) & (x.abs() < 0.025)
+        skin_over(y < low, chin & ~inner)
+    outer = lips & ~inner & ((y - slit).abs() < LIP_BAND)
     if inner.any() and outer.any():
         red = sh0_to_rgb(gaussians.sh[outer, 0]).median(0).values  # the lips near the slit
         sh[inner] = 0
@@ -222,6 +230,8 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     return gaussians.replace(sh=sh)
 
 
+CAVITY_SHOWN = 0.01  # metres below the lips' slit: the cavity an open mouth shows (the jaw
+# takes the tongue and the mouth's floor down with the lower lip)
 LIP_BAND = 0.006  # metres either side of the slit where the outer lips' red is read
 INNER_LIP_DARK = 0.6  # how far the inner lips' colour goes from the lips' red to the cavity's
 
