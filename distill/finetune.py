@@ -129,7 +129,9 @@ class FinetuneObjective(nn.Module):
                 _, state = model(
                     samples, tokens, state, warm, scene.fps, text, torch.zeros(1, dtype=torch.long)
                 )
-        return model(samples, tokens, state, window.num, scene.fps, text)[0]
+        moving = scene.rig.moving  # the Gaussian head's domain, as when driving
+        motion = model(samples, tokens, state, window.num, scene.fps, text, moving)[0]
+        return motion.spread(moving, len(scene.rig.gaussians))
 
     def student(self, window: Window, motion, blink: Tensor):
         """Our frames [T, H, W, 3] and posed Gaussians per frame."""

@@ -302,3 +302,32 @@ def test_drive_on_cuda_gives_the_cpu_frames(small):
         frames[device] = np.stack(list(drv.frames(samples, 50, progress=False))).astype(float)
     diff = np.abs(frames["cpu"] - frames["cuda"])
     assert diff.mean() < 0.5 and np.quantile(diff, 0.999) < 24, (diff.mean(), diff.max())
+
+
+def test_the_gaussian_head_on_the_moving_face_gives_the_whole_bodys_frames(small):
+    """Drive runs the Gaussian head on the Gaussians the face's expressions move and sets the
+    other residuals to zero (`Motion.spread`): the moving ones get exactly what the head gives
+    them over the whole body, and the frames match the whole body's within 2/255."""
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from render import fit_to_points, rasterize
+
+    d = Driver(Avatar.load(small), DriveConfig(size=128, device="cpu"))
+    rig, model = d.rig, d.model
+    x = speechlike(1.2)
+    with torch.no_grad():
+        whole, _ = model(x, d.tokens, model.start(d.tokens), 25, 25.0)
+        part, _ = model(x, d.tokens, model.start(d.tokens), 25, 25.0, gaussian_ids=rig.moving)
+        part = part.spread(rig.moving, len(rig.gaussians))
+        assert 0 < len(rig.moving) < len(rig.gaussians)
+        for name in ("offsets", "log_scales", "opacity", "color"):
+            a, b = getattr(whole, name), getattr(part, name)
+            assert a.shape == b.shape
+            assert torch.allclose(a[:, rig.moving], b[:, rig.moving], atol=1e-6)
+            assert not b[:, ~torch.isin(torch.arange(len(rig.gaussians)), rig.moving)].any()
+        assert part.offsets.abs().max() > 1e-4  # the face does move
+        cam = fit_to_points(rig.framing_points("face"), 128, 128, 0.0, 0.0, 30.0, 0.8)
+        blink = torch.zeros(25)
+        frames = [torch.stack([rasterize(g, cam, background=torch.ones(3)).rgb[0]
+                               for g in rig.posed_frames(m, blink)]) for m in (whole, part)]  # fmt: skip
+    assert (frames[0] - frames[1]).abs().max() <= 2 / 255

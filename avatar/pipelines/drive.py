@@ -193,7 +193,8 @@ class Driver:
         for start in range(0, num_frames, CHUNK):
             n = min(CHUNK, num_frames - start)
             with stage("deformer"):
-                motion, state = model(audio, self.tokens, state, n, cfg.fps, text)
+                motion, state = model(audio, self.tokens, state, n, cfg.fps, text, rig.moving)
+                motion = motion.spread(rig.moving, len(rig.gaussians))
                 # the per-frame controls (bones, actions: a few numbers) go on to the CPU code
                 # (template, hands, listener); the per-Gaussian motion stays on the device
                 motion = replace(motion, controls=motion.controls.cpu())
