@@ -11,7 +11,7 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
     H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])     per Gaussian n that the face's expressions move
     Δp, Δs, Δα, Δc = heads(H^gau),   Δp += B_n · lips_t
     B_n   = MLP_B(PE((μ_n − c) / r) ⊕ part_n) · (1 − |μ_n − c|² / (R r)²)₊²      [3, L]
-    lips_t = softmax(visemes(GRU(D_≤t))) · VISEME_LIPS              L fine lip actions
+    lips_t = sharpen_k(softmax(visemes(GRU(D_≤t)))) · VISEME_LIPS  L fine lip actions, p^k/Σp^k
     controls_t = Linear(GRU(D_≤t))                                template bones + large actions
     bones_t   = bones_t−1 + r_t · (raw_t − bones_t−1),  r_t = r_pause + (r_speak − r_pause) · a_t
                a_t ∈ [0, 1]: speech activity (300-3000 Hz loudness against its running peak)
@@ -75,6 +75,7 @@ class DeformerConfig:
     lip_extent: float = 0.05  # r: the unit of the lip basis's mouth-relative coordinates, metres
     lip_reach: float = 2.5  # R: the lip basis fades to zero this many units from the mouth
     lip_freqs: int = 6  # PE frequencies of those coordinates (finest wavelength r / 32)
+    viseme_sharpness: float = 3.0  # k: the lips make the shape of p^k / Σ p^k, not of p
     bone_smoothing: float = 0.1  # causal exponential smoothing of arm rotations (1: none)
     head_smoothing: float = 0.1  # the same for head, neck and chest (slow, calm)
     pause_smoothing: float = 0.005  # the rate for every driven bone in pauses (no speech)
@@ -127,6 +128,11 @@ def mlp(inp: int, hidden: int, out: int, zero_last: bool = False) -> nn.Sequenti
         nn.init.zeros_(net[-1].weight)
         nn.init.zeros_(net[-1].bias)
     return net
+
+
+def sharpened(p: Tensor, k: float) -> Tensor:  # [..., V] probabilities -> p^k / Σ p^k
+    """Probabilities sharpened towards their most likely entry (k > 1; k = 1: unchanged)."""
+    return torch.softmax(k * torch.log(p.clamp_min(1e-12)), -1)
 
 
 def state_feature(t: Tensor) -> Tensor:  # [..., 4, 4] -> [..., 6]: (vee(R - Rᵀ)/2, translation)
@@ -260,6 +266,7 @@ class SpeechDeformer(nn.Module):
         particle_parts: Tensor,  # [M]
         particle_ids: Tensor,  # [N, K]
         particle_weights: Tensor,  # [N, K]
+        anchors: Tensor | None = None,  # [N, 3] where each sits on the template (default: means)
     ) -> AvatarTokens:
         onehot = nn.functional.one_hot(parts.long(), NUM_PARTS).to(means.dtype)
         q = self.gauss_token(torch.cat([position_encoding(means), onehot, colors], -1))  # [N, d]
@@ -275,12 +282,16 @@ class SpeechDeformer(nn.Module):
         q0 = self.template_token(torch.cat([position_encoding(particle_rest), p_onehot], -1))
         kv_in = torch.cat([pooled, q0], -1)
         return AvatarTokens(self.proj_k(kv_in), self.proj_v(kv_in), self.proj_p(q0), self.gq(q),
-                            self.lip_bases(means, onehot, particle_rest, particle_parts))  # fmt: skip
+                            self.lip_bases(means if anchors is None else anchors, onehot,
+                                           particle_rest, particle_parts))  # fmt: skip
 
     def lip_bases(self, means: Tensor, onehot: Tensor, particle_rest: Tensor,
                   particle_parts: Tensor) -> Tensor:  # fmt: skip
-        """B_n [N, 3 * L] (module docstring): the mouth's centre c is the lip particles' (the
-        lip Gaussians' when there are no lip particles)."""
+        """B_n [N, 3 * L] (module docstring) at `means`: the Gaussians' places on the template
+        (`SpeechRig.anchors`), not where the reconstruction moved them (up to a centimetre
+        from them, more than a lip's height: read there, an upper lip's Gaussian took the lower
+        lip's motion and the lips met as the jaw opened). The mouth's centre c is the lip
+        particles' (the lip Gaussians' when there are no lip particles)."""
         cfg = self.cfg
         on_lips = particle_parts == LIP_PART
         centre = (particle_rest[on_lips].mean(0) if on_lips.any()
@@ -363,7 +374,7 @@ class SpeechDeformer(nn.Module):
         out, hidden = self.rnn(drive[None], state.hidden)
         controls = self.controls(out[0])
         visemes = torch.softmax(self.visemes(out[0]), -1)  # [T, V]
-        lips = visemes @ self.viseme_lips  # [T, L]
+        lips = sharpened(visemes, cfg.viseme_sharpness) @ self.viseme_lips  # [T, L]
         n_bones = 3 * len(DRIVEN_BONES)
         bones = controls[:, :n_bones]
         # causal smoothing of the pose: no jitter while speaking, and in pauses the pose

@@ -177,6 +177,9 @@ class SpeechRig:
         )
         per_gauss = per_gauss.unflatten(1, (-1, 3))  # [N, E, 3]
         self.moving = torch.nonzero(per_gauss.abs().amax((1, 2)) > 1e-6).flatten()  # [n]
+        with torch.no_grad():  # where each Gaussian sits on the template (its lip basis reads it)
+            rest = template(self.shape[None]).rest_vertices[0]
+        self.anchors = interpolate(rest, template.faces, face_ids, bary)  # [N, 3]
         self.basis = per_gauss[self.moving].permute(1, 0, 2).contiguous()  # [E, n, 3]
         self.eyes: EyeCover | None = None  # what blinks paint over the open eye (deform.eyes)
         arm_ids = [[DRIVEN_BONES.index(f"{b}.{s}") for b in ("lowerarm01", "wrist")] for s in "LR"]
@@ -208,8 +211,9 @@ class SpeechRig:
         self.bone_matrix, self.particle_matrix = (self.bone_matrix.to(device),
                                                   self.particle_matrix.to(device))  # fmt: skip
         self.particles = _moved(self.particles, device)
-        self.parts, self.moving, self.basis = (t.to(device) for t in (self.parts, self.moving,
-                                                                      self.basis))  # fmt: skip
+        self.parts, self.moving, self.basis, self.anchors = (
+            t.to(device) for t in (self.parts, self.moving, self.basis, self.anchors)
+        )
         if self.eyes is not None:
             self.eyes = _moved(self.eyes, device)
         self._rest_rotation = None
@@ -247,7 +251,8 @@ class SpeechRig:
             if g.sh is not None
             else g.means.new_full((len(g), 3), 0.5)
         )
-        return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights)
+        return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights,
+                                   self.anchors)  # fmt: skip
 
     def posed_frames(
         self, motion, blink: Tensor, fingers: Tensor | None = None, eyes: Tensor | None = None

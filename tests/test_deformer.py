@@ -297,9 +297,32 @@ def test_lip_basis_reads_where_a_gaussian_sits_relative_to_the_mouth_not_its_col
     b = bases()
     assert b[:-1].abs().max() > 1e-3 and torch.equal(b[-1], torch.zeros_like(b[-1]))
     assert torch.allclose(bases(), b)  # other random colours
+    with torch.no_grad():  # read at the anchors given, not at the means
+        at = model.avatar_tokens(means + 0.005, parts, torch.rand(n, 3), prest, pparts, ids, w,
+                                 anchors=means).lip_bases  # fmt: skip
+    assert torch.allclose(at, b, atol=1e-5)
     moved = bases(torch.tensor([0.1, -0.3, 0.05]))  # float32 rounding of the shifted means
     assert torch.allclose(moved, b, atol=1e-3 * float(b.abs().max()))
     with torch.no_grad():  # a Gaussian moved 1 cm relative to the mouth has another basis
         other = model.avatar_tokens(means + torch.tensor([0.0, 0.01, 0.0]), parts,
                                     torch.rand(n, 3), prest, pparts, ids, w).lip_bases  # fmt: skip
     assert (other[:-1] - b[:-1]).abs().max() > 0.05 * float(b.abs().max())
+
+
+def test_the_lips_make_the_sharpened_visemes_shape():
+    """lips_t = sharpen_k(p_t) · VISEME_LIPS with p^k / Σ p^k: k = 1 leaves p, a larger k moves
+    the mass to the likeliest shape (an open vowel heard as a little round does not pucker)."""
+    from deform.deformer import sharpened
+
+    p = torch.tensor([[0.02, 0.64, 0.27, 0.07, 0.0]])
+    assert torch.allclose(sharpened(p, 1.0), p, atol=1e-6)
+    s3 = sharpened(p, 3.0)
+    assert torch.allclose(s3.sum(-1), torch.ones(1)) and s3[0, 1] > 0.9 and s3[0, 2] < 0.08
+    want = p**3 / (p**3).sum(-1, keepdim=True)
+    assert torch.allclose(s3, want, atol=1e-6)
+    model = SpeechDeformer(DeformerConfig()).eval()
+    tokens = tokens_for(model)
+    with torch.no_grad():
+        motion, _ = model(speechlike(0.6), tokens, model.start(tokens), 8, FPS)
+    k = model.cfg.viseme_sharpness
+    assert torch.allclose(motion.lips, sharpened(motion.visemes, k) @ model.viseme_lips, atol=1e-6)

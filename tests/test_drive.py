@@ -331,3 +331,21 @@ def test_the_gaussian_head_on_the_moving_face_gives_the_whole_bodys_frames(small
         frames = [torch.stack([rasterize(g, cam, background=torch.ones(3)).rgb[0]
                                for g in rig.posed_frames(m, blink)]) for m in (whole, part)]  # fmt: skip
     assert (frames[0] - frames[1]).abs().max() <= 2 / 255
+
+
+def test_the_rig_reads_lip_bases_at_the_gaussians_places_on_the_template(small):
+    """`SpeechRig.anchors` are the Gaussians' places on the template's rest surface (the means
+    of an avatar sampled there and never moved); the deformer's lip bases are read there, so a
+    Gaussian the reconstruction moved keeps its lip's motion."""
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+
+    avatar = Avatar.load(small)
+    d = Driver(avatar, DriveConfig(size=64, device="cpu"))
+    assert torch.allclose(d.rig.anchors, avatar.gaussians.means, atol=1e-5)
+    moved = Avatar.load(small)
+    moved.gaussians = moved.gaussians.replace(means=moved.gaussians.means + 0.004)
+    m = Driver(moved, DriveConfig(size=64, device="cpu"))
+    with torch.no_grad():
+        assert torch.allclose(m.rig.tokens(m.model).lip_bases, d.tokens.lip_bases, atol=1e-6)
+        assert d.tokens.lip_bases.abs().max() > 1e-3
