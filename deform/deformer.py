@@ -10,7 +10,7 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
     Δξ_mt = MLP_ξ(H_t[m] ⊕ D_t ⊕ s(T_m,t−1))  ∈ R⁶,   T_m,t = exp(Δξ̂_mt) · T_m,t−1
     H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])     per Gaussian n that the face's expressions move
     Δp, Δs, Δα, Δc = heads(H^gau),   Δp += B_n · lips_t
-    B_n   = MLP_B(PE((μ_n − c) / r) ⊕ part_n) · (1 − |μ_n − c|² / (R r)²)₊²      [3, L]
+    B_n   = MLP_B(PE((a_n − c) / r) ⊕ part_n) · (1 − |a_n − c|² / (R r)²)₊²      [3, L]
     lips_t = sharpen_k(softmax(visemes(GRU(D_≤t)))) · VISEME_LIPS  L fine lip actions, p^k/Σp^k
     controls_t = Linear(GRU(D_≤t))                                template bones + large actions
     bones_t   = bones_t−1 + r_t · (raw_t − bones_t−1),  r_t = r_pause + (r_speak − r_pause) · a_t
@@ -18,8 +18,9 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
 
 Q are the avatar's Gaussian query tokens (an MLP of each Gaussian's canonical position, part and
 colour), pooled per particle for the keys; B_n is each Gaussian's own lip basis, read from where
-it sits relative to the mouth (c: the lip particles' centre, r = `lip_extent`, fading out by
-R = `lip_reach` of them) and its part, never its colour, so a lip moves the same on every face;
+it sits on the template relative to the mouth (a_n: its anchor, `SpeechRig.anchors`; c: the lip
+particles' centre, r = `lip_extent`, fading out by R = `lip_reach` of them) and its part, never
+its colour, so a lip moves the same on every face;
 Q0 the template's query tokens (an MLP of each particle's canonical position and part). Proj_Q
 acts on D_t; each particle adds its own template token so the M queries differ. s(T) =
 (vee(R − Rᵀ)/2, translation) tells MLP_ξ where the particle already is, so the recurrence can
