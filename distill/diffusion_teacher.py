@@ -1,6 +1,11 @@
-"""The video-diffusion teacher: a local diffusers model directory (`--teacher diffusers:PATH`).
+"""The video-diffusion teachers: a local diffusers model directory (`--teacher diffusers:PATH`).
 
-Supported layout: Stable Video Diffusion (`StableVideoDiffusionPipeline.save_pretrained`: `unet`
+`load_teacher` reads the folder's `model_index.json`: an LTX-2 folder gives the audio-conditioned
+`distill.ltx2_teacher.LTX2Teacher`, a Stable Video Diffusion folder the `DiffusionTeacher` here.
+Both have one interface: `condition`, `uncondition`, `encode`, `decode`, `predict`,
+`schedule_for`, `sample`, `prediction_type`, `uses_audio`, `downsample`, `frames_multiple`.
+
+Supported SVD layout: Stable Video Diffusion (`StableVideoDiffusionPipeline.save_pretrained`: `unet`
 UNetSpatioTemporalConditionModel, `vae` AutoencoderKLTemporalDecoder, `image_encoder`
 CLIPVisionModelWithProjection, `feature_extractor` (only its mean/std JSON is read), `scheduler`
 EulerDiscreteScheduler). It is an image-to-video model conditioned on the avatar's reference
@@ -68,6 +73,7 @@ class DiffusionTeacher:
 
     prediction_type = "v_prediction"
     uses_audio = False
+    frames_multiple = 1  # any clip length
 
     def __init__(
         self,
@@ -172,13 +178,16 @@ class DiffusionTeacher:
         audio: np.ndarray | None = None,
         size: tuple[int, int] | None = None,
         seed: int = 0,
+        num_frames: int | None = None,
+        fps: float | None = None,
     ) -> SVDCondition:
-        """Condition for clips of `size` (H, W; default the reference's); `audio` is ignored.
+        """Condition for clips of `size` (H, W; default the reference's); `audio`, `num_frames`
+        and `fps` (the scene's; SVD is told its own `settings.fps`) are ignored.
 
         The CLIP view resizes the whole image (no crop, as SVD's pipeline) with an antialiased
         bicubic filter; the VAE view is resized to `size` and noised by `noise_aug_strength`.
         """
-        del audio  # SVD takes no audio
+        del audio, num_frames, fps  # SVD takes no audio and any clip length
         h, w = size or reference.shape[:2]
         self._check_size(h, w)
         image = reference.permute(2, 0, 1)[None].to(self.device, torch.float32)  # [1, 3, H, W]
@@ -207,7 +216,11 @@ class DiffusionTeacher:
             image_latents=torch.zeros_like(cond.image_latents),
         )
 
-    def encode(self, frames: Tensor) -> Tensor:
+    def schedule_for(self, latents: Tensor) -> NoiseSchedule:
+        """The noise schedule (the same at every clip size)."""
+        return self.schedule
+
+    def encode(self, frames: Tensor, cond: SVDCondition | None = None) -> Tensor:
         """Frames [T, H, W, 3] in [0, 1] -> latents [1, T, C, h, w] (float32), differentiable.
 
         The VAE posterior mean times its scaling factor; gradients flow back to `frames`.
@@ -218,7 +231,7 @@ class DiffusionTeacher:
         return z.float()[None]
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, cond: SVDCondition | None = None) -> Tensor:
         """Latents [1, T, C, h, w] -> frames [T, H, W, 3] in [0, 1]."""
         z = latents[0].to(self.vae.dtype) / self.vae.config.scaling_factor  # [T, C, h, w]
         frames = self.vae.decode(z, num_frames=z.shape[0]).sample  # [T, 3, H, W]
@@ -250,10 +263,11 @@ class DiffusionTeacher:
         steps: int = 25,
         seed: int = 0,
         audio: np.ndarray | None = None,
+        fps: float | None = None,
     ) -> Tensor:
         """A clip [T, H, W, 3] in [0, 1] from the reference (Euler sampling, SVD's guidance).
 
-        Deterministic for a seed; `audio` is ignored.
+        Deterministic for a seed; `audio` and `fps` are ignored.
         """
         cond = self.condition(reference, audio, seed=seed)
         uncond = self.uncondition(cond)
@@ -275,3 +289,23 @@ class DiffusionTeacher:
                 out = out_u + guidance * (out - out_u)
             latents = scheduler.step(out, t, latents).prev_sample
         return self.decode(latents)
+
+
+def load_teacher(path: str | Path, device: str | torch.device | None = None) -> Any:
+    """The teacher a local diffusers folder holds: LTX-2 (audio-conditioned) or SVD."""
+    from .ltx2_teacher import SUPPORTED as LTX2
+    from .ltx2_teacher import LTX2Teacher
+
+    root = Path(path)
+    index = root / "model_index.json"
+    if not root.is_dir():
+        raise TeacherLoadError(f"{root}: no such teacher model directory")
+    if not index.is_file():
+        raise TeacherLoadError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name in LTX2:
+        return LTX2Teacher.load(root, device)
+    if name in SUPPORTED:
+        return DiffusionTeacher.load(root, device)
+    kinds = ", ".join(SUPPORTED + LTX2)
+    raise TeacherLoadError(f"{root}: {name} is not a supported teacher ({kinds})")

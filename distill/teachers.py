@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deform.audio import SAMPLE_RATE
 from deform.controls import Controls
 from render import Cameras, Gaussians, to_uint8
 
@@ -48,6 +49,7 @@ class TeacherClip:
 class Teacher(Protocol):
     name: str
     aligned_windows: bool  # windows start at multiples of their length (cacheable teacher clips)
+    frames_multiple: int  # windows hold a multiple of this many frames
 
     def prepare(self, scene: DistillScene) -> None: ...
 
@@ -69,6 +71,7 @@ class Teacher(Protocol):
 class ProceduralTeacher:
     name = "procedural"
     aligned_windows = False  # any window: frames are cheap
+    frames_multiple = 1
 
     def __init__(self, cfg: TeacherConfig | None = None):
         self.cfg = cfg or TeacherConfig()
@@ -201,11 +204,23 @@ def bind_landmarks(points: Tensor, posed: Gaussians, camera: Cameras, candidates
     return candidates[score.argmin(1)]
 
 
+def window_audio(samples: np.ndarray, fps: float, window: Window) -> np.ndarray:
+    """The speech of the frame slots a video teacher sees for `window`: the reference's slot
+    (the frame before the window's first) and the window's frames, zeros before the clip."""
+    per = SAMPLE_RATE / fps
+    lo, hi = round((window.start - 1) * per), round((window.start + window.num) * per)
+    out = np.zeros(hi - lo, np.float32)
+    seg = samples[max(lo, 0) : hi]
+    out[max(0, -lo) : max(0, -lo) + len(seg)] = seg
+    return out
+
+
 class DiffusersTeacher:
-    """A local diffusers video model as teacher (`--teacher diffusers:PATH`).
+    """A local diffusers video model as teacher (`--teacher diffusers:PATH`): LTX-2, which hears
+    the window's speech, or Stable Video Diffusion, which does not (`diffusion_teacher`).
 
     Frames: a clip sampled from the avatar's still render in the window's camera (cached per
-    window, so each weak-supervision clip is synthesised once). Keypoints: MediaPipe face mesh
+    window, so each weak-supervision clip is synthesised once), with the window's speech. Keypoints: MediaPipe face mesh
     on those frames, bound to the avatar's Gaussians by detecting the same landmarks on the still
     render, and MediaPipe hands: on the still render each is given to the hand whose Gaussians
     project nearest (not by MediaPipe's handedness labels) and bound to them; in the synthesised
@@ -221,11 +236,12 @@ class DiffusersTeacher:
 
     def __init__(self, path: Path, seed: int = 0, steps: int = 25, guidance: float = 1.0,
                  tau_range: tuple[float, float] = (0.02, 0.98)):  # fmt: skip
-        from .diffusion_teacher import DiffusionTeacher
+        from .diffusion_teacher import load_teacher
 
-        self.model = DiffusionTeacher.load(path)
+        self.model = load_teacher(path)
         self.seed, self.steps, self.guidance, self.tau_range = seed, steps, guidance, tau_range
         self.clips: dict[tuple[int, int, int, int], TeacherClip] = {}
+        self.frames_multiple = self.model.frames_multiple  # LTX-2: its VAE's temporal stride
 
     def prepare(self, scene: DistillScene) -> None:
         from reconstruct.canonical import PART_CODES
@@ -234,6 +250,7 @@ class DiffusersTeacher:
         if w % self.model.downsample or h % self.model.downsample:
             raise ValueError(f"--size {w}: the diffusers teacher needs a multiple of "
                              f"{self.model.downsample}")  # fmt: skip
+        self.fps, self.speech = scene.fps, [clip.samples for clip in scene.clips]
         with torch.no_grad():
             still = scene.rig.still()
             self.references = [scene.render([still], cam)[0] for cam in scene.cameras]
@@ -268,7 +285,8 @@ class DiffusersTeacher:
         if key not in self.clips:
             seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))
             frames = self.model.sample(self.references[window.view], window.num, self.steps,
-                                       seed=seed).cpu()  # fmt: skip
+                                       seed=seed, audio=window_audio(scene.clips[window.clip].samples, scene.fps, window),
+                                       fps=scene.fps).cpu()  # fmt: skip
             rgb = to_uint8(frames)
             face, hand_ids = self.landmark_ids[window.view], self.hand_ids[window.view].flatten()
             hands = np.full((len(rgb), 2, 21, 2), np.nan)
@@ -298,11 +316,17 @@ class DiffusersTeacher:
         from .score import score_distillation_loss
 
         m = self.model
-        if self.conditions[window.view] is None:
-            self.conditions[window.view] = m.condition(self.references[window.view], seed=self.seed)
-        cond = self.conditions[window.view]
+        ref = self.references[window.view]
+        if m.uses_audio:  # the window's speech is part of the condition
+            cond = m.condition(ref, window_audio(self.speech[window.clip], self.fps, window),
+                               num_frames=window.num, fps=self.fps)  # fmt: skip
+        else:
+            if self.conditions[window.view] is None:
+                self.conditions[window.view] = m.condition(ref, seed=self.seed)
+            cond = self.conditions[window.view]
+        latents = m.encode(frames, cond)
         return score_distillation_loss(
-            m.encode(frames), m.predict, m.schedule, prediction_type=m.prediction_type,
+            latents, m.predict, m.schedule_for(latents), prediction_type=m.prediction_type,
             tau_range=self.tau_range, guidance_scale=self.guidance, cond=cond,
             uncond=m.uncondition(cond) if self.guidance != 1.0 else None, generator=generator,
         ).to(frames.device)  # fmt: skip

@@ -5,7 +5,9 @@
 #  2. `avatar bench render --device cuda` at 1920x1080 with 1 and 3 million Gaussians, and at
 #     512x512 with 50,000 against the torch reference on the same GPU;
 #  3. `avatar bench drive` on the GPU (10 s and 60 s of speech, 512², with a stack profile) and
-#     on the CPU of the same machine (CPU_TOO=0 skips it).
+#     on the CPU of the same machine (CPU_TOO=0 skips it);
+#  4. with LTX2=PATH (a local LTX-2 diffusers folder): the LTX-2 tests on CUDA and two steps of
+#     `avatar finetune` with it as the audio-conditioned teacher (8-frame windows, 256²).
 # Every step runs; the exit status is non-zero if any failed.
 # Usage (repo root, after `pip install -e '.[cuda]'`): tools/gpu_check.sh AVATAR [OUT_DIR]
 set -uo pipefail
@@ -31,6 +33,13 @@ $py -m avatar bench drive --avatar "$avatar" --device cuda --profile "$out/drive
 if [ "${CPU_TOO:-1}" = 1 ]; then  # the same drive on this machine's CPU, for the ratio
   $py -m avatar bench drive --avatar "$avatar" --device cpu --long-seconds 0 --json 2>&1 \
     | tail -n 1 | tee "$out/drive_cpu.json" || failed=1
+fi
+if [ -n "${LTX2:-}" ]; then  # the audio-conditioned teacher on real weights
+  $py -m pytest -q -rs tests/test_ltx2_teacher.py 2>&1 | tee "$out/pytest_ltx2.txt" || failed=1
+  speech=$($py -c "from avatar.scenes import demo_speech; print(demo_speech())")
+  /usr/bin/time -v $py -m avatar finetune "$avatar" --audio "$speech" --teacher "diffusers:$LTX2" \
+    --steps 2 --frames 8 --size 256 -o "$out/ltx2.avatar" 2>&1 | tee "$out/finetune_ltx2.txt" \
+    || failed=1
 fi
 [ "$failed" = 0 ] || echo "gpu_check: some checks failed (see above and $out)" >&2
 exit "$failed"

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FinetuneOptions:
     teacher: str = "procedural"
-    """procedural, or diffusers:PATH (a local diffusers video model directory)."""
+    """procedural, or diffusers:PATH (a local LTX-2 folder, which hears the speech, or Stable
+    Video Diffusion; LTX-2 takes --frames in multiples of 8)."""
     steps: int = 200
     """Training steps."""
     size: int = 256
@@ -96,6 +97,10 @@ def build_objective(avatar: Avatar, audio: list[str | Path], opts: FinetuneOptio
         teacher.prepare(scene)
     except (ValueError, OSError) as exc:
         raise AvatarError(f"teacher: {exc}") from None
+    step = teacher.frames_multiple
+    if step > 1 and (cfg.frames % step or min(c.num_frames for c in clips) < cfg.frames):
+        raise AvatarError(f"--frames {cfg.frames}: the {teacher.name} teacher takes windows of a "
+                          f"multiple of {step} frames, no longer than the shortest speech clip")  # fmt: skip
     return FinetuneObjective(model, scene, teacher, cfg)
 
 
