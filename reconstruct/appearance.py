@@ -26,6 +26,10 @@ from .canonical import Binding
 from .complete import colour_prior
 from .refine import RefineConfig, View, appearance_loss, refine_appearance
 
+# decoder personalisation steps (at `RefineConfig.lr_decoder`): 25 at 2e-4 give the input-view
+# PSNR and the unseen-sides figures of 50 at 1e-4 in half the time (README, "Creating avatars")
+PERSONALISE_STEPS = 25
+
 
 @dataclass
 class Observation:
@@ -48,7 +52,7 @@ def recolour(g: Gaussians, rgb: Tensor) -> Gaussians:
 
 
 def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
-                           refine_steps: int = 300, personalise_steps: int = 50, seed: int = 0,
+                           refine_steps: int = 300, personalise_steps: int = PERSONALISE_STEPS, seed: int = 0,
                            progress: bool = True) -> tuple[Gaussians, dict[str, float]]:  # fmt: skip
     """The avatar's canonical Gaussians from the template's (`canonical`, sampled by
     `sample_canonical`) and the seconds spent {"reconstruct_s", "refine_s"}. `model`: a

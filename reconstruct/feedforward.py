@@ -370,13 +370,13 @@ def personalise_decoder(
     own output, so Gaussians the photo does not see stay near its prediction. The shared model
     is left unchanged."""
     decoder = copy.deepcopy(model.decoder).train()
-    features = features.detach()
+    x = decoder.inputs(features.detach(), inp)  # fixed: only the MLP's weights change
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     for _ in tqdm(range(steps), desc="personalise", unit="step", disable=not progress):
-        g = decoder(features, inp)
+        g = decoder.gaussians(decoder.net(x), inp)
         loss, _, _ = objective(g, g.means - inp.template.means)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return decoder(features, inp)
+        return decoder.gaussians(decoder.net(x), inp)

@@ -56,9 +56,27 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * weight).sum() / weight.sum().clamp_min(1e-8)
 
 
-def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean SSIM, inside `mask` when given."""
-    return _masked_mean(ssim_map(a, b), mask)
+def mask_box(mask: Tensor, margin: int) -> tuple[slice, slice]:
+    """Rows and columns [..., H, W, 1] of the mask's non-zero pixels, `margin` pixels wider
+    (clipped to the image); the whole image when the mask is empty."""
+    on = mask.reshape(-1, *mask.shape[-3:-1]).amax(0) > 0  # [H, W]
+    rows, cols = on.any(1).nonzero().flatten(), on.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return slice(None), slice(None)
+    h, w = on.shape
+    return (slice(max(0, int(rows[0]) - margin), min(h, int(rows[-1]) + margin + 1)),
+            slice(max(0, int(cols[0]) - margin), min(w, int(cols[-1]) + margin + 1)))  # fmt: skip
+
+
+def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None, window: int = 11) -> Tensor:
+    """Mean SSIM, inside `mask` when given. Computed on the mask's box widened by the window's
+    half-width: every masked pixel's window lies inside it or meets the image border where the
+    full image's would, so the result is the full image's."""
+    if mask is None:
+        return ssim_map(a, b, window).mean()
+    rows, cols = mask_box(mask, window // 2)
+    crop = (..., rows, cols, slice(None))
+    return _masked_mean(ssim_map(a[crop], b[crop], window), mask[crop])
 
 
 def loss_l1(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:

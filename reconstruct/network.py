@@ -207,12 +207,20 @@ class GaussianDecoder(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, features: Tensor, inp: ReconInputs) -> Gaussians:  # features [N, dim]
+        return self.gaussians(self.net(self.inputs(features, inp)), inp)
+
+    def inputs(self, features: Tensor, inp: ReconInputs) -> Tensor:
+        """The MLP's per-Gaussian input [N, in]: features, template place, group, photo colour,
+        visibility, silhouette profile."""
+        tpl = inp.template
+        return torch.cat([features, fourier(tpl.means, self.BANDS, 1.0),
+                          F.one_hot(inp.groups, len(GROUPS)).to(features), inp.photo_rgb,
+                          inp.visible[:, None], inp.profile], -1)  # fmt: skip
+
+    def gaussians(self, o: Tensor, inp: ReconInputs) -> Gaussians:
+        """The template's Gaussians changed by the MLP's outputs o [N, 15]."""
         tpl = inp.template
         vis = inp.visible[:, None]
-        x = torch.cat([features, fourier(tpl.means, self.BANDS, 1.0),
-                       F.one_hot(inp.groups, len(GROUPS)).to(features), inp.photo_rgb, vis,
-                       inp.profile], -1)  # fmt: skip
-        o = self.net(x)
         gate = torch.sigmoid(o[:, 14:15] + 2.0) * vis  # starts by trusting the photo
         rgb = gate * inp.photo_rgb + (1 - gate) * torch.sigmoid(o[:, 11:14])
         # pixel-aligned: a Gaussian the photo sees keeps where it lands in the photo (its colour

@@ -51,7 +51,7 @@ class RefineConfig:
     lr_opacity: float = 0.05
     lr_scale: float = 0.01
     lr_offset: float = 5e-4
-    lr_decoder: float = 1e-4
+    lr_decoder: float = 2e-4
     """Learning rate of the reconstructor's Gaussian decoder when it is personalised."""
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deform.surface import interpolate, sample_surface, tangent_frames
-from reconstruct.losses import loss_dssim, loss_l1, psnr, ssim
+from reconstruct.losses import loss_dssim, loss_l1, psnr, ssim, ssim_map
 
 
 def _cube():
@@ -58,6 +58,27 @@ def test_ssim_identity_shift_and_noise():
     noisy = (img + 0.2 * torch.randn(img.shape, generator=gen)).clamp(0, 1)
     assert ssim(img, noisy).item() < 0.6
     assert loss_dssim(img, img).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("where", ["inside", "at the border", "empty"])
+def test_masked_ssim_on_the_masks_box_equals_the_whole_images(where):
+    """The masked mean is computed on the mask's widened box: same value and gradient as on
+    the whole image, whether the mask sits inside or touches the image's border."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 60, 50, 3, generator=gen, requires_grad=True)
+    b = torch.rand(1, 60, 50, 3, generator=gen)
+    mask = torch.zeros(1, 60, 50, 1)
+    if where == "inside":
+        mask[:, 20:35, 12:30] = 1.0
+        mask[:, 36, 31] = 0.5  # soft pixels weigh too
+    elif where == "at the border":
+        mask[:, 45:, :9] = 1.0
+    full = (ssim_map(a, b) * mask).sum() / mask.sum().clamp_min(1e-8)
+    (want,) = torch.autograd.grad(full, a)
+    got = ssim(a, b, mask)
+    (grad,) = torch.autograd.grad(got, a)
+    assert got.item() == pytest.approx(full.item(), abs=1e-6)
+    assert torch.allclose(grad, want, atol=1e-7)
 
 
 def test_ssim_luminance_term_matches_the_formula_on_flat_images():

@@ -15,7 +15,7 @@ import torch
 from deform.particles import template_particles
 from deform.skinning import apply_blend
 from deform.templates import BodyTemplate, load_template, template_kind
-from reconstruct.appearance import Observation, reconstruct_appearance
+from reconstruct.appearance import PERSONALISE_STEPS, Observation, reconstruct_appearance
 from reconstruct.canonical import PART_CODES, sample_canonical
 from reconstruct.feedforward import hand_boxes_from_landmarks
 from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
@@ -46,7 +46,7 @@ class CreateConfig:
     reconstructor: str = "default"
     """Feed-forward reconstructor: default (the shipped one), none (start from the template),
     or PATH to a checkpoint (X.safetensors with X.json, or a folder holding them)."""
-    personalise_steps: int = 50
+    personalise_steps: int = PERSONALISE_STEPS
     """Steps fine-tuning the reconstructor's Gaussian decoder on the photo, before the
     refinement (needs a reconstructor and refine-steps > 0)."""
     fov: float = 40.0
