@@ -6,7 +6,8 @@ stream has its own timestep. The teacher holds the speech *clean* (audio timeste
 diffusers' LTX-2 refine pipelines do to follow a fixed waveform) and noises only the video, so
 its velocity for our frames is conditioned on what is being said: the lip sync the SVD teacher
 cannot give. As in LTX-2's image-to-video pipeline, the first latent frame is the reference
-render held clean (its tokens at timestep 0); our frames follow it.
+render held clean (its tokens at timestep 0), re-compressed through H.264 as that pipeline does
+its conditioning image (CRF 33 for Gemma 3 generations, needs PyAV); our frames follow it.
 
 Clip layout, `r` = the video VAE's temporal compression (8 for LTX-2): the teacher sees pixel
 frames [reference, f_1 .. f_T] with T a multiple of r, which its causal VAE turns into 1 + T/r
@@ -24,6 +25,7 @@ load time and the text encoder is then dropped. Everything loads with `local_fil
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -42,6 +44,7 @@ from .diffusion_teacher import TeacherLoadError
 from .score import NoiseSchedule
 
 SUPPORTED = ("LTX2ImageToVideoPipeline", "LTX2Pipeline")
+log = logging.getLogger(__name__)
 N_FFT = 1024  # LTX-2's mel front end (its audio VAE's training features)
 
 
@@ -98,6 +101,19 @@ def log_mel(samples: np.ndarray, n_mels: int, channels: int) -> Tensor:
     return mel.T[None, None].expand(1, channels, -1, -1).contiguous()
 
 
+def conditioning_crf(text_encoder: Any) -> int:
+    """The H.264 CRF LTX-2's image-to-video pipeline re-compresses its conditioning image with
+    (33 for Gemma 3 generations, 18 for LTX-2.5), or 0 (none) without PyAV or that helper."""
+    try:
+        import av  # noqa: F401
+        from diffusers.pipelines.ltx2.utils import resolve_default_image_crf
+    except ImportError:
+        log.warning("LTX-2 teacher: no PyAV, the reference render is not H.264 re-compressed "
+                    "as LTX-2's conditioning images were in training")  # fmt: skip
+        return 0
+    return int(resolve_default_image_crf(text_encoder))
+
+
 class LTX2Teacher:
     """A frozen LTX-2 teacher: `encode` frames, `predict` for score distillation, `sample` clips."""
 
@@ -118,6 +134,7 @@ class LTX2Teacher:
             raise ValueError(f"the audio VAE gives {features} features per token; the "
                              f"transformer and the latent statistics take {takes}")  # fmt: skip
         self.prompt, self.negative = self._encode_prompts()
+        self.crf = conditioning_crf(pipe.text_encoder)
         pipe.text_encoder = None  # the prompt is fixed: free the (large) text encoder
 
     @classmethod
@@ -215,6 +232,12 @@ class LTX2Teacher:
         image = reference.permute(2, 0, 1)[None].to(self.device, torch.float32)  # [1, 3, H, W]
         if image.shape[-2:] != (h, w):
             image = F.interpolate(image, (h, w), mode="bilinear", antialias=True)
+        if self.crf:  # as LTX-2 saw its conditioning images in training: through H.264
+            from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+            rgb = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+            rgb = apply_image_conditioning_crf(rgb, self.crf)
+            image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device) / 255.0
         image = (image * 2 - 1)[:, :, None]  # [1, 3, 1, H, W]
         span = round((1 + num_frames) / fps * SAMPLE_RATE)
         samples = np.zeros(span, np.float32)

@@ -106,6 +106,7 @@ def test_load(teacher):
     assert isinstance(teacher, LTX2Teacher) and teacher.uses_audio
     assert teacher.prediction_type == "flow" and teacher.pipe.text_encoder is None
     assert (teacher.downsample, teacher.frames_multiple) == (2, 2)
+    assert teacher.crf == 33  # a Gemma 3 generation: LTX-2's pipeline re-compresses at CRF 33
     assert not any(p.requires_grad for p in teacher.transformer.parameters())
 
 
@@ -170,6 +171,18 @@ def test_the_speech_is_held_clean_and_the_reference_frame_too(teacher, monkeypat
         assert not torch.allclose(teacher.predict(x, torch.tensor([0.3]), c), v, atol=1e-4)
     with pytest.raises(ValueError, match="multiple of 2 frames"):
         teacher.condition(reference(), None, num_frames=7)
+
+
+def test_the_reference_is_h264_recompressed_as_in_ltx2s_pipeline(teacher, monkeypatch):
+    ramp = torch.linspace(0.2, 0.8, 32)
+    ref = torch.stack([ramp[:, None].expand(32, 32), ramp[None].expand(32, 32),
+                       torch.full((32, 32), 0.5)], -1)  # fmt: skip
+    ref[8:20, 10:22] = 0.9  # a smooth picture with one edge: H.264 keeps it, almost
+    squeezed = teacher.condition(ref, None, num_frames=2).reference[0, :, 0]  # [3, H, W]
+    assert 0 < (squeezed - (ref.permute(2, 0, 1) * 2 - 1)).abs().mean() < 0.05
+    monkeypatch.setattr(teacher, "crf", 0)
+    plain = teacher.condition(ref, None, num_frames=2).reference[0, :, 0]
+    assert torch.allclose(plain, ref.permute(2, 0, 1) * 2 - 1)
 
 
 def test_schedule_matches_the_pipelines_shifted_sigmas(teacher):
