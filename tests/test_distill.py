@@ -176,6 +176,34 @@ def tiny(tmp_path_factory):
     return folder
 
 
+def score_distillation_distances(tiny, teacher: str, monkeypatch, steps: int = 4) -> list[float]:
+    """λ_vsd alone with `teacher`, the same window, τ and ε every step: each step's distance of
+    the frames' latents z to the first step's target z − w(ε̂ − ε). Descending it through the
+    encoder, renderer and deformer must bring z closer to that target. (The teacher's residual
+    itself need not fall, and with a random network it does not always: the score-distillation
+    gradient leaves out the network's Jacobian.)"""
+    import distill.score as score
+
+    real, seen = score.score_distillation_loss, []
+
+    def spy(latents, *args, **kwargs):
+        loss = real(latents, *args, **kwargs)
+        (grad,) = torch.autograd.grad(loss, latents, retain_graph=True)
+        seen.append((latents.detach(), latents.detach() - len(latents) * grad))  # z, target
+        return loss
+
+    monkeypatch.setattr(score, "score_distillation_loss", spy)
+    obj = _objective(tiny, "vsd", frames=4, teacher=teacher)
+    opt = torch.optim.Adam(obj.param_groups())
+    for step in range(steps):
+        terms = obj(step, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        assert set(terms) == {"vsd"}
+        opt.zero_grad()
+        terms["vsd"].backward()
+        opt.step()
+    return [float((z - seen[0][1]).norm()) for z, _ in seen]
+
+
 def _objective(tiny, only: str, frames: int = 3, teacher: str = "procedural"):
     """A one-camera, one-window scene (the same window every step) with one loss term on."""
     from avatar.asset import Avatar

