@@ -63,7 +63,7 @@ class LTX2Condition:
 
     reference: Tensor  # [1, 3, 1, H, W] in [-1, 1]: prepended to the frames by `encode`
     image_latents: Tensor  # [1, C, 1, h, w] normalised latent of the reference
-    audio_latents: Tensor  # [1, L, D] packed, normalised, held clean
+    audio_latents: Tensor | None  # [1, L, D] packed, normalised, held clean (`with_audio`)
     prompt_embeds: Tensor  # [1, S, E] video stream's text tokens
     audio_prompt_embeds: Tensor  # [1, S, E'] audio stream's text tokens
     prompt_mask: Tensor  # [1, S]
@@ -224,8 +224,8 @@ class LTX2Teacher:
         fps: float = 25.0,
     ) -> LTX2Condition:
         """Condition for clips of `num_frames` frames of `size` (H, W; default the reference's)
-        after the reference. `audio`: 16 kHz samples of the 1 + num_frames frame slots (None:
-        silence). `seed` is unused (the reference is not noised)."""
+        after the reference, with the speech `audio` (see `with_audio`). `seed` is unused (the
+        reference is not noised)."""
         del seed
         h, w = size or reference.shape[:2]
         self._check(num_frames, h, w)
@@ -239,6 +239,21 @@ class LTX2Teacher:
             rgb = apply_image_conditioning_crf(rgb, self.crf)
             image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device) / 255.0
         image = (image * 2 - 1)[:, :, None]  # [1, 3, 1, H, W]
+        video, audio_text, mask = self.prompt
+        cond = LTX2Condition(
+            reference=image, image_latents=self._latents(image), audio_latents=None,
+            prompt_embeds=video, audio_prompt_embeds=audio_text, prompt_mask=mask, fps=fps,
+        )  # fmt: skip
+        return self.with_audio(cond, audio, num_frames, fps)
+
+    @torch.no_grad()
+    def with_audio(
+        self, cond: LTX2Condition, audio: np.ndarray | None, num_frames: int, fps: float
+    ) -> LTX2Condition:
+        """`cond` with another speech: `audio`, 16 kHz samples of the 1 + num_frames frame slots
+        (None: silence), as LTX-2's audio latents. The reference's part is kept, so a teacher
+        encodes each view's reference once."""
+        self._check(num_frames, *cond.reference.shape[-2:])
         span = round((1 + num_frames) / fps * SAMPLE_RATE)
         samples = np.zeros(span, np.float32)
         if audio is not None:
@@ -247,21 +262,14 @@ class LTX2Teacher:
         cfg = self.audio_vae.config
         mel = log_mel(samples, cfg.mel_bins, cfg.in_channels).to(self.device, self.audio_vae.dtype)
         z = self.audio_vae.encode(mel).latent_dist.mode()  # [1, C, L', M']
-        length = round(
-            (1 + num_frames)
-            / fps
-            * cfg.sample_rate
-            / cfg.mel_hop_length
-            / self.audio_vae.temporal_compression_ratio
-        )  # the pipeline's audio length
+        per_second = (
+            cfg.sample_rate / cfg.mel_hop_length / self.audio_vae.temporal_compression_ratio
+        )
+        length = round((1 + num_frames) / fps * per_second)  # the pipeline's audio length
         z = F.pad(z, (0, 0, 0, max(0, length - z.shape[2])))[:, :, :length]
         p, a = self.pipe, self.audio_vae
         tokens = p._normalize_audio_latents(p._pack_audio_latents(z), a.latents_mean, a.latents_std)
-        video, audio_text, mask = self.prompt
-        return LTX2Condition(
-            reference=image, image_latents=self._latents(image), audio_latents=tokens.float(),
-            prompt_embeds=video, audio_prompt_embeds=audio_text, prompt_mask=mask, fps=fps,
-        )  # fmt: skip
+        return replace(cond, audio_latents=tokens.float(), fps=fps)
 
     def uncondition(self, cond: LTX2Condition) -> LTX2Condition:
         """The unconditional branch of classifier-free guidance: the negative prompt (the speech

@@ -220,15 +220,15 @@ class DiffusersTeacher:
     the window's speech, or Stable Video Diffusion, which does not (`diffusion_teacher`).
 
     Frames: a clip sampled from the avatar's still render in the window's camera (cached per
-    window, so each weak-supervision clip is synthesised once), with the window's speech. Keypoints: MediaPipe face mesh
-    on those frames, bound to the avatar's Gaussians by detecting the same landmarks on the still
-    render, and MediaPipe hands: on the still render each is given to the hand whose Gaussians
-    project nearest (not by MediaPipe's handedness labels) and bound to them; in the synthesised
-    frames, to the side whose still-render detection is nearest, within 1.5 hand sizes. Hand
-    keypoints are used only while the skeleton trains (`bones` None): with a frozen skeleton
-    the student could follow the video's arms only by bending its hands.
-    Score: `distill.score.score_distillation_loss` on our frames, conditioned on the same
-    reference render.
+    window, so each weak-supervision clip is synthesised once), with the window's speech.
+    Keypoints: MediaPipe face mesh on those frames, bound to the avatar's Gaussians by detecting
+    the same landmarks on the still render, and MediaPipe hands: on the still render each is
+    given to the hand whose Gaussians project nearest (not by MediaPipe's handedness labels) and
+    bound to them; in the synthesised frames, to the side whose still-render detection is
+    nearest, within 1.5 hand sizes. Hand keypoints are used only while the skeleton trains
+    (`bones` None): with a frozen skeleton the student could follow the video's arms only by
+    bending its hands. Score: `distill.score.score_distillation_loss` on our frames, conditioned
+    on the same reference render (and, for LTX-2, the window's speech).
     """
 
     name = "diffusers"
@@ -284,9 +284,9 @@ class DiffusersTeacher:
         key = (window.clip, window.start, window.num, window.view)
         if key not in self.clips:
             seed = int(np.random.default_rng([self.seed, *key]).integers(1 << 31))
+            audio = window_audio(self.speech[window.clip], self.fps, window)
             frames = self.model.sample(self.references[window.view], window.num, self.steps,
-                                       seed=seed, audio=window_audio(scene.clips[window.clip].samples, scene.fps, window),
-                                       fps=scene.fps).cpu()  # fmt: skip
+                                       seed=seed, audio=audio, fps=self.fps).cpu()  # fmt: skip
             rgb = to_uint8(frames)
             face, hand_ids = self.landmark_ids[window.view], self.hand_ids[window.view].flatten()
             hands = np.full((len(rgb), 2, 21, 2), np.nan)
@@ -316,14 +316,13 @@ class DiffusersTeacher:
         from .score import score_distillation_loss
 
         m = self.model
-        ref = self.references[window.view]
-        if m.uses_audio:  # the window's speech is part of the condition
-            cond = m.condition(ref, window_audio(self.speech[window.clip], self.fps, window),
-                               num_frames=window.num, fps=self.fps)  # fmt: skip
-        else:
-            if self.conditions[window.view] is None:
-                self.conditions[window.view] = m.condition(ref, seed=self.seed)
-            cond = self.conditions[window.view]
+        if self.conditions[window.view] is None:  # the reference's part, once per view
+            self.conditions[window.view] = m.condition(self.references[window.view], seed=self.seed,
+                                                       num_frames=window.num, fps=self.fps)  # fmt: skip
+        cond = self.conditions[window.view]
+        if m.uses_audio:  # and the window's speech
+            cond = m.with_audio(cond, window_audio(self.speech[window.clip], self.fps, window),
+                                window.num, self.fps)  # fmt: skip
         latents = m.encode(frames, cond)
         return score_distillation_loss(
             latents, m.predict, m.schedule_for(latents), prediction_type=m.prediction_type,

@@ -185,6 +185,16 @@ def test_the_reference_is_h264_recompressed_as_in_ltx2s_pipeline(teacher, monkey
     assert torch.allclose(plain, ref.permute(2, 0, 1) * 2 - 1)
 
 
+def test_another_speech_keeps_the_references_part(teacher):
+    """A teacher encodes each view's reference once and swaps the speech per window."""
+    first = teacher.condition(reference(), speech(0.4), num_frames=8)
+    other = teacher.with_audio(first, speech(0.4, seed=5), 8, 25.0)
+    fresh = teacher.condition(reference(), speech(0.4, seed=5), num_frames=8)
+    assert other.image_latents is first.image_latents
+    assert torch.equal(other.audio_latents, fresh.audio_latents)
+    assert not torch.equal(other.audio_latents, first.audio_latents)
+
+
 def test_schedule_matches_the_pipelines_shifted_sigmas(teacher):
     z = torch.zeros(1, 4, 4, 16, 16)
     schedule = teacher.schedule_for(z)
