@@ -62,6 +62,17 @@ class SVDCondition:
     added_time_ids: Tensor  # [1, 3] (fps − 1, motion bucket, noise augmentation)
 
 
+def pipeline_class(root: Path) -> str | None:
+    """The pipeline class a diffusers folder's `model_index.json` names; clear errors for a
+    missing folder or index."""
+    if not root.is_dir():
+        raise TeacherLoadError(f"{root}: no such teacher model directory")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise TeacherLoadError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
+    return json.loads(index.read_text()).get("_class_name")
+
+
 def _weights_variant(folder: Path) -> str | None:
     """'fp16' when a component ships only fp16-variant weights (as SVD's releases can)."""
     names = [p.name for p in folder.glob("*.safetensors")]
@@ -112,12 +123,7 @@ class DiffusionTeacher:
         The unet and CLIP run in `dtype` (default fp16 on CUDA, fp32 on CPU), the VAE in fp32.
         """
         root = Path(path)
-        if not root.is_dir():
-            raise TeacherLoadError(f"{root}: no such teacher model directory")
-        index = root / "model_index.json"
-        if not index.is_file():
-            raise TeacherLoadError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
-        name = json.loads(index.read_text()).get("_class_name")
+        name = pipeline_class(root)
         if name not in SUPPORTED:
             supported = ", ".join(SUPPORTED)
             raise TeacherLoadError(f"{root}: {name} is not a supported teacher ({supported})")
@@ -297,12 +303,7 @@ def load_teacher(path: str | Path, device: str | torch.device | None = None) -> 
     from .ltx2_teacher import LTX2Teacher
 
     root = Path(path)
-    index = root / "model_index.json"
-    if not root.is_dir():
-        raise TeacherLoadError(f"{root}: no such teacher model directory")
-    if not index.is_file():
-        raise TeacherLoadError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
-    name = json.loads(index.read_text()).get("_class_name")
+    name = pipeline_class(root)
     if name in LTX2:
         return LTX2Teacher.load(root, device)
     if name in SUPPORTED:
