@@ -528,6 +528,20 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
             feet = m.place(driver.rig.still()).means[:, 1].quantile(0.002)
         assert abs(float(feet)) < 0.01
     assert len(scene_cameras(members, "orbit", 64, 10)) == 10
+    # the head by forward kinematics alone equals the template's full forward (mesh skinned)
+    from deform.controls import DRIVEN_BONES, compose_pose
+
+    deltas = 0.3 * torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
+    position, facing = members[1].head(deltas)
+    rig, turn = driver.rig, members[1].rotation()
+    bones = torch.zeros(5, len(DRIVEN_BONES), 3)
+    bones[:, :3] = deltas.reshape(5, 3, 3)
+    with torch.no_grad():
+        full = rig.template(rig.shape[None].expand(5, -1),
+                            pose=compose_pose(rig.base_pose, rig.driven, bones))  # fmt: skip
+    i = rig.template.bone_names.index("head")
+    assert torch.allclose(position, full.joints[:, i] @ turn.T + members[1].offset(), atol=1e-5)
+    assert torch.allclose(facing, full.transforms[:, i, :3, 2] @ turn.T, atol=1e-5)
     a_head, b_head = members[0].head()[0], members[1].head()[0]
     for kind, near, far in (
         ("over-shoulder-a", a_head, b_head),

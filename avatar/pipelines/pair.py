@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deform.controls import DRIVEN_BONES, compose_pose
+from deform.controls import DRIVEN_BONES
 from deform.conversation import NUM_COARSE, load_converse
 from deform.listener import Listener
 from deform.voice import Tracks, speech_probability
@@ -67,22 +67,19 @@ class Member:
     def head(self, deltas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head joint's scene position and facing direction (the body's +Z turned by the
         skeleton), [T, 3] each, posed by head/neck/chest `deltas` [T, 9] (None: the base pose,
-        [3] each), in one template call per 64 frames."""
+        [3] each): forward kinematics alone, the rest joint moved by its bone's transform."""
         if deltas is None:
             pos, fwd = self.head(torch.zeros(1, NUM_COARSE))
             return pos[0], fwd[0]
         rig, r = self.driver.rig, self.rotation()
         i = rig.template.bone_names.index("head")
-        positions, forwards = [], []
-        for part in deltas.split(64):
-            bones = torch.zeros(len(part), len(DRIVEN_BONES), 3)
-            bones[:, :3] = part.reshape(-1, 3, 3)
-            pose = compose_pose(rig.base_pose, rig.driven, bones)
-            with torch.no_grad():
-                out = rig.template(rig.shape[None].expand(len(part), -1), pose=pose)
-            positions.append(out.joints[:, i] @ r.T + self.offset())
-            forwards.append(out.transforms[:, i, :3, 2] @ r.T)  # R_head · (0, 0, 1)
-        return torch.cat(positions), torch.cat(forwards)
+        with torch.no_grad():
+            rest = rig.template(rig.shape[None]).joints[0, i]
+            bones = torch.zeros(len(deltas), len(DRIVEN_BONES), 3)
+            bones[:, :3] = deltas.reshape(-1, 3, 3)
+            t = rig.transforms(bones)[:, i].cpu()  # [T, 4, 4]
+        position = t[:, :3, :3] @ rest + t[:, :3, 3]
+        return position @ r.T + self.offset(), t[:, :3, 2] @ r.T  # R_head · (0, 0, 1)
 
 
 def build_scene(drivers: list[Driver], layout: SceneLayout) -> list[Member]:

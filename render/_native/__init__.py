@@ -19,8 +19,6 @@ from . import compositing as _c
 from . import projection as _p
 from . import sh as _sh
 
-TILE_CHUNK = 4  # tiles handed to a thread at a time: busy tiles cluster on the subject
-
 
 def kernels_cached() -> bool:
     """Whether numba's on-disk cache holds the compositing kernel; if not, the first render
@@ -83,10 +81,10 @@ class _Composite(torch.autograd.Function):
         out_color = torch.empty(num_cams, height, width, dim)
         out_alpha = torch.empty(num_cams, height, width)
         last_ids = torch.empty(num_cams, height, width, dtype=torch.int64)
-        with numba.parallel_chunksize(TILE_CHUNK):
-            _c.composite_fwd(*map(_np, args), _np(radii), _np(tile_offsets), _np(flatten_ids),
-                             width, height, tile, np.float32(alpha_max), np.float32(t_min),
-                             out_color.numpy(), out_alpha.numpy(), last_ids.numpy())  # fmt: skip
+        _c.composite_fwd(*map(_np, args), _np(radii), _np(tile_offsets), _np(flatten_ids),
+                         width, height, tile, np.float32(alpha_max), np.float32(t_min),
+                         out_color.numpy(), out_alpha.numpy(), last_ids.numpy(),
+                         numba.get_num_threads())  # fmt: skip
         ctx.save_for_backward(*args, radii, tile_offsets, flatten_ids, out_alpha, last_ids)
         ctx.cfg = (
             width,
@@ -108,11 +106,11 @@ class _Composite(torch.autograd.Function):
         v_alpha = (torch.zeros(num_cams, height, width) if v_alpha is None
                    else _f32(v_alpha).reshape(num_cams, height, width))  # fmt: skip
         isect_grads = torch.zeros(ids.shape[0], 6 + dim)
-        with numba.parallel_chunksize(TILE_CHUNK):
-            _c.composite_bwd(_np(means2d), _np(conics), _np(colors), _np(opacities),
-                             _np(background), _np(radii), _np(offsets), _np(ids), width, height,
-                             tile, np.float32(alpha_max), _np(out_alpha), _np(last),
-                             v_color.numpy(), v_alpha.numpy(), isect_grads.numpy())  # fmt: skip
+        _c.composite_bwd(_np(means2d), _np(conics), _np(colors), _np(opacities),
+                         _np(background), _np(radii), _np(offsets), _np(ids), width, height,
+                         tile, np.float32(alpha_max), _np(out_alpha), _np(last),
+                         v_color.numpy(), v_alpha.numpy(), isect_grads.numpy(),
+                         numba.get_num_threads())  # fmt: skip
         v_means2d, v_conics = torch.zeros_like(means2d), torch.zeros_like(conics)
         v_opacities, v_colors = torch.zeros_like(opacities), torch.zeros_like(colors)
         _c.reduce_isect_grads(ids.numpy(), isect_grads.numpy(), n, v_means2d.numpy(),

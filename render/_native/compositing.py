@@ -4,12 +4,19 @@ Binning: each visible Gaussian is listed in every 16-px tile its box touches; th
 by (tile, depth) with a two-pass radix sort: a stable depth sort, then a stable counting sort by
 tile, which gives exactly the order of one sort of (tile, depth) keys.
 
-Compositing: one parallel task per tile. Inside a tile the loop runs over the tile's Gaussians
+Compositing: one task per tile. Inside a tile the loop runs over the tile's Gaussians
 front to back and, for each, over the pixels of its box only (exact: outside the box alpha is
 below 1/255 by construction of the radius), with per-pixel transmittance and an early exit once
 every pixel of the tile is saturated. The backward walks the same lists back to front (gsplat's
 scheme) and writes one gradient row per intersection, so threads never share an accumulator;
 `reduce_isect_grads` then sums the rows per Gaussian.
+
+Threads: numba splits a prange into contiguous blocks, one per thread, whatever
+`parallel_chunksize` says (measured: numba 0.68, omp and workqueue layers), so a prange over
+tiles gave one core the top half of the image and the other the bottom, and a subject in one
+half ran on one core. The compositing kernels instead deal the tiles into one share per thread
+(`workers`, numba's thread count) of about equal cost (`_deal`: a tile's list length), and a
+prange over the shares runs one per thread.
 """
 
 from __future__ import annotations
@@ -131,171 +138,215 @@ def _gaussian_in_tile(means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph)
     return mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_offsets,
+@nb.njit(cache=True)
+def _deal(tile_offsets, workers):
+    """Tiles dealt to `workers` shares of about equal cost: [workers + 1] offsets into [T] tile
+    ids. Longest list first to the share with the least so far; a tile costs its list's length
+    plus a little for writing out its pixels."""
+    total = tile_offsets.shape[0] - 1
+    cost = tile_offsets[1:] - tile_offsets[:-1] + 16
+    load = np.zeros(workers, np.int64)
+    share = np.empty(total, np.int64)
+    for tid in np.argsort(-cost, kind="mergesort"):
+        w = np.argmin(load)
+        share[tid] = w
+        load[w] += cost[tid]
+    order = np.argsort(share, kind="mergesort")  # by share, tile order within one
+    starts = np.zeros(workers + 1, np.int64)
+    for tid in range(total):
+        starts[share[tid] + 1] += 1
+    return np.cumsum(starts), order
+
+
+@nb.njit(fastmath=True, cache=True)
+def _composite_tile_fwd(tid, means2d, conics, colors, opacities, background, radii, tile_offsets,
                   flatten_ids, width, height, tile, alpha_max, t_min,
                   out_color, out_alpha, last_ids):  # fmt: skip
-    """Fill out_color [C,H,W,D], out_alpha [C,H,W] and last_ids [C,H,W] (index into flatten_ids
-    of the last Gaussian composited at each pixel, -1 if none)."""
+    """`composite_fwd` for tile `tid` (camera-major)."""
     num_cams, n, dim = colors.shape
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     ntiles = tw * th
-    for tid in nb.prange(num_cams * ntiles):
-        ci = tid // ntiles
-        ty = (tid - ci * ntiles) // tw
-        tx = tid - ci * ntiles - ty * tw
-        x0, y0 = tx * tile, ty * tile
-        pw, ph = min(tile, width - x0), min(tile, height - y0)
-        trans = np.ones(ph * pw, np.float32)
-        acc = np.zeros((ph * pw, dim), np.float32)
-        last = np.full(ph * pw, -1, np.int64)
-        done_rows = np.zeros(ph, np.int64)  # bit x of row y: that pixel is saturated
-        ndone = 0
-        for k in range(tile_offsets[tid], tile_offsets[tid + 1]):
-            gi = flatten_ids[k] - ci * n
-            mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
-                means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
-            )
-            c0, c1 = colors[ci, gi, 0], colors[ci, gi, 1 % dim]
-            c2, c3 = colors[ci, gi, 2 % dim], colors[ci, gi, 3 % dim]
-            if px_hi < px_lo:
-                continue
-            span = ((1 << (px_hi - px_lo + 1)) - 1) << (px_lo - x0)
-            for py in range(py_lo, py_hi + 1):
-                if done_rows[py - y0] & span == span:
-                    continue  # every pixel of this row segment is already saturated
-                dy = my - (np.float32(py) + HALF)
-                row = (py - y0) * pw - x0
-                for px in range(px_lo, px_hi + 1):
-                    if (done_rows[py - y0] >> (px - x0)) & 1:
-                        continue
-                    p = row + px
-                    dx = mx - (np.float32(px) + HALF)
-                    sigma = HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0 or sigma > sigma_cut:
-                        continue
-                    alpha = min(alpha_max, op * _exp_neg(sigma))
-                    if alpha < ALPHA_MIN:
-                        continue
-                    next_t = trans[p] * (ONE - alpha)
-                    if next_t <= t_min:
-                        done_rows[py - y0] |= 1 << (px - x0)
-                        ndone += 1
-                        continue
-                    wgt = alpha * trans[p]
-                    if dim == 4:  # RGB + depth, the common case: colours held in registers
-                        acc[p, 0] += wgt * c0
-                        acc[p, 1] += wgt * c1
-                        acc[p, 2] += wgt * c2
-                        acc[p, 3] += wgt * c3
-                    else:
-                        for d in range(dim):
-                            acc[p, d] += wgt * colors[ci, gi, d]
-                    trans[p] = next_t
-                    last[p] = k
-            if ndone == ph * pw:
-                break
-        for py in range(ph):
-            for px in range(pw):
-                p = py * pw + px
+    ci = tid // ntiles
+    ty = (tid - ci * ntiles) // tw
+    tx = tid - ci * ntiles - ty * tw
+    x0, y0 = tx * tile, ty * tile
+    pw, ph = min(tile, width - x0), min(tile, height - y0)
+    trans = np.ones(ph * pw, np.float32)
+    acc = np.zeros((ph * pw, dim), np.float32)
+    last = np.full(ph * pw, -1, np.int64)
+    done_rows = np.zeros(ph, np.int64)  # bit x of row y: that pixel is saturated
+    ndone = 0
+    for k in range(tile_offsets[tid], tile_offsets[tid + 1]):
+        gi = flatten_ids[k] - ci * n
+        mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
+            means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
+        )
+        c0, c1 = colors[ci, gi, 0], colors[ci, gi, 1 % dim]
+        c2, c3 = colors[ci, gi, 2 % dim], colors[ci, gi, 3 % dim]
+        if px_hi < px_lo:
+            continue
+        span = ((1 << (px_hi - px_lo + 1)) - 1) << (px_lo - x0)
+        for py in range(py_lo, py_hi + 1):
+            if done_rows[py - y0] & span == span:
+                continue  # every pixel of this row segment is already saturated
+            dy = my - (np.float32(py) + HALF)
+            row = (py - y0) * pw - x0
+            for px in range(px_lo, px_hi + 1):
+                if (done_rows[py - y0] >> (px - x0)) & 1:
+                    continue
+                p = row + px
+                dx = mx - (np.float32(px) + HALF)
+                sigma = HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                if sigma < 0 or sigma > sigma_cut:
+                    continue
+                alpha = min(alpha_max, op * _exp_neg(sigma))
+                if alpha < ALPHA_MIN:
+                    continue
+                next_t = trans[p] * (ONE - alpha)
+                if next_t <= t_min:
+                    done_rows[py - y0] |= 1 << (px - x0)
+                    ndone += 1
+                    continue
+                wgt = alpha * trans[p]
+                if dim == 4:  # RGB + depth, the common case: colours held in registers
+                    acc[p, 0] += wgt * c0
+                    acc[p, 1] += wgt * c1
+                    acc[p, 2] += wgt * c2
+                    acc[p, 3] += wgt * c3
+                else:
+                    for d in range(dim):
+                        acc[p, d] += wgt * colors[ci, gi, d]
+                trans[p] = next_t
+                last[p] = k
+        if ndone == ph * pw:
+            break
+    for py in range(ph):
+        for px in range(pw):
+            p = py * pw + px
+            for d in range(dim):
+                out_color[ci, y0 + py, x0 + px, d] = acc[p, d] + trans[p] * background[ci, d]
+            out_alpha[ci, y0 + py, x0 + px] = ONE - trans[p]
+            last_ids[ci, y0 + py, x0 + px] = last[p]
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def composite_fwd(means2d, conics, colors, opacities, background, radii, tile_offsets,
+                  flatten_ids, width, height, tile, alpha_max, t_min,
+                  out_color, out_alpha, last_ids, workers):  # fmt: skip
+    """Fill out_color [C,H,W,D], out_alpha [C,H,W] and last_ids [C,H,W] (index into flatten_ids
+    of the last Gaussian composited at each pixel, -1 if none)."""
+    starts, order = _deal(tile_offsets, workers)
+    for w in nb.prange(workers):  # one share of tiles per thread (see the module's docstring)
+        for tid in order[starts[w] : starts[w + 1]]:
+            _composite_tile_fwd(tid, means2d, conics, colors, opacities, background, radii,
+                tile_offsets, flatten_ids, width, height, tile, alpha_max, t_min, out_color,
+                out_alpha, last_ids)  # fmt: skip
+
+
+@nb.njit(fastmath=True, cache=True)
+def _composite_tile_bwd(tid, means2d, conics, colors, opacities, background, radii, tile_offsets,
+                  flatten_ids, width, height, tile, alpha_max, out_alpha, last_ids,
+                  v_color, v_alpha, isect_grads):  # fmt: skip
+    """`composite_bwd` for tile `tid` (camera-major)."""
+    num_cams, n, dim = colors.shape
+    tw = (width + tile - 1) // tile
+    th = (height + tile - 1) // tile
+    ntiles = tw * th
+    start, end = tile_offsets[tid], tile_offsets[tid + 1]
+    if start == end:
+        return
+    ci = tid // ntiles
+    ty = (tid - ci * ntiles) // tw
+    tx = tid - ci * ntiles - ty * tw
+    x0, y0 = tx * tile, ty * tile
+    pw, ph = min(tile, width - x0), min(tile, height - y0)
+    npx = ph * pw
+    t_final = np.empty(npx, np.float32)
+    trans = np.empty(npx, np.float32)
+    last = np.empty(npx, np.int64)
+    v_pix = np.empty((npx, dim), np.float32)
+    v_bg = np.empty(npx, np.float32)  # d/dalpha_i of the alpha output and background terms
+    buf = np.zeros((npx, dim), np.float32)
+    kmax = -1
+    row_last = np.full(ph, -1, np.int64)  # latest last-contributor index in each row
+    for py in range(ph):
+        for px in range(pw):
+            p = py * pw + px
+            t_final[p] = ONE - out_alpha[ci, y0 + py, x0 + px]
+            trans[p] = t_final[p]
+            last[p] = last_ids[ci, y0 + py, x0 + px]
+            row_last[py] = max(row_last[py], last[p])
+            kmax = max(kmax, last[p])
+            bg_dot = np.float32(0.0)
+            for d in range(dim):
+                v_pix[p, d] = v_color[ci, y0 + py, x0 + px, d]
+                bg_dot += background[ci, d] * v_pix[p, d]
+            v_bg[p] = t_final[p] * (v_alpha[ci, y0 + py, x0 + px] - bg_dot)
+    g_col = np.empty(dim, np.float32)
+    for k in range(kmax, start - 1, -1):
+        gi = flatten_ids[k] - ci * n
+        mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
+            means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
+        )
+        g_mx = g_my = g_a = g_b = g_c = g_op = np.float32(0.0)
+        g_col[:] = 0
+        for py in range(py_lo, py_hi + 1):
+            if k > row_last[py - y0]:
+                continue  # this Gaussian is behind every pixel's last contributor here
+            dy = my - (np.float32(py) + HALF)
+            row = (py - y0) * pw - x0
+            for px in range(px_lo, px_hi + 1):
+                p = row + px
+                if k > last[p]:
+                    continue
+                dx = mx - (np.float32(px) + HALF)
+                sigma = HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                if sigma < 0 or sigma > sigma_cut:
+                    continue
+                vis = _exp_neg(sigma)
+                alpha = min(alpha_max, op * vis)
+                if alpha < ALPHA_MIN:
+                    continue
+                ra = ONE / (ONE - alpha)
+                trans[p] *= ra  # transmittance in front of this Gaussian
+                fac = alpha * trans[p]
+                v_a = v_bg[p] * ra
                 for d in range(dim):
-                    out_color[ci, y0 + py, x0 + px, d] = acc[p, d] + trans[p] * background[ci, d]
-                out_alpha[ci, y0 + py, x0 + px] = ONE - trans[p]
-                last_ids[ci, y0 + py, x0 + px] = last[p]
+                    c = colors[ci, gi, d]
+                    g_col[d] += fac * v_pix[p, d]
+                    v_a += (c * trans[p] - buf[p, d] * ra) * v_pix[p, d]
+                    buf[p, d] += c * fac
+                if op * vis <= alpha_max:  # alpha not clamped: gradients reach sigma, opacity
+                    v_sigma = -op * vis * v_a
+                    g_a += HALF * v_sigma * dx * dx
+                    g_b += v_sigma * dx * dy
+                    g_c += HALF * v_sigma * dy * dy
+                    g_mx += v_sigma * (ca * dx + cb * dy)
+                    g_my += v_sigma * (cb * dx + cc * dy)
+                    g_op += vis * v_a
+        isect_grads[k, 0] = g_mx
+        isect_grads[k, 1] = g_my
+        isect_grads[k, 2] = g_a
+        isect_grads[k, 3] = g_b
+        isect_grads[k, 4] = g_c
+        isect_grads[k, 5] = g_op
+        for d in range(dim):
+            isect_grads[k, 6 + d] = g_col[d]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def composite_bwd(means2d, conics, colors, opacities, background, radii, tile_offsets,
                   flatten_ids, width, height, tile, alpha_max, out_alpha, last_ids,
-                  v_color, v_alpha, isect_grads):  # fmt: skip
+                  v_color, v_alpha, isect_grads, workers):  # fmt: skip
     """Write per-intersection gradients isect_grads [I, 6 + D]: (mean2d x, y, conic a, b, c,
     opacity, colour 0..D-1). Background gradients are sums of v_color * T_final (done outside)."""
-    num_cams, n, dim = colors.shape
-    tw = (width + tile - 1) // tile
-    th = (height + tile - 1) // tile
-    ntiles = tw * th
-    for tid in nb.prange(num_cams * ntiles):
-        start, end = tile_offsets[tid], tile_offsets[tid + 1]
-        if start == end:
-            continue
-        ci = tid // ntiles
-        ty = (tid - ci * ntiles) // tw
-        tx = tid - ci * ntiles - ty * tw
-        x0, y0 = tx * tile, ty * tile
-        pw, ph = min(tile, width - x0), min(tile, height - y0)
-        npx = ph * pw
-        t_final = np.empty(npx, np.float32)
-        trans = np.empty(npx, np.float32)
-        last = np.empty(npx, np.int64)
-        v_pix = np.empty((npx, dim), np.float32)
-        v_bg = np.empty(npx, np.float32)  # d/dalpha_i of the alpha output and background terms
-        buf = np.zeros((npx, dim), np.float32)
-        kmax = -1
-        row_last = np.full(ph, -1, np.int64)  # latest last-contributor index in each row
-        for py in range(ph):
-            for px in range(pw):
-                p = py * pw + px
-                t_final[p] = ONE - out_alpha[ci, y0 + py, x0 + px]
-                trans[p] = t_final[p]
-                last[p] = last_ids[ci, y0 + py, x0 + px]
-                row_last[py] = max(row_last[py], last[p])
-                kmax = max(kmax, last[p])
-                bg_dot = np.float32(0.0)
-                for d in range(dim):
-                    v_pix[p, d] = v_color[ci, y0 + py, x0 + px, d]
-                    bg_dot += background[ci, d] * v_pix[p, d]
-                v_bg[p] = t_final[p] * (v_alpha[ci, y0 + py, x0 + px] - bg_dot)
-        g_col = np.empty(dim, np.float32)
-        for k in range(kmax, start - 1, -1):
-            gi = flatten_ids[k] - ci * n
-            mx, my, ca, cb, cc, op, sigma_cut, px_lo, px_hi, py_lo, py_hi = _gaussian_in_tile(
-                means2d, conics, opacities, radii, ci, gi, x0, y0, pw, ph
-            )
-            g_mx = g_my = g_a = g_b = g_c = g_op = np.float32(0.0)
-            g_col[:] = 0
-            for py in range(py_lo, py_hi + 1):
-                if k > row_last[py - y0]:
-                    continue  # this Gaussian is behind every pixel's last contributor here
-                dy = my - (np.float32(py) + HALF)
-                row = (py - y0) * pw - x0
-                for px in range(px_lo, px_hi + 1):
-                    p = row + px
-                    if k > last[p]:
-                        continue
-                    dx = mx - (np.float32(px) + HALF)
-                    sigma = HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0 or sigma > sigma_cut:
-                        continue
-                    vis = _exp_neg(sigma)
-                    alpha = min(alpha_max, op * vis)
-                    if alpha < ALPHA_MIN:
-                        continue
-                    ra = ONE / (ONE - alpha)
-                    trans[p] *= ra  # transmittance in front of this Gaussian
-                    fac = alpha * trans[p]
-                    v_a = v_bg[p] * ra
-                    for d in range(dim):
-                        c = colors[ci, gi, d]
-                        g_col[d] += fac * v_pix[p, d]
-                        v_a += (c * trans[p] - buf[p, d] * ra) * v_pix[p, d]
-                        buf[p, d] += c * fac
-                    if op * vis <= alpha_max:  # alpha not clamped: gradients reach sigma, opacity
-                        v_sigma = -op * vis * v_a
-                        g_a += HALF * v_sigma * dx * dx
-                        g_b += v_sigma * dx * dy
-                        g_c += HALF * v_sigma * dy * dy
-                        g_mx += v_sigma * (ca * dx + cb * dy)
-                        g_my += v_sigma * (cb * dx + cc * dy)
-                        g_op += vis * v_a
-            isect_grads[k, 0] = g_mx
-            isect_grads[k, 1] = g_my
-            isect_grads[k, 2] = g_a
-            isect_grads[k, 3] = g_b
-            isect_grads[k, 4] = g_c
-            isect_grads[k, 5] = g_op
-            for d in range(dim):
-                isect_grads[k, 6 + d] = g_col[d]
+    starts, order = _deal(tile_offsets, workers)
+    for w in nb.prange(workers):  # one share of tiles per thread (see the module's docstring)
+        for tid in order[starts[w] : starts[w + 1]]:
+            _composite_tile_bwd(tid, means2d, conics, colors, opacities, background, radii,
+                tile_offsets, flatten_ids, width, height, tile, alpha_max, out_alpha, last_ids,
+                v_color, v_alpha, isect_grads)  # fmt: skip
 
 
 @nb.njit(cache=True)
