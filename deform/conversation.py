@@ -7,7 +7,9 @@ describe (equations and settings in the README). Per video frame t, causal and s
 
     e_role,t = m_t · e_speak + (1 − m_t) · e_listen          m_t: the own track's speech prob.
     h_t      = GRU(Proj_x(x_t−1) + e_role,t)                  the avatar's own motion history
-    a_j      = Enc(partner log-mel)_j ⊕ p_j                   p_j: the partner's speech prob.
+    a_j      = Enc(partner log-mel)_j ⊕ p_j ⊕ x'_j−1 ⊕ 1     p_j: the partner's speech prob.,
+                                                             x'_j−1 its motion (two avatars in
+                                                             one scene; zeros ⊕ 0 when unknown)
     c_t      = Σ_j softmax_j(q_t·k_j/√d + b_h(t − j)) v_j     over j ∈ (t − W, t]
     b_h(d)   = −s_h · |d − τ| − (d − τ)² / (2 σ_h²)          shifted ALiBi (delay τ, slope s_h)
                                                              + a Gaussian temporal kernel (σ_h)
@@ -96,6 +98,7 @@ class ConverseConfig:
     fps: float = 25.0  # the rate the model was trained at (τ and σ_h are in its frames)
     history: bool = True  # False: no motion history (the audio-only ablation)
     partner_audio: bool = True  # False: audio-free (stage 1; the stage-1-only ablation)
+    partner_motion: bool = True  # the partner's motion in the attended tokens (two streams)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -118,11 +121,12 @@ class ConverseState:
     last: Tensor  # [F] normalised motion features of the previous frame
     smooth: Tensor  # [NUM_COARSE] the same frame's head without its nods (normalised)
     nods: list[tuple[int, float]]  # (onset frame, amplitude) of the nods still moving
-    partner: Tensor  # [W-1, a+1] the partner tokens before this chunk
+    partner: Tensor  # [W-1, token_width] the partner tokens before this frame
     keys: tuple[Tensor, Tensor]  # the head's last and next coarse keys (normalised)
     noise: Tensor  # [len(FINE)] the AR(1) noise of the fine features
     frame: int
     rng: torch.Generator = field(repr=False)
+    shown: Tensor | None = None  # in a pair: what the partner saw of the last frame (normalised)
 
 
 class ConverseModel(nn.Module):
@@ -130,6 +134,8 @@ class ConverseModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, f, a = cfg.dim, len(FEATURES), cfg.audio_dim + 1
+        self.audio_width = a  # a token: the partner's audio and speech probability, then
+        self.token_width = a + (f + 1 if cfg.partner_motion else 0)  # motion and "present"
         if len(cfg.kernel_frames) != cfg.heads:
             raise ValueError("one Gaussian kernel width per attention head")
         self.register_buffer("mean", torch.zeros(f))
@@ -139,7 +145,7 @@ class ConverseModel(nn.Module):
         self.gru = nn.GRU(d, d, batch_first=True)
         self.audio = LogMelEncoder(cfg.audio_dim, hidden=64)
         self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(a, 2 * d)
+        self.kv = nn.Linear(self.token_width, 2 * d)
         self.out = nn.Linear(d, d)
         self.register_buffer("bias", temporal_bias(cfg), persistent=False)
         self.gate = nn.Linear(2 * d, d)
@@ -158,10 +164,23 @@ class ConverseModel(nn.Module):
         return own[..., None] * self.role[0] + (1 - own[..., None]) * self.role[1]
 
     def partner_tokens(self, samples: Tensor | np.ndarray, partner_prob: Tensor, start: int,
-                       stop: int) -> Tensor:  # fmt: skip
-        """[stop − start, a+1] a_j for partner frames start..stop−1 (`partner_prob` covers them)."""
+                       stop: int, motion: Tensor | None = None) -> Tensor:  # fmt: skip
+        """[stop − start, token_width] a_j for partner frames start..stop−1 (`partner_prob`
+        covers them): the partner's audio and speech probability, then (with
+        `cfg.partner_motion`) its normalised motion features of frame j − 1 and 1, or zeros
+        and 0 where its motion is not known (`motion` None: one avatar in the scene)."""
         enc = self.audio.encode(samples, start, stop, self.cfg.fps)
-        return torch.cat([enc, partner_prob[:, None].to(enc)], -1)
+        audio = torch.cat([enc, partner_prob[:, None].to(enc)], -1)
+        return self.with_motion(audio, motion)
+
+    def with_motion(self, audio: Tensor, motion: Tensor | None) -> Tensor:
+        """Audio tokens [..., T, a+1] completed with the partner's normalised motion [..., T, F]
+        and a 1 (None: zeros and a 0)."""
+        if not self.cfg.partner_motion:
+            return audio
+        if motion is None:
+            return torch.cat([audio, audio.new_zeros(*audio.shape[:-1], len(FEATURES) + 1)], -1)
+        return torch.cat([audio, motion.to(audio), audio.new_ones(*audio.shape[:-1], 1)], -1)
 
     def attend(self, h: Tensor, tokens: Tensor) -> Tensor:
         """c_t [B, T, d] from h [B, T, d] and partner tokens [B, W−1+T, a+1] (window first)."""
@@ -192,7 +211,8 @@ class ConverseModel(nn.Module):
         logit_c = raw[..., :c]
         mu_c, log_sc = raw[..., c:].unflatten(-1, (c, 2 * NUM_COARSE)).chunk(2, -1)
         mu_f = self.fine_head(u)
-        a = tokens if self.audio_on else torch.zeros_like(tokens)
+        a = tokens[..., : self.audio_width]
+        a = a if self.audio_on else torch.zeros_like(a)
         sigma_f = nn.functional.softplus(self.noise_head(torch.cat([a, roles], -1))) + 1e-3
         return (logit_c, mu_c, log_sc.clamp(-6, 2)), mu_f, sigma_f
 
@@ -239,7 +259,7 @@ class ConverseModel(nn.Module):
 
     # ---- inference: streamed -----------------------------------------------------------------
     def start(self, seed: int = 0) -> ConverseState:
-        d, a = self.cfg.dim, self.cfg.audio_dim + 1
+        d, a = self.cfg.dim, self.token_width
         rng = torch.Generator().manual_seed(int(seed))
         rest = (torch.zeros(len(FEATURES)) - self.mean) / self.std  # the base pose, no action
         head = rest[:NUM_COARSE]
@@ -253,45 +273,83 @@ class ConverseModel(nn.Module):
         """The next T frames: `own` [T] and `partner_prob` [T] are the tracks' speech
         probabilities of those frames, `partner` the partner's 16 kHz samples (the whole track).
         Returns motion features [T, F] (not normalised: radians and action weights).
-        `temperature` scales the sampled spreads (1: the learned ones)."""
-        cfg, num = self.cfg, len(own)
-        start = state.frame
-        tokens = self.partner_tokens(partner, partner_prob, start, start + num)
-        window = torch.cat([state.partner, tokens], 0)
+        `temperature` scales the sampled spreads (1: the learned ones). The partner's motion
+        is not known (one avatar): its tokens' motion part is zeros and 0."""
+        state = replace(state, nods=list(state.nods))
+        tokens = self.partner_tokens(partner, partner_prob, state.frame, state.frame + len(own))
         roles = self.roles(own.float())
-        hidden, last, smooth, (key0, key1) = state.hidden, state.last, state.smooth, state.keys
-        noise, nods, rows = state.noise, list(state.nods), []
-        nod = (self.nod / self.std)[:NUM_COARSE]  # a nod of 1 rad, normalised
-        rho = DETAIL_RHO
+        rows = [self._frame(state, roles[i], tokens[i], temperature) for i in range(len(own))]
+        return torch.stack(rows) * self.std + self.mean, state
+
+    @torch.no_grad()
+    def step_pair(self, states: list[ConverseState], owns: list[Tensor],
+                  voices: list[Tensor | np.ndarray], temperature: float = TEMPERATURE,
+                  shown: list[tuple[Tensor, Tensor]] | None = None,
+                  ) -> tuple[list[Tensor], list[ConverseState]]:  # fmt: skip
+        """Two avatars in one conversation, the next T frames of both, stepped together: each
+        attends to the other's voice and to the other's motion up to the frame before (the
+        streams' cross-attention). `owns[k]` [T] is avatar k's speech probability (the other's
+        partner probability), `voices[k]` its 16 kHz track. `shown[k]` = (w [T, F], y [T, F]):
+        what avatar k shows is w ⊙ y + (1 − w) ⊙ its own features (raw units), where another
+        source moves it (the speech deformer while it talks); None: its features alone.
+        Returns both [T, F] (as `step`)."""
+        states = [replace(s, nods=list(s.nods)) for s in states]
+        num, start = len(owns[0]), states[0].frame
+        audio = [self.partner_tokens(voices[1 - k], owns[1 - k], start, start + num)
+                 for k in range(2)]  # fmt: skip
+        roles = [self.roles(o.float()) for o in owns]
+        rows: list[list[Tensor]] = [[], []]
+        seen = [s.last if s.shown is None else s.shown for s in states]  # the frame before
         for i in range(num):
-            frame = start + i
-            prev = last if cfg.history else torch.zeros_like(last)
-            h, hidden = self.gru((self.proj_x(prev) + roles[i])[None, None], hidden)
-            c = self.attend(h, window[None, i : i + cfg.window]) if self.audio_on else 0 * h
-            u = self.mix(h, c)[0, 0] + (0 if cfg.history else roles[i])
-            (logit, mu_c, log_sc), mu_f, sigma_f = self.heads_out(u, tokens[i], roles[i])
-            hazard, mu_a, log_sa = self.nod_head(u).unbind(-1)
-            eps = torch.randn(NUM_COARSE + len(FINE) + 1, generator=state.rng)
-            pick, start_nod = torch.rand(2, generator=state.rng)
-            if frame % cfg.coarse == 0:  # a new key for the end of this segment
-                key0 = smooth
-                cum = torch.softmax(logit, -1).cumsum(-1)
-                k = min(int((cum < pick).sum()), cfg.mixtures - 1)
-                key1 = mu_c[k] + temperature * log_sc[k].exp() * eps[:NUM_COARSE]
-            if start_nod < torch.sigmoid(hazard):
-                amp = mu_a + temperature * log_sa.clamp(-6, 2).exp() * eps[-1]
-                nods.append((frame, float(amp.clamp(0.0, 0.25))))
-            s = (frame % cfg.coarse + 1) / cfg.coarse
-            smooth = key0 + (key1 - key0) * s * s * (3 - 2 * s)
-            nods = [(f, a) for f, a in nods if (frame - f) / cfg.fps < NOD_RISE_S + NOD_FALL_S]
-            lift = sum(a * float(nod_curve((frame - f) / cfg.fps)) for f, a in nods)
-            noise = rho * noise + math.sqrt(1 - rho**2) * eps[NUM_COARSE:-1]
-            last = torch.cat([smooth + lift * nod, mu_f + temperature * sigma_f * noise])
-            rows.append(last)
-        out = torch.stack(rows) * self.std + self.mean
-        new = ConverseState(hidden, last, smooth, nods, window[-(cfg.window - 1) :],
-                            (key0, key1), noise, start + num, state.rng)  # fmt: skip
-        return out, new
+            for k in range(2):
+                token = self.with_motion(audio[k][i, : self.audio_width], seen[1 - k])
+                rows[k].append(self._frame(states[k], roles[k][i], token, temperature))
+            seen = [rows[0][-1], rows[1][-1]]
+            for k, (w, y) in enumerate(shown or []):
+                x = seen[k] * self.std + self.mean
+                seen[k] = (w[i] * y[i] + (1 - w[i]) * x - self.mean) / self.std
+        for k in range(2):
+            states[k].shown = seen[k]
+        return [torch.stack(r) * self.std + self.mean for r in rows], states
+
+    def _frame(
+        self, state: ConverseState, role: Tensor, token: Tensor, temperature: float
+    ) -> Tensor:
+        """Advance `state` (in place) by one frame given its role embedding and the partner's
+        token; returns the frame's normalised features."""
+        cfg, frame = self.cfg, state.frame
+        window = torch.cat([state.partner, token[None]], 0)  # [W, token]
+        prev = state.last if cfg.history else torch.zeros_like(state.last)
+        h, state.hidden = self.gru((self.proj_x(prev) + role)[None, None], state.hidden)
+        c = self.attend(h, window[None]) if self.audio_on else 0 * h
+        u = self.mix(h, c)[0, 0] + (0 if cfg.history else role)
+        (logit, mu_c, log_sc), mu_f, sigma_f = self.heads_out(u, token, role)
+        hazard, mu_a, log_sa = self.nod_head(u).unbind(-1)
+        eps = torch.randn(NUM_COARSE + len(FINE) + 1, generator=state.rng)
+        pick, start_nod = torch.rand(2, generator=state.rng)
+        key0, key1 = state.keys
+        if frame % cfg.coarse == 0:  # a new key for the end of this segment
+            key0 = state.smooth
+            cum = torch.softmax(logit, -1).cumsum(-1)
+            k = min(int((cum < pick).sum()), cfg.mixtures - 1)
+            key1 = mu_c[k] + temperature * log_sc[k].exp() * eps[:NUM_COARSE]
+        if start_nod < torch.sigmoid(hazard):
+            amp = mu_a + temperature * log_sa.clamp(-6, 2).exp() * eps[-1]
+            state.nods.append((frame, float(amp.clamp(0.0, 0.25))))
+        s = (frame % cfg.coarse + 1) / cfg.coarse
+        state.smooth = key0 + (key1 - key0) * s * s * (3 - 2 * s)
+        state.nods = [
+            (f, a) for f, a in state.nods if (frame - f) / cfg.fps < NOD_RISE_S + NOD_FALL_S
+        ]
+        lift = sum(a * float(nod_curve((frame - f) / cfg.fps)) for f, a in state.nods)
+        rho = DETAIL_RHO
+        state.noise = rho * state.noise + math.sqrt(1 - rho**2) * eps[NUM_COARSE:-1]
+        nod = (self.nod / self.std)[:NUM_COARSE]  # a nod of 1 rad, normalised
+        state.last = torch.cat(
+            [state.smooth + lift * nod, mu_f + temperature * sigma_f * state.noise]
+        )
+        state.keys, state.partner, state.frame = (key0, key1), window[1:], frame + 1
+        return state.last
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -322,6 +380,7 @@ def load_converse(path: str | Path | None = None) -> ConverseModel:
                          "distill.train_converse --out PATH)")  # fmt: skip
     state, raw = read_checkpoint(path)
     raw["kernel_frames"] = tuple(raw.get("kernel_frames", ConverseConfig.kernel_frames))
+    raw.setdefault("partner_motion", False)  # checkpoints from before the two-stream tokens
     model = ConverseModel(ConverseConfig(**raw))
     load_exact(model, state, str(path))
     return model.eval()

@@ -10,7 +10,8 @@ by the own track's speech probability m (smoothed causally over about 0.1 s):
 so while its own voice speaks the avatar talks exactly as `drive` makes it talk, and while the
 partner speaks it listens. Gaze is the conversation model's at all times: eyes and head turn
 toward the partner (`partner_yaw`, radians in the body frame, 0 straight ahead: a partner at
-the camera), the eyes by the model's gaze offsets on top. Blinks come faster while listening
+the camera), the eyes by the model's gaze offsets on top. Two avatars in one scene step their
+models together (`Duet`), each seeing the other's motion. Blinks come faster while listening
 (`controls.blinks` with rate 1 + 0.6 (1 − m)). Its lips meet while it listens: the speech
 deformer's fine lip actions are mixed toward `controls.LIPS_MEET` by `LISTEN_LIPS` · (1 − m)
 (`closed_lips`, passed to `SpeechDeformer.forward`); silence alone leaves the mouth as the photo
@@ -70,10 +71,26 @@ class Listener:
 
     def chunk(self, motion, start: int) -> tuple[object, Tensor | None]:
         """(the blended motion, eye-bone deltas [T, 2, 3] or None) for frames start.."""
-        num = len(motion.controls)
-        sl = slice(start, start + num)
+        sl = slice(start, start + len(motion.controls))
         conv, self.state = self.model.step(self.state, self.own_prob[sl], self.partner,
                                            self.partner_prob[sl], self.temperature)  # fmt: skip
+        return self.blend(motion, conv, start)
+
+    def shown(self, motion, start: int) -> tuple[Tensor, Tensor]:
+        """(w, y) [T, F] for `ConverseModel.step_pair`: the speech deformer's head, neck, chest
+        and face actions `y` (raw features) show with weight m instead of the model's; gaze
+        is the model's."""
+        num, n_bones = len(motion.controls), 3 * len(DRIVEN_BONES)
+        face = NUM_COARSE + len(TEMPLATE_ACTIONS)
+        w, y = torch.zeros(num, len(FEATURES)), torch.zeros(num, len(FEATURES))
+        w[:, :face] = self.role_mix(start, num)[:, None]
+        y[:, :NUM_COARSE] = motion.controls[:, :NUM_COARSE]
+        y[:, NUM_COARSE:face] = motion.controls[:, n_bones : n_bones + len(TEMPLATE_ACTIONS)]
+        return w, y
+
+    def blend(self, motion, conv: Tensor, start: int) -> tuple[object, Tensor | None]:
+        """`chunk` given the conversation model's features `conv` [T, F] of its frames."""
+        num = len(motion.controls)
         m = self.role_mix(start, num)[:, None]
         controls = motion.controls.clone()
         controls[:, :NUM_COARSE] = m * controls[:, :NUM_COARSE] + (1 - m) * conv[:, :NUM_COARSE]
@@ -96,3 +113,28 @@ class Listener:
     def features(self) -> np.ndarray:
         """[T, F] what the avatar did, every frame so far (head etc. include the partner turn)."""
         return np.concatenate(self.rows) if self.rows else np.zeros((0, len(FEATURES)))
+
+
+class Duet:
+    """The two listeners of a two-avatar scene, stepped together (`ConverseModel.step_pair`):
+    each one's conversation model attends to the other's voice and to what the other shows
+    (its speech deformer's head and face while it talks, its listening motion otherwise), up
+    to the frame before."""
+
+    def __init__(self, first: Listener, second: Listener):
+        if first.model is not second.model:
+            raise ValueError("a duet's two listeners share one conversation model")
+        self.listeners = (first, second)
+
+    def chunk(self, motions: list, start: int) -> list[tuple[object, Tensor | None]]:
+        """`Listener.chunk` for both avatars' motions of frames start.. (same length)."""
+        first, second = self.listeners
+        sl = slice(start, start + len(motions[0].controls))
+        convs, states = first.model.step_pair(
+            [first.state, second.state], [first.own_prob[sl], second.own_prob[sl]],
+            [second.partner, first.partner], first.temperature,
+            [lis.shown(m, start) for lis, m in zip(self.listeners, motions, strict=True)],
+        )  # fmt: skip
+        first.state, second.state = states
+        return [lis.blend(m, c, start) for lis, m, c in zip(self.listeners, motions, convs,
+                                                              strict=True)]  # fmt: skip

@@ -10,6 +10,11 @@ and the tracks' speech probabilities; never from the signal that made the motion
   frames (features and their per-second velocities), as DualTalk and Learning2Listen compute it.
 - **SID**: k-means (k = 40) on the reference frames, then the entropy (bits) of the generated
   frames' cluster histogram: how many distinct motions it uses.
+- **Mirroring and gaze following**: while the avatar listens, the correlation of its slow head
+  and chest posture (pitch alike, roll opposite: people facing each other), or of its gaze
+  (yaw opposite: the same spot seen from the other side), with its partner's a lag earlier, at
+  lags 0-2 s: its peak and where it is. Two avatars that see each other's motion should show
+  it; two that only hear each other should not.
 """
 
 from __future__ import annotations
@@ -107,6 +112,33 @@ def sid(x: np.ndarray, centres: np.ndarray) -> float:
     p = np.bincount(label, minlength=len(centres)) / len(label)
     p = p[p > 0]
     return float(-(p * np.log2(p)).sum())
+
+
+MIRRORED = {"head.x": 1.0, "head.z": -1.0, "spine02.x": 1.0, "spine02.z": -1.0}  # posture
+FOLLOWED = {"gazeYaw": -1.0, "gazePitch": 1.0}  # where the partner looks
+
+
+def mirroring(x: np.ndarray, partner_x: np.ndarray, own_prob: np.ndarray,
+              partner_prob: np.ndarray, fps: float, features: dict = MIRRORED,
+              max_lag_s: float = 2.0) -> dict:  # fmt: skip
+    """Pearson correlation, over the frames where this avatar listens, of each of `features`
+    with the partner's (times its sign) `lag` frames earlier, averaged over the features; its
+    peak over lags 0..max_lag_s and the lag (s) of the peak."""
+    listen = roles(own_prob, partner_prob)[1]
+    best, at = -1.0, 0.0
+    for lag in range(int(max_lag_s * fps) + 1):
+        frames = np.flatnonzero(listen[lag:]) + lag
+        if len(frames) < 2 * fps:
+            continue
+        cors = []
+        for name, sign in features.items():
+            i = FEATURES.index(name)
+            a, b = x[frames, i], sign * partner_x[frames - lag, i]
+            if a.std() > 1e-9 and b.std() > 1e-9:
+                cors.append(np.corrcoef(a, b)[0, 1])
+        if cors and np.mean(cors) > best:
+            best, at = float(np.mean(cors)), lag / fps
+    return {"peak": best, "lag_s": at}
 
 
 def summary(x: np.ndarray, own_prob: np.ndarray, partner_prob: np.ndarray, fps: float) -> dict:

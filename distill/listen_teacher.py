@@ -43,6 +43,7 @@ from deform.conversation import (
 )
 from deform.voice import phrases
 
+from .converse_measures import FOLLOWED, MIRRORED
 from .teacher import RATE, TeacherConfig, frame_features, onsets, smooth, teach
 
 NAMES = SimpleNamespace(expression_names=[*TEMPLATE_ACTIONS, *PARTICLE_ACTIONS, *BLINK_ACTIONS])
@@ -150,6 +151,47 @@ def conversation_features(own: np.ndarray, partner: np.ndarray, own_prob: np.nda
     nods = (1 - m) * lift[:, None] * nod_vector().numpy()[None]
     return TeacherMotion((m * speak + (1 - m) * listen).astype(np.float32),
                          nods.astype(np.float32), events)  # fmt: skip
+
+
+# what a listener takes from its partner's motion, not its voice (the two streams'
+# cross-attention has to learn it: `ConverseModel.step_pair`):
+# - posture mirroring (the chameleon effect): the speaker's slow head and chest posture,
+#   mirrored as people facing each other do (pitch alike, roll opposite), about 0.8 s later;
+# - gaze following (joint attention): when the speaker glances away, the listener's eyes follow
+#   toward the same spot (yaw opposite in its own frame), 0.4 s later and not as far.
+# (features, gain, lag s, smoothing s); the smoothing's reach (3σ) stays inside the lag
+TAKEN = ((MIRRORED, 0.7, 0.8, 0.15), (FOLLOWED, 0.6, 0.4, 0.04))
+
+
+def mirrored(x: np.ndarray, partner_x: np.ndarray, own_prob: np.ndarray,
+             partner_prob: np.ndarray, fps: float) -> np.ndarray:  # fmt: skip
+    """`x` [T, F] with the partner's posture and glances (`partner_x`, its motion) taken up
+    (`TAKEN`) while this avatar listens and the partner speaks; frame t uses the partner's
+    motion of frames before t only."""
+    listening = 1 - smooth(np.asarray(own_prob, np.float64), 0.1 * fps).clip(0, 1)
+    speaking = smooth(np.asarray(partner_prob, np.float64), 0.1 * fps).clip(0, 1)
+    out = np.array(x, np.float32)
+    for features, gain, lag_s, smooth_s in TAKEN:
+        lag = int(round(lag_s * fps))
+        slow = smooth(np.asarray(partner_x, np.float64), smooth_s * fps)
+        late = np.concatenate([np.repeat(slow[:1], lag, 0), slow[: len(slow) - lag]])
+        for name, sign in features.items():
+            i = FEATURES.index(name)
+            out[:, i] += (gain * sign * listening * speaking * late[:, i]).astype(np.float32)
+    return out
+
+
+def conversation_pair(a: np.ndarray, b: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray,
+                      fps: float, seeds: tuple[int, int], seeing: bool = True,
+                      ) -> tuple[TeacherMotion, TeacherMotion]:  # fmt: skip
+    """Both sides of one conversation (`conversation_features` for each voice); `seeing`: each
+    listener also takes up the other's posture and glances (`mirrored`)."""
+    one = conversation_features(a, b, prob_a, prob_b, fps, seeds[0])
+    two = conversation_features(b, a, prob_b, prob_a, fps, seeds[1])
+    if not seeing:
+        return one, two
+    return (TeacherMotion(mirrored(one.x, two.x, prob_a, prob_b, fps), one.nods, one.events),
+            TeacherMotion(mirrored(two.x, one.x, prob_b, prob_a, fps), two.nods, two.events))  # fmt: skip
 
 
 # ---- training conversations ----------------------------------------------------------------------

@@ -5,7 +5,9 @@
 Data the project makes itself: two-person conversations spoken by espeak-ng
 (`distill.listen_teacher.dialogue`: turns, overlaps, pauses, backchannels), each seen from both
 sides; the tracks' speech probabilities (Silero VAD, `deform.voice`) and the listening teacher's
-motion (`distill.listen_teacher.conversation_features`). Conversations use the first 48 of
+motion (`distill.listen_teacher.conversation_pair`: each side's listener also mirrors the other's
+posture and follows its glances, and each example keeps the other side's motion for the
+partner tokens; `--no-partner-motion` trains the one-stream model of earlier releases). Conversations use the first 48 of
 `distill.phones.SENTENCES`; the held-out ones (`--evaluate`) the other 12, in other voices.
 
 `--data DIR` trains on the user's own conversation videos instead, turned into the same format
@@ -14,15 +16,17 @@ by `python -m distill.extract_motion` (nods found in the extracted head pitch).
 Two stages, one command (UniLS):
 1. **Audio-free prior** (`--steps1`): the model's own motion history and role only (no partner
    audio, the gate shut), teacher-forced with noise on the history.
-2. **Both tracks** (`--steps2`): the partner's audio through the delayed cross-attention and the
-   gate, everything fine-tuned.
+2. **Both tracks** (`--steps2`): the partner's audio (and motion, in 70% of the windows; the
+   rest as one avatar alone sees it) through the delayed cross-attention and the gate,
+   everything fine-tuned.
 
 `--evaluate N` then generates motion for N test conversations (held-out sentences, other voices
 and seeds than the validation ones the sampling temperature was chosen on) and prints, as JSON, the full
 model against the stage-1-only and the audio-only (no motion history, trained on stage 2
 alone) ablations: FD and SID of listening motion against the teacher's, reaction delays, head
-speed while listening over speaking, jaw while listening over speaking, and how different two
-seeds' listening motion is.
+speed while listening over speaking, jaw while listening over speaking, how different two
+seeds' listening motion is, and mirroring and gaze following with the two sides stepped
+together (`ConverseModel.step_pair`) and apart.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ from deform.conversation import (
 from deform.voice import speech_probability
 
 from . import converse_measures as cm
-from .listen_teacher import conversation_features, dialogue
+from .listen_teacher import conversation_pair, dialogue
 from .phones import SENTENCES
 
 log = logging.getLogger(__name__)
 TRAIN_SENTENCES, HELD_OUT_SENTENCES = SENTENCES[:48], SENTENCES[48:]
 HELD_OUT_SEED = 100_000  # validation conversations (the sampling temperature was chosen on them)
 TEST_SEED = 200_000  # test conversations (--evaluate): nothing is chosen on them
+NO_PARTNER_MOTION = 0.3  # share of training windows without the partner's motion (one avatar)
 
 
 @dataclass
@@ -69,17 +74,21 @@ class Example:
     x: np.ndarray  # [T, F] the teacher's motion
     nods: np.ndarray  # [T, F] its nods
     events: list[tuple[float, float]]  # the nods' onsets (s) and amplitudes
+    partner_x: np.ndarray | None = None  # [T, F] the partner's motion (None: not known)
 
 
-def examples(seeds, sentences, fps: float) -> list[Example]:
+def examples(seeds, sentences, fps: float, partner_motion: bool = True) -> list[Example]:
+    """Both sides of each conversation; with `partner_motion`, each side also takes up what it
+    sees of the other (`listen_teacher.mirrored`) and keeps the other's motion."""
     out = []
     for seed in tqdm(list(seeds), desc="conversations", unit="conv"):
         a, b = dialogue(seed, sentences)
         num = int(len(a) / 16000 * fps)
         pa, pb = speech_probability(a, num, fps), speech_probability(b, num, fps)
-        for own, partner, po, pp, s in ((a, b, pa, pb, 2 * seed), (b, a, pb, pa, 2 * seed + 1)):
-            m = conversation_features(own, partner, po, pp, fps, s)
-            out.append(Example(own, partner, po, pp, m.x, m.nods, m.events))
+        one, two = conversation_pair(a, b, pa, pb, fps, (2 * seed, 2 * seed + 1), partner_motion)
+        seen = (two.x, one.x) if partner_motion else (None, None)
+        out.append(Example(a, b, pa, pb, one.x, one.nods, one.events, seen[0]))
+        out.append(Example(b, a, pb, pa, two.x, two.nods, two.events, seen[1]))
     return out
 
 
@@ -124,7 +133,12 @@ def batch(model: ConverseModel, data: list[Example], rng: np.random.Generator, s
         start = int(rng.integers(0, max(1, len(ex.x) - length)))
         stop = start + length
         prob = np.pad(ex.partner_prob, (w, length))[start + 1 : stop + w]  # frames start-w+1..
-        toks.append(model.partner_tokens(ex.partner, torch.from_numpy(prob), start - w + 1, stop))
+        motion = None  # the partner's motion of frames j − 1, unknown in a share of the batch
+        if ex.partner_x is not None and rng.uniform() >= NO_PARTNER_MOTION:
+            seen = np.pad(ex.partner_x, [(w + 1, length), (0, 0)])[start + 1 : stop + w]
+            motion = (torch.from_numpy(seen) - model.mean) / model.std
+        toks.append(model.partner_tokens(ex.partner, torch.from_numpy(prob), start - w + 1, stop,
+                                         motion))  # fmt: skip
         xs.append(_crop(ex.x, start, length))
         nods.append(_crop(ex.nods, start, length))
         owns.append(_crop(ex.own_prob, start, length))
@@ -173,9 +187,9 @@ def train(args: argparse.Namespace) -> dict:
         data = real_examples(args.data, args.fps)
     else:
         data = examples(range(args.seed * 1000, args.seed * 1000 + args.conversations),
-                        TRAIN_SENTENCES, args.fps)  # fmt: skip
+                        TRAIN_SENTENCES, args.fps, args.partner_motion)  # fmt: skip
     stack = np.concatenate([e.x for e in data])
-    cfg = ConverseConfig(fps=args.fps)
+    cfg = ConverseConfig(fps=args.fps, partner_motion=args.partner_motion)
     model = ConverseModel(cfg)
     model.mean.copy_(torch.from_numpy(stack.mean(0)))
     model.std.copy_(torch.from_numpy(stack.std(0)).clamp_min(0.01))
@@ -193,6 +207,7 @@ def train(args: argparse.Namespace) -> dict:
                          "stage2_loss_last": mean_rows(h2[-50:])}}  # fmt: skip
     if args.out.resolve() == DEFAULT_CHECKPOINT.resolve() and not args.replace_shipped:
         raise ValueError(f"--out {args.out} is the shipped checkpoint: add --replace-shipped")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_converse(model.eval(), args.out, meta)
     if args.work:
         work = Path(args.work)
@@ -223,6 +238,33 @@ def generate(
     return np.concatenate(rows)
 
 
+def generate_pair(model: ConverseModel, a: Example, b: Example, seed: int, chunk: int = 25,
+                  temperature: float = TEMPERATURE) -> list[np.ndarray]:  # fmt: skip
+    """Both sides of one conversation stepped together (`ConverseModel.step_pair`): each sees
+    the other's motion."""
+    states = [model.start(seed), model.start(seed + 1)]
+    owns = [torch.from_numpy(a.own_prob), torch.from_numpy(b.own_prob)]
+    rows: list[list[np.ndarray]] = [[], []]
+    for s in range(0, len(a.x), chunk):
+        outs, states = model.step_pair(states, [o[s : s + chunk] for o in owns], [a.own, b.own],
+                                       temperature)  # fmt: skip
+        for k in range(2):
+            rows[k].append(outs[k].numpy())
+    return [np.concatenate(r) for r in rows]
+
+
+def mirror_figures(motions: list[np.ndarray], data: list[Example], fps: float) -> dict:
+    """`converse_measures.mirroring` of each side against the other side of its conversation
+    (examples come in pairs, the two sides of one conversation): posture and gaze."""
+    out = {}
+    for name, features in (("mirroring", cm.MIRRORED), ("gaze_following", cm.FOLLOWED)):
+        rows = [cm.mirroring(motions[i], motions[i ^ 1], e.own_prob, e.partner_prob, fps,
+                             features) for i, e in enumerate(data)]  # fmt: skip
+        out[f"{name}_peak"] = float(np.mean([r["peak"] for r in rows]))
+        out[f"{name}_lag_s"] = float(np.median([r["lag_s"] for r in rows]))
+    return out
+
+
 def evaluate(models: dict[str, ConverseModel], data: list[Example], fps: float) -> dict:
     ref = [cm.motion_frames(e.x, cm.roles(e.own_prob, e.partner_prob)[1], fps) for e in data]
     keep = np.concatenate(ref).std(0) > 1e-6  # features the teacher moves while listening
@@ -230,7 +272,8 @@ def evaluate(models: dict[str, ConverseModel], data: list[Example], fps: float) 
     scale = ref_all.std(0)  # every feature in units of its spread
     centres = cm.kmeans(ref_all / scale, 40)
     result = {"teacher": {"sid_bits": cm.sid(ref_all / scale, centres),
-                          **clip_figures([e.x for e in data], data, fps)}}  # fmt: skip
+                          **clip_figures([e.x for e in data], data, fps),
+                          **mirror_figures([e.x for e in data], data, fps)}}  # fmt: skip
     for name, model in models.items():
         gen = [generate(model, e, seed=1) for e in data]
         again = [generate(model, e, seed=2) for e in data]
@@ -240,7 +283,14 @@ def evaluate(models: dict[str, ConverseModel], data: list[Example], fps: float) 
                           for a, b, e in zip(gen, again, data, strict=True)])  # fmt: skip
         result[name] = {"fd": cm.frechet(frames / scale, ref_all / scale),
                         "sid_bits": cm.sid(frames / scale, centres),
-                        "seed_difference": float(differ), **clip_figures(gen, data, fps)}  # fmt: skip
+                        "seed_difference": float(differ), **clip_figures(gen, data, fps),
+                        # each side apart, with the seeds the pair below uses (1, 2)
+                        "apart": mirror_figures([(gen, again)[i % 2][i] for i in range(len(data))],
+                                                data, fps)}  # fmt: skip
+        if model.cfg.partner_motion:  # two avatars that see each other
+            pairs = [generate_pair(model, data[i], data[i + 1], seed=1)
+                     for i in range(0, len(data) - 1, 2)]  # fmt: skip
+            result[name]["together"] = mirror_figures([x for p in pairs for x in p], data, fps)
     return result
 
 
@@ -284,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace-shipped", action="store_true",
                    help="allow --out to be the shipped checkpoint (what a release does)")  # fmt: skip
     p.add_argument("--skip-training", action="store_true", help="only --evaluate --out")
+    p.add_argument("--partner-motion", action=argparse.BooleanOptionalAction, default=True,
+                   help="the two-stream model: the partner's motion in the attended tokens, and "
+                   "a teacher whose listener mirrors the speaker's posture and follows its "
+                   "glances (--no-partner-motion: the one-stream model of earlier releases)")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -300,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             if path and path.is_file():
                 models[name] = load_converse(path)
         held = examples(range(TEST_SEED, TEST_SEED + args.evaluate), HELD_OUT_SENTENCES,
-                        args.fps)  # fmt: skip
+                        args.fps, args.partner_motion)  # fmt: skip
         meta["held_out"] = evaluate(models, held, args.fps)
         meta["held_out"]["features"] = list(FEATURES)
     print(json.dumps(meta, indent=1))

@@ -182,6 +182,38 @@ def test_a_nod_moves_head_and_neck_along_the_nod_curve():
     assert later.nods == []
 
 
+def test_two_streams_see_each_other_up_to_the_frame_before():
+    """step_pair: each avatar attends to what the other shows; a change in what B shows at
+    frame 10 reaches A from frame 11 on, never earlier, and chunking does not matter."""
+    model = small_model(partner_motion=True)
+    rng = np.random.default_rng(2)
+    voices = [(rng.standard_normal(SAMPLE_RATE * 2) * 0.1).astype(np.float32) for _ in range(2)]
+    owns = [torch.rand(30), torch.rand(30)]
+    w = torch.zeros(30, len(FEATURES))
+    w[10] = 1.0  # frame 10: B shows `y` instead of its own features
+
+    def run(y_b, chunk=30):
+        states, rows = [model.start(3), model.start(4)], [[], []]
+        for s in range(0, 30, chunk):
+            shown = [(torch.zeros(chunk, len(FEATURES)), torch.zeros(chunk, len(FEATURES))),
+                     (w[s : s + chunk], y_b[s : s + chunk])]  # fmt: skip
+            outs, states = model.step_pair(states, [o[s : s + chunk] for o in owns], voices,
+                                           shown=shown)  # fmt: skip
+            for k in range(2):
+                rows[k].append(outs[k])
+        return [torch.cat(r) for r in rows]
+
+    a, b = run(torch.zeros(30, len(FEATURES)))
+    a2, b2 = run(torch.full((30, len(FEATURES)), 0.3))
+    changed = torch.nonzero((a - a2).abs().amax(1) > 1e-6)[:, 0]
+    assert len(changed) and int(changed[0]) == 11
+    assert torch.equal(b[:11], b2[:11])  # B's own features are its own until A answers
+    assert torch.equal(run(torch.zeros(30, len(FEATURES)), chunk=10)[0], a)
+    # the same model apart (one avatar: the partner's motion unknown) is another motion
+    apart = stream(model, owns[0], voices[1], owns[1], 30, seed=3)
+    assert not torch.allclose(apart, a)
+
+
 def test_stage_one_ignores_the_partner_audio():
     model = small_model(partner_audio=False)
     rng = np.random.default_rng(1)
@@ -195,7 +227,7 @@ def test_training_loss_falls_and_checkpoints_round_trip(tmp_path):
     model = small_model().train()
     x = torch.randn(2, 40, len(FEATURES)).cumsum(1) * 0.1
     own = torch.rand(2, 40)
-    tokens = torch.randn(2, model.cfg.window - 1 + 40, model.cfg.audio_dim + 1)
+    tokens = torch.randn(2, model.cfg.window - 1 + 40, model.token_width)
     onsets = torch.zeros(2, 40)
     onsets[:, [7, 30]] = 1
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -246,6 +278,30 @@ def test_measures_find_nods_and_compare_distributions():
     assert cm.sid(a, centres) > 2.5 > cm.sid(np.zeros((50, 3)), centres)
 
 
+def test_teacher_mirrors_the_speaker_and_the_measure_finds_it():
+    """The two-stream teacher: a listener takes up the speaker's posture (roll mirrored) and
+    follows its glances (yaw mirrored), each at its lag; the measure finds both, and nothing
+    in a listener that does not see the speaker."""
+    from distill.listen_teacher import TAKEN, mirrored
+
+    fps, num = 25.0, 500
+    t = np.arange(num) / fps
+    rng = np.random.default_rng(0)
+    speaker = np.zeros((num, len(FEATURES)), np.float32)
+    for name in (*cm.MIRRORED, *cm.FOLLOWED):
+        speaker[:, FEATURES.index(name)] = 0.05 * np.sin(2 * np.pi * t / rng.uniform(2, 4))
+    listener = (0.01 * rng.standard_normal((num, len(FEATURES)))).astype(np.float32)
+    own, partner = np.zeros(num), np.ones(num)  # it listens, the partner speaks throughout
+    x = mirrored(listener, speaker, own, partner, fps)
+    for (features, gain, lag_s, _), name in zip(TAKEN, ("head.z", "gazeYaw"), strict=True):
+        i, lag = FEATURES.index(name), int(lag_s * fps)
+        moved = x[lag + 10 :, i] - listener[lag + 10 :, i]
+        assert np.allclose(moved, -gain * speaker[10:-lag, i], atol=3e-3), name  # mirrored
+        found = cm.mirroring(x, speaker, own, partner, fps, features)
+        assert found["peak"] > 0.8 and abs(found["lag_s"] - lag_s) <= 0.2, name
+        assert cm.mirroring(listener, speaker, own, partner, fps, features)["peak"] < 0.3
+
+
 @needs_espeak
 def test_teacher_listens_with_a_closed_mouth_and_nods_on_time(held_out):
     for ex in held_out:
@@ -270,6 +326,24 @@ def test_shipped_model_listens_on_a_held_out_conversation(held_out):
         listen = cm.roles(ex.own_prob, ex.partner_prob)[1]
         other = generate(model, ex, seed=2)
         assert np.abs(x - other)[listen, :NUM_COARSE].mean() > 0.005  # seeds differ
+
+
+@needs_espeak
+def test_shipped_model_follows_the_other_avatars_glances(held_out):
+    """Both sides of a held-out conversation stepped together: each listener's eyes follow
+    where the speaker glances (the teacher's joint attention, learnt through the streams'
+    cross-attention); stepped apart, with the same seeds, they do not."""
+    from distill.train_converse import generate, generate_pair
+
+    model = load_converse()
+    together = generate_pair(model, held_out[0], held_out[1], seed=1)
+    apart = [generate(model, held_out[0], seed=1), generate(model, held_out[1], seed=2)]
+    for k, ex in enumerate(held_out):
+        seen = cm.mirroring(together[k], together[1 - k], ex.own_prob, ex.partner_prob, 25.0,
+                            cm.FOLLOWED)  # fmt: skip
+        unseen = cm.mirroring(apart[k], apart[1 - k], ex.own_prob, ex.partner_prob, 25.0,
+                              cm.FOLLOWED)  # fmt: skip
+        assert seen["peak"] >= 0.4 and seen["peak"] > unseen["peak"] + 0.2, (seen, unseen)
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------

@@ -185,11 +185,22 @@ class Driver:
         """The avatar posed for each frame (body frame, no grad); with a
         `deform.listener.Listener` it also listens (head, face, gaze and blinks blended with the
         conversation model's)."""
+        hands = HandState()
+        for start, motion in self.motions(samples, num_frames, listener):
+            eyes = None
+            if listener is not None:
+                motion, eyes = listener.chunk(motion, start)
+            chunk, hands = self.pose_chunk(motion, start, hands, listener, eyes)
+            yield from chunk
+
+    @torch.no_grad()
+    def motions(self, samples: np.ndarray, num_frames: int, listener=None) -> Iterator[tuple]:
+        """(start frame, the speech deformer's `Motion` of the next frames) chunk by chunk; a
+        listener's lips meet (`Listener.closed_lips`), its listening is blended in later."""
         cfg, rig, model = self.cfg, self.rig, self.model
         audio = torch.from_numpy(samples)
         text = model.transcript_embedding(cfg.transcript)
         state = model.start(self.tokens)
-        hands = HandState()
         for start in range(0, num_frames, CHUNK):
             n = min(CHUNK, num_frames - start)
             closed = None if listener is None else listener.closed_lips(start, n)
@@ -202,15 +213,20 @@ class Driver:
                 motion = replace(motion, controls=motion.controls.cpu())
             if not cfg.particles:
                 motion = motion.without_particles()
-            eyes = None
-            if listener is None:
-                blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
-            else:
-                blink = listener.blinks(start, n)
-                motion, eyes = listener.chunk(motion, start)
-            with stage("rig"):
-                fingers, hands = rig.hands.step(motion.bones, cfg.fps, hands)
-            yield from rig.posed_frames(motion, blink, fingers, eyes)
+            yield start, motion
+
+    def pose_chunk(self, motion, start: int, hands: HandState, listener=None,
+                   eyes: torch.Tensor | None = None) -> tuple[Iterator[Gaussians], HandState]:  # fmt: skip
+        """The frames of one chunk's (blended) motion posed one by one, with blinks (a
+        listener's: faster) and the hands' state carried to the next chunk."""
+        cfg, n = self.cfg, len(motion.controls)
+        if listener is None:
+            blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
+        else:
+            blink = listener.blinks(start, n)
+        with stage("rig"):
+            fingers, hands = self.rig.hands.step(motion.bones, cfg.fps, hands)
+        return self.rig.posed_frames(motion, blink, fingers, eyes), hands
 
     @torch.no_grad()
     def frames(

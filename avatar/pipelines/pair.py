@@ -5,9 +5,10 @@ speaker's, its partner's is the other's. The layout (`avatar.layout`, from `--la
 places both on one ground plane (feet at y = 0), the first avatar on the left of the two-shot,
 each turned toward the other; every frame both posed Gaussian sets are moved into the scene and
 concatenated, so one rasterisation draws them and they occlude each other. Each avatar's
-partner direction (for its head and eyes) is the other's head, from the layout. With
-`--report`, per frame: who speaks, and how far each listener's head is turned from the
-speaker's head (degrees, from the posed skeleton).
+partner direction (for its head and eyes) is the other's head, from the layout. The two
+conversation models step together (`deform.listener.Duet`): each attends to what the other
+shows, frame by frame. With `--report`, per frame: who speaks, and how far each listener's head
+is turned from the speaker's head (degrees, from the posed skeleton).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from deform.controls import DRIVEN_BONES
 from deform.conversation import NUM_COARSE, load_converse
-from deform.listener import Listener
+from deform.hands import HandState
+from deform.listener import Duet, Listener
 from deform.voice import Tracks, speech_probability
 from render import Cameras, Gaussians, fit_to_points, intrinsics, look_at, rasterize, to_uint8
 from render.io import atomic_path
@@ -136,15 +138,29 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
                               cfg.seed + k, yaw, pitch, temperature=listen.temperature)  # fmt: skip
     device = drivers[0].device
     cams = scene_cameras(members, camera, cfg.size, num).to(device)
-    streams = [m.driver.posed(voices[k], num, m.listener) for k, m in enumerate(members)]
+    duet = Duet(members[0].listener, members[1].listener)
     bg = torch.ones(3, device=device)
+
+    def posed():
+        """Both avatars' posed Gaussians, frame by frame: each chunk's speech motion of both,
+        then both listen together (the duet), then both are posed."""
+        streams = [m.driver.motions(voices[k], num, m.listener) for k, m in enumerate(members)]
+        hands = [HandState(), HandState()]
+        for chunks in zip(*streams, strict=True):
+            start = chunks[0][0]
+            blended = duet.chunk([motion for _, motion in chunks], start)
+            posing = []
+            for k, (m, (motion, eyes)) in enumerate(zip(members, blended, strict=True)):
+                frames_k, hands[k] = m.driver.pose_chunk(motion, start, hands[k], m.listener, eyes)
+                posing.append(frames_k)
+            yield from zip(*posing, strict=True)
 
     def frames():
         bar = tqdm(total=num, unit="frame", desc="converse", disable=not progress)
         with bar, torch.no_grad():
-            for i, posed in enumerate(zip(*streams, strict=True)):
+            for i, both in enumerate(posed()):
                 with stage("rig"):
-                    scene = Gaussians.cat([m.place(g) for m, g in zip(members, posed,
+                    scene = Gaussians.cat([m.place(g) for m, g in zip(members, both,
                                                                       strict=True)])  # fmt: skip
                 cam = cams[min(i, len(cams) - 1)]
                 with stage("render"):
