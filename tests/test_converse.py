@@ -593,7 +593,7 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
     from avatar.asset import Avatar
     from avatar.layout import layout_from_text
     from avatar.pipelines.drive import DriveConfig, Driver
-    from avatar.pipelines.pair import build_scene, scene_cameras
+    from avatar.pipelines.pair import Member, build_scene, scene_cameras
 
     driver = Driver(Avatar.load(small), DriveConfig(size=64))
     members = build_scene([driver, driver], layout_from_text("facing each other"))
@@ -617,6 +617,16 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
     assert torch.allclose(position, full.joints[:, i] @ turn.T + members[1].offset(), atol=1e-5)
     assert torch.allclose(facing, full.transforms[:, i, :3, 2] @ turn.T, atol=1e-5)
     a_head, b_head = members[0].head()[0], members[1].head()[0]
+    # the turn toward the other is from where the photo's head faces: a head already turned
+    # 0.3 rad to its left needs 0.3 rad less to the left
+    straight = members[1].turn_toward(a_head)
+    turned = Member(Driver(Avatar.load(small), DriveConfig(size=64)), members[1].placement,
+                    members[1].lift)  # fmt: skip
+    head_bone = turned.driver.rig.template.bone_names.index("head")
+    turned.driver.rig.base_pose[head_bone, 1] += 0.3  # +y: toward the avatar's left
+    yaw, pitch = turned.turn_toward(a_head)
+    assert yaw == pytest.approx(straight[0] - 0.3, abs=0.02)
+    assert pitch == pytest.approx(straight[1], abs=0.02)
     for kind, near, far in (
         ("over-shoulder-a", a_head, b_head),
         ("over-shoulder-b", b_head, a_head),

@@ -83,6 +83,15 @@ class Member:
         position = t[:, :3, :3] @ rest + t[:, :3, 3]
         return position @ r.T + self.offset(), t[:, :3, 2] @ r.T  # R_head · (0, 0, 1)
 
+    def turn_toward(self, point: torch.Tensor) -> tuple[float, float]:
+        """(yaw, pitch) radians that turn its head from where it faces in the base pose (the
+        photo's head may already be turned) to `point` in the scene."""
+        here, facing = self.head()
+        yaw, pitch = toward(self.placement, tuple(point.tolist()), tuple(here.tolist()))
+        base_yaw, base_pitch = toward(self.placement, tuple((here + facing).tolist()),
+                                      tuple(here.tolist()))  # fmt: skip
+        return yaw - base_yaw, pitch - base_pitch
+
 
 def build_scene(drivers: list[Driver], layout: SceneLayout) -> list[Member]:
     members = []
@@ -133,7 +142,7 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
         raise AvatarError(f"conversation model: {exc}") from None
     heads = [m.head()[0] for m in members]
     for k, m in enumerate(members):
-        yaw, pitch = toward(m.placement, tuple(heads[1 - k].tolist()), tuple(heads[k].tolist()))
+        yaw, pitch = m.turn_toward(heads[1 - k])
         m.listener = Listener(model, probs[k], voices[1 - k], probs[1 - k], cfg.fps,
                               cfg.seed + k, yaw, pitch, temperature=listen.temperature)  # fmt: skip
     device = drivers[0].device
