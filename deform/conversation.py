@@ -169,9 +169,13 @@ class ConverseModel(nn.Module):
         covers them): the partner's audio and speech probability, then (with
         `cfg.partner_motion`) its normalised motion features of frame j − 1 and 1, or zeros
         and 0 where its motion is not known (`motion` None: one avatar in the scene)."""
+        return self.with_motion(self.audio_tokens(samples, partner_prob, start, stop), motion)
+
+    def audio_tokens(self, samples: Tensor | np.ndarray, partner_prob: Tensor, start: int,
+                     stop: int) -> Tensor:  # fmt: skip
+        """[stop − start, a+1] the audio part of `partner_tokens`."""
         enc = self.audio.encode(samples, start, stop, self.cfg.fps)
-        audio = torch.cat([enc, partner_prob[:, None].to(enc)], -1)
-        return self.with_motion(audio, motion)
+        return torch.cat([enc, partner_prob[:, None].to(enc)], -1)
 
     def with_motion(self, audio: Tensor, motion: Tensor | None) -> Tensor:
         """Audio tokens [..., T, a+1] completed with the partner's normalised motion [..., T, F]
@@ -295,14 +299,14 @@ class ConverseModel(nn.Module):
         Returns both [T, F] (as `step`)."""
         states = [replace(s, nods=list(s.nods)) for s in states]
         num, start = len(owns[0]), states[0].frame
-        audio = [self.partner_tokens(voices[1 - k], owns[1 - k], start, start + num)
+        audio = [self.audio_tokens(voices[1 - k], owns[1 - k], start, start + num)
                  for k in range(2)]  # fmt: skip
         roles = [self.roles(o.float()) for o in owns]
         rows: list[list[Tensor]] = [[], []]
         seen = [s.last if s.shown is None else s.shown for s in states]  # the frame before
         for i in range(num):
             for k in range(2):
-                token = self.with_motion(audio[k][i, : self.audio_width], seen[1 - k])
+                token = self.with_motion(audio[k][i], seen[1 - k])
                 rows[k].append(self._frame(states[k], roles[k][i], token, temperature))
             seen = [rows[0][-1], rows[1][-1]]
             for k, (w, y) in enumerate(shown or []):

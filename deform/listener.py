@@ -33,6 +33,8 @@ HEAD_SHARE = (0.55, 0.25)  # of the partner's direction taken by the head and th
 LISTEN_BLINK_RATE = 0.6  # blinks 1.6x as often while listening
 ROLE_RATE = 0.33  # per-frame causal smoothing of the speech probability (about 0.1 s at 25 fps)
 LISTEN_LIPS = 0.5  # how far a listener's lips take `controls.LIPS_MEET`
+# the large facial actions in the deformer's per-frame controls (after the driven bones' xyz)
+ACTIONS = slice(3 * len(DRIVEN_BONES), 3 * len(DRIVEN_BONES) + len(TEMPLATE_ACTIONS))
 
 
 class Listener:
@@ -80,12 +82,11 @@ class Listener:
         """(w, y) [T, F] for `ConverseModel.step_pair`: the speech deformer's head, neck, chest
         and face actions `y` (raw features) show with weight m instead of the model's; gaze
         is the model's."""
-        num, n_bones = len(motion.controls), 3 * len(DRIVEN_BONES)
-        face = NUM_COARSE + len(TEMPLATE_ACTIONS)
+        num, face = len(motion.controls), NUM_COARSE + len(TEMPLATE_ACTIONS)
         w, y = torch.zeros(num, len(FEATURES)), torch.zeros(num, len(FEATURES))
         w[:, :face] = self.role_mix(start, num)[:, None]
         y[:, :NUM_COARSE] = motion.controls[:, :NUM_COARSE]
-        y[:, NUM_COARSE:face] = motion.controls[:, n_bones : n_bones + len(TEMPLATE_ACTIONS)]
+        y[:, NUM_COARSE:face] = motion.controls[:, ACTIONS]
         return w, y
 
     def blend(self, motion, conv: Tensor, start: int) -> tuple[object, Tensor | None]:
@@ -97,16 +98,14 @@ class Listener:
         controls[:, 1] += HEAD_SHARE[0] * self.partner_yaw  # head.y: turn toward the partner
         controls[:, 4] += HEAD_SHARE[1] * self.partner_yaw  # neck02.y
         controls[:, 0] -= (1 - m[:, 0]) * HEAD_SHARE[0] * self.partner_pitch  # +x looks down
-        n_bones = 3 * len(DRIVEN_BONES)
-        actions = slice(n_bones, n_bones + len(TEMPLATE_ACTIONS))
         fine = conv[:, NUM_COARSE : NUM_COARSE + len(TEMPLATE_ACTIONS)].clamp(0, 1)
-        controls[:, actions] = m * controls[:, actions] + (1 - m) * fine
+        controls[:, ACTIONS] = m * controls[:, ACTIONS] + (1 - m) * fine
         gaze = conv[:, FEATURES.index("gazeYaw") :]
         rest = 1 - sum(HEAD_SHARE)
         yaw = gaze[:, 0] + rest * self.partner_yaw
         pitch = gaze[:, 1] + rest * self.partner_pitch  # up; the eye bones' +x looks down
         eyes = torch.stack([-pitch, yaw, torch.zeros_like(yaw)], -1)[:, None].expand(-1, 2, -1)
-        final = torch.cat([controls[:, :NUM_COARSE], controls[:, actions], gaze], -1)
+        final = torch.cat([controls[:, :NUM_COARSE], controls[:, ACTIONS], gaze], -1)
         self.rows.append(final.numpy())
         return replace(motion, controls=controls), (eyes.contiguous() if self.gaze else None)
 
