@@ -11,6 +11,10 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
                                            personalised decoder's unseen colours; the
                                            per-Gaussian refinement leaves them fixed)
 
+Gaussians hidden behind others in the photo (the back of the head behind the face) keep their
+opacity, scale and position: the photo cannot judge them, and the light its front lets through
+would only thin them out, holes through which the face shows from behind.
+
 Colours start from a prior (`reconstruct.complete.colour_prior`): the photo's own pixels where it
 sees a Gaussian well, and colours completed from parts like it everywhere else (hair on the
 back of the head, the same garment continued around a limb or the torso).
@@ -53,6 +57,9 @@ class RefineConfig:
     lr_offset: float = 5e-4
     lr_decoder: float = 2e-4
     """Learning rate of the reconstructor's Gaussian decoder when it is personalised."""
+
+
+OUTLINE_PX = 3  # pixels of the person's outline where the silhouette judges any Gaussian
 
 
 def posed_blend(binding: Binding, transforms: Tensor) -> Tensor:  # [J,4,4] -> [N,4,4]
@@ -100,6 +107,17 @@ def unoccluded(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
     return z < sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0] + tolerance
 
 
+def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTLINE_PX) -> Tensor:
+    """[N] bool: Gaussians projecting inside the person `mask` [H, W], at least `margin` pixels
+    from its outline."""
+    import cv2
+
+    m = (mask.numpy() > 0.5).astype(np.uint8)
+    inner = cv2.erode(m, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
+    return sample_image(torch.from_numpy(inner.astype(np.float32))[..., None],
+                        cam.project(posed.means)[0])[:, 0] > 0.5  # fmt: skip
+
+
 def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
     """Image [H,W,3] blurred inside the mask only (normalised convolution), sigma = frac x H."""
     import cv2
@@ -130,13 +148,15 @@ class View:
 class AppearanceLoss:
     """The refinement objective of the module docstring, for canonical Gaussians posed by
     `transforms` and seen by `cam`; `prior` [N, 3] holds the colours that Gaussians the photo
-    does not see (`seen` [N]) should keep. `close_up`: the same photo around the face at its
+    does not see (`seen` [N]) should keep; `hidden` [N] marks those behind others in the photo,
+    whose shape the refinement leaves as it is. `close_up`: the same photo around the face at its
     own resolution (the working crop shrinks a full-body photo's face to a few dozen pixels),
     whose image terms are added."""
 
     def __init__(self, transforms: Tensor, binding: Binding, cam: Cameras, image: Tensor,
                  mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig,
-                 close_up: View | None = None, start: Gaussians | None = None) -> None:  # fmt: skip
+                 close_up: View | None = None, start: Gaussians | None = None,
+                 hidden: Tensor | None = None) -> None:  # fmt: skip
         self.blend = posed_blend(binding, transforms).detach()
         self.start = None  # the posed start: its means, rays and extents along them
         if start is not None:
@@ -144,6 +164,7 @@ class AppearanceLoss:
                 posed = apply_blend(start, self.blend)
                 self.start = (posed.means, *along_rays(posed, cam))
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
+        self.hidden = torch.zeros_like(seen) if hidden is None else hidden
         self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
         self.views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
         self.target, self.m = image[None], (mask[None, ..., None] > 0.5).to(mask.dtype)
@@ -217,11 +238,14 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
-        seen = well_seen(apply_blend(canonical, blend), cam, binding, face_uv)
+        posed = apply_blend(canonical, blend)
+        seen = well_seen(posed, cam, binding, face_uv)
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
+        hidden = ~unoccluded(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
+        hidden &= inside_mask(posed, cam, mask)  # at the outline the silhouette judges them
     return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up,
-                          canonical)  # fmt: skip
+                          canonical, hidden)  # fmt: skip
 
 
 def refine_appearance(
@@ -254,6 +278,12 @@ def refine_appearance(
         "opacity_logits": canonical.opacity_logits.clone().requires_grad_(),
         "log_scales": canonical.log_scales.clone().requires_grad_(),
     }
+    # nor the shape of what it cannot see at all: a Gaussian behind others (the back of the
+    # head behind the face) would only thin out or shrink where the front lets light through,
+    # leaving holes that show the face from behind
+    judged = (~objective.hidden).to(sh.dtype)
+    for tensor in (params["opacity_logits"], params["log_scales"], offsets):
+        tensor.register_hook(lambda grad: grad * judged.reshape(-1, *[1] * (grad.ndim - 1)))
     opt = torch.optim.Adam([
         {"params": [params["sh"]], "lr": cfg.lr_color},
         {"params": [params["opacity_logits"]], "lr": cfg.lr_opacity},

@@ -209,6 +209,37 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     assert grow == pytest.approx(float(want), rel=1e-3)
 
 
+def test_refinement_leaves_the_shape_of_what_the_photo_cannot_see():
+    """The back of the head sits behind the face in a front photo: the light the face lets
+    through would thin it out (holes showing the face from behind), so the refinement keeps
+    the opacity, scale and position of every hidden Gaussian and fits the rest."""
+    from reconstruct.refine import RefineConfig, appearance_loss, refine_appearance
+    from render import fit_to_points, scene_points
+    from render.rotations import quat_to_rotmat
+
+    avatar = template_avatar(3000)
+    g, b = avatar.gaussians, avatar.binding
+    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    image, mask = torch.full((64, 64, 3), 0.3), torch.ones(64, 64)  # grey: a lot must move
+    cfg = RefineConfig(steps=4)
+    hidden = appearance_loss(g, b, transforms, cam, image, mask, cfg).hidden
+    back = quat_to_rotmat(g.quats)[:, 2, 2] < -0.5  # normals away from the camera
+    front = quat_to_rotmat(g.quats)[:, 2, 2] > 0.5
+    assert hidden[back].float().mean() > 0.8 and hidden[front].float().mean() < 0.4  # 64 px
+    narrow = torch.zeros(64, 64)
+    narrow[:, 16:48] = 1  # at the outline, the silhouette judges even a hidden Gaussian
+    free = ~appearance_loss(g, b, transforms, cam, image, narrow, cfg).hidden
+    u = cam.project(g.means)[0][:, 0]
+    assert free[(u < 18) | (u > 46)].all() and not free[back & (u > 22) & (u < 42)].all()
+    out = refine_appearance(g, b, transforms, cam, image, mask, cfg, progress=False)
+    for name in ("opacity_logits", "log_scales", "means"):
+        before, after = getattr(g, name), getattr(out, name)
+        assert torch.equal(before[hidden], after[hidden]), name
+        assert (before[~hidden] != after[~hidden]).any(), name
+
+
 def test_the_refinement_poses_like_apply_blend_with_its_orientations_cached():
     from deform.skinning import apply_blend
     from reconstruct.refine import RefineConfig, appearance_loss
