@@ -198,7 +198,7 @@ def _driver_and_audio(avatar: AvatarLike, audio: PathLike, config, options, body
 
 def drive_frames(avatar: AvatarLike, audio: PathLike, config: DriveConfig | None = None, *,
                  body: str = "", progress: bool = False, **options) -> Iterator[np.ndarray]:  # fmt: skip
-    """The talking video's frames [size, size, 3] uint8, one by one as they are made (the
+    """The talking video's frames [height, size, 3] uint8, one by one as they are made (the
     same frames `drive` encodes), at `config.fps`."""
     driver, speech, num = _driver_and_audio(avatar, audio, config, options, body)
     return driver.frames(speech.samples, num, progress)

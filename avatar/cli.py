@@ -587,8 +587,11 @@ def _check_sizes(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise AvatarError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if (getattr(args, "size", None) or 0) > 8192:
-        raise AvatarError(f"--size {args.size} is too large (at most 8192)")
+    for name in ("size", "height"):
+        if (getattr(args, name, None) or 0) > 8192:
+            raise AvatarError(f"--{name} {getattr(args, name)} is too large (at most 8192)")
+    if (getattr(args, "height", None) or 0) < 0:
+        raise AvatarError(f"--height must be at least 0 (0: square), got {args.height}")
 
 
 def _error(exc: BaseException) -> None:

@@ -589,6 +589,28 @@ def test_two_faces_in_one_video_are_told_apart(tmp_path):
     assert not m["pass"]["right_mouth_moves"]
 
 
+def test_a_wide_two_shot_frames_both_larger_than_a_square(small):
+    """The two-shot fits the pair (chest up) to the frame's width or height, whichever binds:
+    in a 16:9 frame they fill its width, larger than in a square of the same height."""
+    from avatar.asset import Avatar
+    from avatar.layout import layout_from_text
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from avatar.pipelines.pair import build_scene, scene_cameras
+
+    driver = Driver(Avatar.load(small), DriveConfig(size=64))
+    members = build_scene([driver, driver], layout_from_text("side by side"))
+    heads = torch.stack([m.head()[0] for m in members])
+    spans = {}
+    for w, h in ((96, 54), (54, 54)):
+        cam = scene_cameras(members, "two-shot", w, h, 10)
+        assert len(cam) == 1 and (cam.width, cam.height) == (w, h)
+        uv = cam.project(heads)[0]
+        assert ((uv >= 0) & (uv <= torch.tensor([w, h]))).all()  # both heads in the frame
+        assert uv[0, 0] < w / 2 < uv[1, 0]  # the first avatar on the left
+        spans[w] = float(uv[1, 0] - uv[0, 0])
+    assert spans[96] > 1.3 * spans[54]
+
+
 def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
     from avatar.asset import Avatar
     from avatar.layout import layout_from_text
@@ -601,7 +623,7 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
         with torch.no_grad():
             feet = m.place(driver.rig.still()).means[:, 1].quantile(0.002)
         assert abs(float(feet)) < 0.01
-    assert len(scene_cameras(members, "orbit", 64, 10)) == 10
+    assert len(scene_cameras(members, "orbit", 64, 64, 10)) == 10
     # the head by forward kinematics alone equals the template's full forward (mesh skinned)
     from deform.controls import DRIVEN_BONES, compose_pose
 
@@ -631,7 +653,7 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
         ("over-shoulder-a", a_head, b_head),
         ("over-shoulder-b", b_head, a_head),
     ):
-        cam = scene_cameras(members, kind, 64, 10)
+        cam = scene_cameras(members, kind, 64, 64, 10)
         view = cam.viewmats[0]
         eye = -view[:3, :3].T @ view[:3, 3]  # the camera centre in the scene
         assert (eye - near).norm() < 1.0 < (eye - far).norm()
@@ -640,4 +662,4 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
     from avatar.errors import AvatarError
 
     with pytest.raises(AvatarError, match="--camera"):
-        scene_cameras(members, "drone", 64, 10)
+        scene_cameras(members, "drone", 64, 64, 10)

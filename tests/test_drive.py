@@ -129,12 +129,17 @@ def test_the_mouth_moves_with_speech_and_rests_in_silence(small):
 
 def test_views_and_framings(small, tmp_path):
     wav = write_wav(tmp_path / "s.wav", speechlike(0.4).numpy())
-    for view, framing in (("orbit", "full"), ("yaw=30", "upper")):
+    for view, framing, height in (("orbit", "full", 0), ("yaw=30", "upper", 36)):
         out = tmp_path / f"{framing}.mp4"
         res = run_avatar("drive", str(small), str(wav), "-o", str(out), "--size", "64",
-                         "--view", view, "--framing", framing, "--fps", "20")  # fmt: skip
+                         "--height", str(height), "--view", view, "--framing", framing,
+                         "--fps", "20")  # fmt: skip
         assert res.returncode == 0, res.stderr[-2000:]
         assert video_info(out)[0] == 8
+        with av.open(str(out)) as c:  # --height 0 is square
+            assert (c.streams.video[0].width, c.streams.video[0].height) == (64, height or 64)
+    res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "no.mp4"), "--height", "-2")
+    assert res.returncode == 2 and "--height" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_silent_audio_gives_a_calm_video(small, tmp_path):

@@ -40,7 +40,9 @@ CHUNK = 25  # frames per deformer step
 @dataclass(frozen=True)
 class DriveConfig:
     size: int = 512
-    """Square video size in pixels."""
+    """Video width in pixels (and height, unless --height)."""
+    height: int = 0
+    """Video height in pixels (0: square); e.g. --size 768 --height 432 for a wide two-shot."""
     fps: float = 25.0
     """Frames per second."""
     view: str = "front"
@@ -177,8 +179,8 @@ class Driver:
                 pts = self.rig.framing_points(cfg.framing)
         except ValueError as exc:
             raise AvatarError(f"--{exc}") from None
-        return fit_to_points(pts, cfg.size, cfg.size, _yaws(cfg.view, num_frames), 0.0, 30.0,
-                             FRAMINGS[cfg.framing]).to(self.device)  # fmt: skip
+        return fit_to_points(pts, cfg.size, cfg.height or cfg.size, _yaws(cfg.view, num_frames),
+                             0.0, 30.0, FRAMINGS[cfg.framing]).to(self.device)  # fmt: skip
 
     @torch.no_grad()  # as a decorator it holds only while the generator runs, not its caller
     def posed(self, samples: np.ndarray, num_frames: int, listener=None) -> Iterator[Gaussians]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from deform.controls import DRIVEN_BONES
@@ -102,7 +103,8 @@ def build_scene(drivers: list[Driver], layout: SceneLayout) -> list[Member]:
     return members
 
 
-def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Cameras:
+def scene_cameras(members: list[Member], kind: str, width: int, height: int, num: int) -> Cameras:
+    """The scene's `num` cameras (one, but for the orbit), `width` x `height` pixels."""
     if kind not in CAMERAS:
         raise AvatarError(f"--camera {kind!r}: use {', '.join(CAMERAS)}")
     if kind.startswith("over-shoulder"):
@@ -112,7 +114,7 @@ def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Came
         side = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]), forward)
         eye = head - 0.75 * forward + 0.12 * torch.tensor([0.0, 1.0, 0.0]) + 0.3 * side
         view = look_at(eye[None].double(), target[None].double()).float()
-        return Cameras(view, intrinsics(40.0, size, size)[None], size, size)
+        return Cameras(view, intrinsics(40.0, width, height)[None], width, height)
     with torch.no_grad():
         points = []
         for m in members:
@@ -121,8 +123,26 @@ def scene_cameras(members: list[Member], kind: str, size: int, num: int) -> Came
             points.append(g.means[keep])
         pts = torch.cat(points)
     box = torch.stack([pts.quantile(0.01, 0), pts.quantile(0.99, 0)])
-    yaws = torch.arange(num, dtype=torch.float64) * 360.0 / max(num, 1) if kind == "orbit" else 0.0
-    return fit_to_points(box, size, size, yaws, 5.0, 30.0, 0.8)
+    if kind == "orbit":  # every yaw must frame the pair: their bounding sphere
+        yaws = torch.arange(num, dtype=torch.float64) * 360.0 / max(num, 1)
+        return fit_to_points(box, width, height, yaws, 5.0, 30.0, 0.8)
+    return two_shot(box, width, height)
+
+
+def two_shot(box: Tensor, width: int, height: int, fov_y: float = 30.0, fill: float = 0.85,
+             elevation: float = 5.0) -> Cameras:  # fmt: skip
+    """A camera in front of the pair (+Z), `elevation` degrees above, as close as lets the box
+    [2, 3] (both avatars, chest up) fill `fill` of the frame's width or height, whichever binds:
+    a wide frame holds two people side by side at the size a square gives one."""
+    lo, hi = box.double()
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    tan_y = math.tan(math.radians(fov_y) / 2)
+    tan_x = tan_y * width / height
+    dist = float(half[2]) + max(float(half[0]) / (fill * tan_x), float(half[1]) / (fill * tan_y))
+    el = math.radians(elevation)
+    eye = centre + dist * torch.tensor([0.0, math.sin(el), math.cos(el)], dtype=torch.float64)
+    view = look_at(eye[None], centre[None]).float()
+    return Cameras(view, intrinsics(fov_y, width, height)[None], width, height)
 
 
 def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
@@ -146,7 +166,7 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
         m.listener = Listener(model, probs[k], voices[1 - k], probs[1 - k], cfg.fps,
                               cfg.seed + k, yaw, pitch, temperature=listen.temperature)  # fmt: skip
     device = drivers[0].device
-    cams = scene_cameras(members, camera, cfg.size, num).to(device)
+    cams = scene_cameras(members, camera, cfg.size, cfg.height or cfg.size, num).to(device)
     duet = Duet(members[0].listener, members[1].listener)
     bg = torch.ones(3, device=device)
 
