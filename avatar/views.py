@@ -142,7 +142,8 @@ def person_box(a: Tensor, b: Tensor, person: Tensor, size: int = 224) -> tuple[T
 
 def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
                     render_size: int = 256, refine_steps: int | None = None,
-                    personalise_steps: int | None = None, save: str | os.PathLike | None = None, progress: bool = True) -> dict:  # fmt: skip
+                    personalise_steps: int | None = None, save: str | os.PathLike | None = None,
+                    progress: bool = True) -> dict:  # fmt: skip
     """Create's appearance stage on held-out synthetic subjects (their true template fit; loose
     clothes, long hair, prints, gloves as `reconstruct.synthetic` makes them), rendered around
     the body against the truth: PSNR (over either's person pixels), SSIM and LPIPS (AlexNet, on
