@@ -184,7 +184,7 @@ def cmd_eval_sync(args: argparse.Namespace) -> int:
 
         reference = neutral_face(Avatar.load(args.avatar, args.body), args.size)
     result = evaluate_video(args.video, args.audio, reference, args.transcript)
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _print_result(result, args.json)
     return 0
 
 
@@ -192,7 +192,7 @@ def cmd_eval_converse(args: argparse.Namespace) -> int:
     from .evaluate import converse_metrics
 
     result = converse_metrics(args.video, args.report)
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _print_result(result, args.json)
     return 0
 
 
@@ -236,13 +236,24 @@ def cmd_eval_views(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: dict, as_json: bool) -> None:
-    """A benchmark's figures: one JSON object, or aligned `key  value` lines."""
+    """A benchmark's or an eval's figures: one JSON object, or aligned `key  value` lines; on
+    stderr, a hint where MediaPipe hardly found the face (the mouth figures are then NaN or rest
+    on a few frames: the video's framing, not the avatar)."""
     if as_json:
         print(json.dumps(result))
-        return
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    sync = result.get("sync")
+    found = result.get("face_found_fraction", sync.get("face_found_fraction") if sync else None)
+    if isinstance(found, float):
+        from .evaluate import TARGETS
+
+        if found < TARGETS["face_found"]:
+            print(f"MediaPipe found a face in {found:.0%} of the frames: the mouth figures need "
+                  "the face larger, e.g. a video made with --framing face (or upper)",
+                  file=sys.stderr)  # fmt: skip
 
 
 def cmd_bench_drive(args: argparse.Namespace) -> int:

@@ -453,9 +453,11 @@ def converse_metrics(video_path: str | os.PathLike, report_path: str | os.PathLi
     figures = {k: report[k] for k in ("head_speed_ratio", "longest_still_listening_s",
                                       "reaction_delay_median_s", "nodded_phrase_ends") if k in report}  # fmt: skip
     ratio = mean(listen) / mean(talk) if mean(talk) > 0 else float("nan")
+    face = float(np.isfinite(gap).mean())
     return {"gap_speaking": mean(talk), "gap_listening": mean(listen),
-            "gap_listening_over_speaking": ratio, "face_found_fraction": float(np.isfinite(gap).mean()),
-            **figures, "pass": {"quiet_mouth": bool(ratio <= 0.15)}}  # fmt: skip
+            "gap_listening_over_speaking": ratio, "face_found_fraction": face,
+            **figures, "pass": {"quiet_mouth": bool(ratio <= 0.15),
+                                "face_found": face >= TARGETS["face_found"]}}  # fmt: skip
 
 
 def pair_mouths(video_path: str | os.PathLike, report: dict) -> dict:
@@ -487,5 +489,6 @@ def pair_mouths(video_path: str | os.PathLike, report: dict) -> dict:
         out[f"own_over_other_{k + 1}"] = mean(own) / max(mean(other), 1e-9)
     out["listening_head_to_speaker_deg"] = [report.get(f"listening_head_to_speaker_deg_{k}")
                                             for k in (1, 2)]  # fmt: skip
-    out["pass"] = {"right_mouth_moves": all(out[f"own_over_other_{k}"] >= 3 for k in (1, 2))}
+    out["pass"] = {"right_mouth_moves": all(out[f"own_over_other_{k}"] >= 3 for k in (1, 2)),
+                   "both_faces_found": out["both_faces_found_fraction"] >= TARGETS["face_found"]}
     return out

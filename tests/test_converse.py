@@ -421,6 +421,12 @@ def test_converse_end_to_end_with_a_report(small, tmp_path, speech):
     assert np.mean(data["own_speech_probability"][:20]) > np.mean(
         data["own_speech_probability"][30:]
     )
+    # the grey template has no face MediaPipe finds: the measure says so, and how to get one
+    res = run_avatar("eval", "converse", str(out), "--report", str(report), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["face_found_fraction"] < 0.9 and doc["pass"]["face_found"] is False
+    assert "--framing face" in res.stderr
 
 
 def test_converse_bad_input_writes_nothing(small, tmp_path, speech):
@@ -583,7 +589,7 @@ def test_two_faces_in_one_video_are_told_apart(tmp_path):
     report.write_text(json.dumps({"speech_probability_1": half,
                                   "speech_probability_2": half[::-1]}))  # fmt: skip
     m = converse_metrics(tmp_path / "two.mp4", report)
-    assert m["both_faces_found_fraction"] == 1.0
+    assert m["both_faces_found_fraction"] == 1.0 and m["pass"]["both_faces_found"]
     for k in (1, 2):
         assert m[f"own_over_other_{k}"] == pytest.approx(1.0, abs=0.15)
     assert not m["pass"]["right_mouth_moves"]
