@@ -59,16 +59,19 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
 
 
 def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
-              face_uv: np.ndarray | None = None) -> Tensor:  # fmt: skip
+              face_uv: np.ndarray | None = None, depth: Tensor | None = None) -> Tensor:  # fmt: skip
     """[N] bool: the Gaussians whose colour the photo judges: unhidden, facing its camera
     (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline (the hull
     of its landmarks `face_uv` [P, 2] in image pixels). A face Gaussian that projects outside it
-    sees the hair or the background beside a turned cheek, which must not end up on the cheek."""
+    sees the hair or the background beside a turned cheek, which must not end up on the cheek.
+    `depth` [H, W]: the camera's render of `posed` (rendered here when None)."""
     from render import rasterize
 
     from .refine import visible_in
 
-    seen = visible_in(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
+    if depth is None:
+        depth = rasterize(posed, cam).depth[0, ..., 0]
+    seen = visible_in(posed, cam, depth)
     seen &= facing(posed, cam) <= WELL_SEEN
     if face_uv is not None and len(face_uv) >= 3:
         seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)

@@ -239,10 +239,11 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed = apply_blend(canonical, blend)
-        seen = well_seen(posed, cam, binding, face_uv)
+        depth = rasterize(posed, cam).depth[0, ..., 0]
+        seen = well_seen(posed, cam, binding, face_uv, depth)
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
-        hidden = ~unoccluded(posed, cam, rasterize(posed, cam).depth[0, ..., 0])
+        hidden = ~unoccluded(posed, cam, depth)
         hidden &= inside_mask(posed, cam, mask)  # at the outline the silhouette judges them
     return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up,
                           canonical, hidden)  # fmt: skip
