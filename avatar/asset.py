@@ -30,6 +30,7 @@ from torch import Tensor
 from deform.eyes import EyeCover
 from deform.particles import Particles
 from deform.templates import BodyTemplate, load_template, template_kind
+from deform.templates.baked import baked_anny
 from reconstruct.canonical import Binding
 from render import Cameras, Gaussians
 from render.io import SplatFileError, parse_ply, ply_bytes
@@ -68,35 +69,44 @@ class Avatar:
 
     # ---- the body template -------------------------------------------------------------------
     def body_template(self) -> BodyTemplate:
-        """The avatar's template, built from the toolkit (Anny) or the user's own files
-        (`--body smplx:PATH`), and checked against the avatar's binding."""
+        """The avatar's template, built from the toolkit (Anny, baked at the avatar's shape:
+        `deform.templates.baked`) or the user's own files (`--body smplx:PATH`), and checked
+        against the avatar's binding."""
         where = self.source or "the avatar"
         if self.template == "anny":
+            from deform.templates.anny import DEFAULT_SHAPE, AnnyBase
+
             name = "anny"
+            self._check_shape(name, len(DEFAULT_SHAPE), AnnyBase.shape_range)  # before baking it
+            template = baked_anny(self.shape)
         elif not self.body:
             raise AvatarError(f"{where} is on the SMPL-X body template: pass your model file "
                               "with --body smplx:PATH (an avatar never names files to load)")  # fmt: skip
         else:
             name = self.body
-        try:
-            template = load_template(name)
-        except ValueError as exc:
-            raise AvatarError(f"--body {name}: {exc}") from None
+            try:
+                template = load_template(name)
+            except ValueError as exc:
+                raise AvatarError(f"--body {name}: {exc}") from None
+            self._check_shape(name, len(template.shape_names), template.shape_range)
         b, where = self.binding, f"{where}/binding.safetensors"
-        if len(self.photo_pose) != template.num_bones or len(self.shape) != len(
-            template.shape_names
-        ):
-            raise AvatarFileError(f"{where}: {len(self.photo_pose)} bones and {len(self.shape)} "
-                                  f"shape parameters do not fit the {name} template "
-                                  f"({template.num_bones} and {len(template.shape_names)})")  # fmt: skip
-        lo, hi = template.shape_range
-        if (self.shape < lo - 1e-4).any() or (self.shape > hi + 1e-4).any():
-            raise AvatarFileError(f"{where}: tensor 'template.shape' holds values outside the "
-                                  f"{name} template's range [{lo:g}, {hi:g}]")  # fmt: skip
+        if len(self.photo_pose) != template.num_bones:
+            raise AvatarFileError(f"{where}: {len(self.photo_pose)} bones do not fit the {name} "
+                                  f"template's {template.num_bones}")  # fmt: skip
         if b.face_ids.max() >= len(template.faces):
             raise AvatarFileError(f"{where}: tensor 'binding.face_ids' holds indices outside "
                                   f"[0, {len(template.faces)}) (the {name} template's triangles)")  # fmt: skip
         return template
+
+    def _check_shape(self, name: str, count: int, bounds: tuple[float, float]) -> None:
+        where = f"{self.source or 'the avatar'}/binding.safetensors"
+        if len(self.shape) != count:
+            raise AvatarFileError(f"{where}: {len(self.shape)} shape parameters do not fit the "
+                                  f"{name} template's {count}")  # fmt: skip
+        lo, hi = bounds
+        if (self.shape < lo - 1e-4).any() or (self.shape > hi + 1e-4).any():
+            raise AvatarFileError(f"{where}: tensor 'template.shape' holds values outside the "
+                                  f"{name} template's range [{lo:g}, {hi:g}]")  # fmt: skip
 
     # ---- writing -----------------------------------------------------------------------------
     def files(self) -> dict[str, bytes]:

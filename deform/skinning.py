@@ -52,8 +52,10 @@ def blend_transforms(
     return (picked * bone_weights[None, :, :, None, None].to(picked.dtype)).sum(dim=2)
 
 
-def apply_transforms(points: Tensor, blend: Tensor) -> Tensor:  # [N, 3], [B, N, 4, 4] -> [B, N, 3]
-    return (blend[..., :3, :3] @ points[None, :, :, None]).squeeze(-1) + blend[..., :3, 3]
+def apply_transforms(
+    points: Tensor, blend: Tensor
+) -> Tensor:  # [(B,) N, 3], [B, N, 4, 4] -> [B, N, 3]
+    return (blend[..., :3, :3] @ points[..., None]).squeeze(-1) + blend[..., :3, 3]
 
 
 def skin_points(

@@ -113,3 +113,60 @@ def test_pose_transforms_skip_the_mesh_and_equal_the_full_forward(tpl):
     pose.requires_grad_()
     tpl.pose_transforms(shape, pose)[:, :, :3, 3].sum().backward()
     assert pose.grad.abs().sum() > 0 and shape.grad.abs().sum() > 0
+
+
+def test_baked_anny_is_anny_at_one_shape(tpl, tmp_path):
+    """An avatar's template (Anny evaluated once at its shape, `deform.templates.baked`) poses,
+    skins and blends expressions as Anny does, through a save and a load, gradients included."""
+    from deform.templates.baked import BakedAnny
+
+    gen = torch.Generator().manual_seed(1)
+    shape = torch.tensor([0.3, 0.7, 0.4, 0.6, 0.55, 0.45])
+    BakedAnny.from_template(tpl, shape).save(tmp_path / "bake.safetensors")
+    baked = BakedAnny.load(tmp_path / "bake.safetensors")
+    shapes = shape[None].expand(2, -1)
+    pose = (0.3 * torch.randn(2, tpl.num_bones, 3, generator=gen)).requires_grad_()
+    move = torch.randn(2, 3, generator=gen)
+    expr = torch.rand(2, len(tpl.expression_names), generator=gen)
+    for kw in ({}, {"expression": expr}, {"translation": move},
+               {"pose": pose, "translation": move, "expression": expr}):  # fmt: skip
+        want, got = tpl(shapes, **kw), baked(shapes, **kw)
+        for field in ("vertices", "rest_vertices", "transforms", "joints"):
+            err = (getattr(want, field) - getattr(got, field)).abs().max()
+            assert err < 3e-5, (sorted(kw), field, float(err))
+    want, got = tpl.pose_transforms(shape, pose), baked.pose_transforms(shape, pose)
+    assert (want - got).abs().max() < 1e-5
+    (g_want,) = torch.autograd.grad(want.square().sum(), pose)
+    (g_got,) = torch.autograd.grad(got.square().sum(), pose)
+    assert (g_want - g_got).abs().max() < 1e-3 * g_want.abs().max()
+    assert baked.bone_parents == tpl.bone_parents and baked.bone_segments() == tpl.bone_segments()
+    assert (baked.body_landmarks, baked.hand_landmarks, baked.face_landmarks) == (
+        tpl.body_landmarks, tpl.hand_landmarks, tpl.face_landmarks)  # fmt: skip
+    masks = tpl.part_masks()
+    assert baked.part_masks().keys() == masks.keys()
+    assert all(torch.equal(baked.part_masks()[k], m) for k, m in masks.items())
+    with pytest.raises(ValueError, match="only the body shape it was baked at"):
+        baked(tpl.default_shape()[None])
+
+
+def test_an_avatars_template_needs_no_anny_import_once_baked(tpl):
+    """Importing Anny costs a second per run (roma imports torch._dynamo): once baked, an
+    avatar's template is read back without it. A bake that does not read is baked again."""
+    import subprocess
+    import sys
+
+    from deform.templates.baked import bake_path, baked_anny
+
+    shape = torch.tensor([0.25, 0.5, 0.5, 0.5, 0.5, 0.75])
+    path = bake_path(shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a safetensors file")  # a broken cache entry
+    first = baked_anny(shape)
+    assert (first(shape[None]).rest_vertices - tpl(shape[None]).rest_vertices).abs().max() < 1e-5
+    code = ("import sys, torch\n"
+            "from deform.templates.baked import baked_anny\n"
+            f"t = baked_anny(torch.tensor({shape.tolist()}))\n"
+            "t.pose_transforms(t.shape, torch.zeros(1, t.num_bones, 3))\n"
+            "print(sorted(m for m in ('anny', 'roma', 'torch._dynamo') if m in sys.modules))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

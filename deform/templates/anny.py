@@ -85,30 +85,12 @@ def _build_anny():
     return model.to(torch.float32).eval()
 
 
-class AnnyTemplate(BodyTemplate):
+class AnnyBase(BodyTemplate):
+    """What every Anny template shares: names, segments, the default shape and Anny's axes.
+    Subclasses set `bone_names`, `shape_names`, `expression_names`, `_parents` and `_masks`."""
+
     name = "anny"
 
-    def __init__(self) -> None:
-        super().__init__()
-        model = _build_anny()
-        object.__setattr__(self, "_anny", model)  # shared, not a registered submodule
-        self._rest_cache: tuple[tuple, Tensor] | None = None  # (shape values, rest skeleton)
-        self.bone_names = list(model.bone_labels)
-        self.shape_names = list(model.phenotype_labels)
-        self.expression_names = list(model.facial_action_labels)
-        self.register_buffer("to_canonical", TO_CANONICAL.clone(), persistent=False)
-        self.register_buffer(
-            "faces", torch.as_tensor(model.faces, dtype=torch.long), persistent=False
-        )
-        self.register_buffer("skin_ids", model.vertex_bone_indices.long(), persistent=False)
-        self.register_buffer("skin_weights", model.vertex_bone_weights.float(), persistent=False)
-        with torch.no_grad():
-            rest = self.forward(self.default_shape()[None])
-        self._rest_default = rest
-        self.body_landmarks, self.hand_landmarks = self._make_landmarks(rest)
-        self.face_landmarks = self._face_landmarks(rest)
-
-    # ---- shape and posing --------------------------------------------------------------------
     def bone_segments(self) -> list[str]:
         out = []
         for bone in self.bone_names:
@@ -124,17 +106,58 @@ class AnnyTemplate(BodyTemplate):
     def default_shape(self) -> Tensor:
         return torch.tensor([DEFAULT_SHAPE[n] for n in self.shape_names])
 
+    def part_masks(self) -> dict[str, Tensor]:
+        return self._masks
+
+    @property
+    def bone_parents(self) -> list[int]:
+        return list(self._parents)
+
+    def _parent(self, j: int) -> int:
+        return self._parents[j]
+
     def _to_anny_pose(self, pose: Tensor, translation: Tensor | None) -> Tensor:  # -> [B,J,4,4]
         from render.rotations import axis_angle_to_rotmat
 
         rot = axis_angle_to_rotmat(pose)  # canonical axes
-        c = self.to_canonical.to(pose)
+        c = TO_CANONICAL.to(pose)
         out = torch.eye(4, dtype=pose.dtype, device=pose.device).repeat(*pose.shape[:2], 1, 1)
         out[..., :3, :3] = c.T @ rot @ c
         if translation is not None:
             out[:, 0, :3, 3] = translation @ c  # c.T @ t, row-vector form
         return out
 
+    def _canonical(self, transforms: Tensor) -> Tensor:  # Anny's axes -> canonical, [..., 4, 4]
+        c4 = torch.eye(4, dtype=transforms.dtype, device=transforms.device)
+        c4[:3, :3] = TO_CANONICAL.to(transforms)
+        return c4 @ transforms @ c4.T
+
+
+class AnnyTemplate(AnnyBase):
+    """Anny itself, any shape (fitting a photo moves it); `baked.baked_anny` freezes one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        model = _build_anny()
+        object.__setattr__(self, "_anny", model)  # shared, not a registered submodule
+        self._rest_cache: tuple[tuple, Tensor] | None = None  # (shape values, rest skeleton)
+        self.bone_names = list(model.bone_labels)
+        self.shape_names = list(model.phenotype_labels)
+        self.expression_names = list(model.facial_action_labels)
+        self._parents = [int(p) for p in model.bone_parents]
+        self.register_buffer("to_canonical", TO_CANONICAL.clone(), persistent=False)
+        self.register_buffer(
+            "faces", torch.as_tensor(model.faces, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("skin_ids", model.vertex_bone_indices.long(), persistent=False)
+        self.register_buffer("skin_weights", model.vertex_bone_weights.float(), persistent=False)
+        with torch.no_grad():
+            rest = self.forward(self.default_shape()[None])
+        self._rest_default = rest
+        self.body_landmarks, self.hand_landmarks = self._make_landmarks(rest)
+        self.face_landmarks = self._face_landmarks(rest)
+
+    # ---- shape and posing --------------------------------------------------------------------
     def forward(self, shape, pose=None, translation=None, expression=None) -> TemplateOutput:
         m = self._anny
         batch = shape.shape[0]
@@ -159,11 +182,6 @@ class AnnyTemplate(BodyTemplate):
         transforms = self._canonical(out["bone_poses"] @ torch.linalg.inv(out["rest_bone_poses"]))
         heads = out["bone_poses"][..., :3, 3] @ c.T
         return TemplateOutput(out["vertices"] @ c.T, rest, transforms, heads)
-
-    def _canonical(self, transforms: Tensor) -> Tensor:  # Anny's axes -> canonical, [..., 4, 4]
-        c4 = torch.eye(4, dtype=transforms.dtype, device=transforms.device)
-        c4[:3, :3] = self.to_canonical
-        return c4 @ transforms @ c4.T
 
     def pose_transforms(self, shape: Tensor, pose: Tensor) -> Tensor:
         """The rest skeleton of `shape` once (cached while no gradient flows to it), then
@@ -222,9 +240,6 @@ class AnnyTemplate(BodyTemplate):
             "mouth": by_label("mouth_cavity", "tongue"),
             "hidden": by_label(*HIDDEN_LABELS) & ~by_label(*VISIBLE_LABELS),  # not on a seam
         }
-
-    def part_masks(self) -> dict[str, Tensor]:
-        return self._masks
 
     def _make_landmarks(self, rest: TemplateOutput):
         v = rest.rest_vertices[0]
@@ -293,10 +308,3 @@ class AnnyTemplate(BodyTemplate):
             "left_eye": b["left_eye"], "right_eye": b["right_eye"],
         }  # fmt: skip
         return {name: table[name] for name in MEDIAPIPE_FACE}
-
-    @property
-    def bone_parents(self) -> list[int]:
-        return [int(p) for p in self._anny.bone_parents]
-
-    def _parent(self, j: int) -> int:
-        return int(self._anny.bone_parents[j])
