@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BAKE_VERSION = 1  # bump when what a bake holds or how it is computed changes
 SHAPE_TOLERANCE = 1e-5  # a baked template answers only for its own shape
+OWN_TENSORS = ("shape", "rest_vertices", "rest_joints", "rest_poses", "reference",
+               "expression_ids", "expression_deltas")  # fmt: skip  # the rest: `_shared`
 
 
 def forward_kinematics(
@@ -122,42 +124,21 @@ class BakedAnny(AnnyBase):
         moved = live(shape[None].expand(e, -1), expression=torch.eye(e)).rest_vertices
         deltas = moved - rest.rest_vertices
         ids = torch.nonzero(deltas.abs().amax(dim=(0, 2)) > 0).flatten()
-        tensors = {
+        tensors, meta = _shared(live)
+        tensors.update({
             "shape": shape, "rest_vertices": rest.rest_vertices[0], "rest_joints": rest.joints[0],
             "rest_poses": live._rest_skeleton(shape)[0],
             "reference": live._anny.reference_bone_orientations.float(),
             "expression_ids": ids, "expression_deltas": deltas[:, ids],
-            "faces": live.faces, "skin_ids": live.skin_ids, "skin_weights": live.skin_weights,
-            **{f"mask.{k}": v.to(torch.uint8) for k, v in live.part_masks().items()},
-        }  # fmt: skip
-        meta = {
-            "bone_names": live.bone_names, "shape_names": live.shape_names,
-            "expression_names": live.expression_names, "parents": live.bone_parents,
-            "body_landmarks": _table(live.body_landmarks),
-            "hand_landmarks": {s: _table(t) for s, t in live.hand_landmarks.items()},
-            "face_landmarks": _table(live.face_landmarks),
-        }  # fmt: skip
+        })  # fmt: skip
         return cls({k: v.detach().contiguous() for k, v in tensors.items()}, meta)
 
     def save(self, path: Path) -> None:
         """Write atomically (a temporary name, then a rename)."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "shape": self.shape, "rest_vertices": self.rest_vertices,
-            "rest_joints": self.rest_joints, "rest_poses": self.rest_poses,
-            "reference": self.reference, "expression_ids": self.expression_ids,
-            "expression_deltas": self.expression_deltas, "faces": self.faces,
-            "skin_ids": self.skin_ids, "skin_weights": self.skin_weights,
-            **{f"mask.{k}": v.to(torch.uint8) for k, v in self._masks.items()},
-        }  # fmt: skip
-        meta = {
-            "bone_names": self.bone_names, "shape_names": self.shape_names,
-            "expression_names": self.expression_names, "parents": self._parents,
-            "body_landmarks": _table(self.body_landmarks),
-            "hand_landmarks": {s: _table(t) for s, t in self.hand_landmarks.items()},
-            "face_landmarks": _table(self.face_landmarks),
-        }  # fmt: skip
+        tensors, meta = _shared(self)
+        tensors.update({k: getattr(self, k) for k in OWN_TENSORS})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
@@ -216,6 +197,21 @@ class BakedAnny(AnnyBase):
         return self._canonical(transforms), poses
 
 
+def _shared(t: AnnyBase) -> tuple[dict[str, Tensor], dict]:
+    """What a live and a baked template hold alike: topology, skinning weights and part masks
+    (tensors), names, parents and landmark tables (JSON)."""
+    tensors = {"faces": t.faces, "skin_ids": t.skin_ids, "skin_weights": t.skin_weights,
+               **{f"mask.{k}": v.to(torch.uint8) for k, v in t.part_masks().items()}}  # fmt: skip
+    meta = {
+        "bone_names": t.bone_names, "shape_names": t.shape_names,
+        "expression_names": t.expression_names, "parents": t.bone_parents,
+        "body_landmarks": _table(t.body_landmarks),
+        "hand_landmarks": {side: _table(h) for side, h in t.hand_landmarks.items()},
+        "face_landmarks": _table(t.face_landmarks),
+    }  # fmt: skip
+    return tensors, meta
+
+
 def _table(table: dict[str, Landmark]) -> dict[str, list]:
     return {name: [lm.kind, lm.index] for name, lm in table.items()}
 
@@ -241,8 +237,10 @@ def baked_anny(shape: Tensor) -> BakedAnny:
     path = bake_path(shape)
     if path.exists():
         try:
-            return BakedAnny.load(path)
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            baked = BakedAnny.load(path)
+            baked._check(shape)  # the file is the shape it is named after
+            return baked
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             log.warning("%s does not read (%s): baking the template again", path, exc)
     from .anny import AnnyTemplate
 
