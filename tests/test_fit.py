@@ -60,3 +60,38 @@ def test_fit_puts_the_template_mouth_on_the_photo_lips():
         errors[lam] = np.linalg.norm(got - want, axis=1)[lips].max() / height
     assert errors[FitConfig.lambda_face] < 0.035, errors
     assert errors[0.0] > 1.5 * errors[FitConfig.lambda_face], errors
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"test photos not found in {SHARED_DATA}")
+def test_a_hand_left_far_from_its_landmarks_is_fitted_again():
+    """On this half-body photo the fit left her left hand 0.4 of the crop's height away from its
+    landmarks (the robust loss hardly pulls a hand that starts far off); the network then moved
+    the hand's Gaussians up to 9 cm onto the photo's hand, and every view but the photo's showed
+    fingers floating beside the template's hand. The full stage now runs again with the hands'
+    robust scale annealed."""
+    import numpy as np
+
+    from deform.templates.anny import AnnyTemplate
+    from reconstruct.fit import FitConfig, fit_template
+    from reconstruct.parsing import PersonParser
+
+    rgb = read_photo(SHARED_DATA / "woman_halfbody_generated.png").rgb
+    with PersonParser() as parser:
+        parse = parser(rgb)
+    tpl = AnnyTemplate()
+
+    def hand_errors(cfg: FitConfig) -> list[float]:
+        fit = fit_template(tpl, parse, rgb.shape[:2], cfg, progress=False)
+        out = tpl(fit.shape[None], pose=fit.pose[None], translation=fit.translation[None])
+        return [
+            float(np.linalg.norm(fit.crop.to_crop(parse.hands[side]) - fit.camera.project(
+                tpl.landmarks(out, tpl.hand_landmarks[side])[0])[0].detach().numpy(), axis=1
+            ).mean() / fit.crop.height)
+            for side in ("left", "right")
+        ]  # fmt: skip
+
+    # which crop sizes miss without the second run moves with float rounding (run alone: 256
+    # and 512 missed by 0.4; after other tests in one process, none did); the property tested
+    # is that none misses
+    for size in (256, 384, 512):
+        assert max(hand_errors(FitConfig(size=size, steps=150))) < 0.06, size
