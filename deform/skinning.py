@@ -52,9 +52,9 @@ def blend_transforms(
     return (picked * bone_weights[None, :, :, None, None].to(picked.dtype)).sum(dim=2)
 
 
-def apply_transforms(
-    points: Tensor, blend: Tensor
-) -> Tensor:  # [(B,) N, 3], [B, N, 4, 4] -> [B, N, 3]
+def apply_transforms(points: Tensor, blend: Tensor) -> Tensor:
+    """Points [N, 3] (or one set per batch row, [B, N, 3]) by per-point transforms
+    [B, N, 4, 4] -> [B, N, 3]."""
     return (blend[..., :3, :3] @ points[..., None]).squeeze(-1) + blend[..., :3, 3]
 
 
