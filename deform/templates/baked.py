@@ -6,7 +6,7 @@ body. Importing Anny costs about a second on every run (it pulls in roma, which 
 `torch._dynamo`), more than a tenth of a 10 s drive. So the first time an avatar's template is
 asked for (`Avatar.body_template()`, which `create` already calls), Anny is evaluated at that
 shape and its rest mesh, expression blendshapes, rest skeleton, skinning weights, part masks and
-landmark tables are written to the Anny cache folder; later runs read that file (a few MB) and
+landmark tables are written to the Anny cache folder; later runs read that file (4 MB) and
 pose it here: Anny's "local-ref" forward kinematics (`forward_kinematics`) and plain LBS. The
 result equals `AnnyTemplate`'s to float rounding (tested).
 """
@@ -29,7 +29,8 @@ from .base import Landmark, TemplateOutput
 
 log = logging.getLogger(__name__)
 
-BAKE_VERSION = 1  # bump when what a bake holds or how it is computed changes
+BAKE_VERSION = 2  # bump when what a bake holds or how it is computed changes
+EXPRESSION_FLOOR = 1e-6  # metres: Anny's float noise moves 12k vertices, its actions 3.5k
 SHAPE_TOLERANCE = 1e-5  # a baked template answers only for its own shape
 OWN_TENSORS = ("shape", "rest_vertices", "rest_joints", "rest_poses", "reference",
                "expression_ids", "expression_deltas")  # fmt: skip  # the rest: `_shared`
@@ -123,7 +124,7 @@ class BakedAnny(AnnyBase):
         e = len(live.expression_names)
         moved = live(shape[None].expand(e, -1), expression=torch.eye(e)).rest_vertices
         deltas = moved - rest.rest_vertices
-        ids = torch.nonzero(deltas.abs().amax(dim=(0, 2)) > 0).flatten()
+        ids = torch.nonzero(deltas.abs().amax(dim=(0, 2)) > EXPRESSION_FLOOR).flatten()
         tensors, meta = _shared(live)
         tensors.update({
             "shape": shape, "rest_vertices": rest.rest_vertices[0], "rest_joints": rest.joints[0],
