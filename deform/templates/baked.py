@@ -13,6 +13,7 @@ result equals `AnnyTemplate`'s to float rounding (tested).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -64,7 +65,7 @@ def forward_kinematics(
     K[:, 0, :3, :3] = U0t @ M[:, 0]
     K[:, 0, :3, 3] = d[:, 0] @ U0t.T
     W = K.clone()
-    for ids in _levels(parents)[1:]:  # parents come before children: one product per depth
+    for ids in _levels(tuple(parents))[1:]:  # parents before children: a product per depth
         ids = ids.to(rest.device)
         W[:, ids] = W[:, par[ids]] @ K[:, ids]
     rot = W[..., :3, :3] @ R.transpose(-1, -2)
@@ -75,7 +76,9 @@ def forward_kinematics(
     return T, W
 
 
-def _levels(parents: list[int]) -> list[Tensor]:
+@functools.lru_cache(maxsize=4)
+def _levels(parents: tuple[int, ...]) -> list[Tensor]:
+    """Bone indices by depth in the chain (the root first)."""
     depth: list[int] = []
     for p in parents:
         depth.append(0 if p < 0 else depth[p] + 1)
@@ -85,7 +88,8 @@ def _levels(parents: list[int]) -> list[Tensor]:
 
 
 class BakedAnny(AnnyBase):
-    """Anny at one shape (`shape`), from `BakedAnny.tensors`/`meta` or a live `AnnyTemplate`."""
+    """Anny at one shape (`shape`): from a bake's tensors and metadata (`load`) or a live
+    `AnnyTemplate` (`from_template`)."""
 
     def __init__(self, tensors: dict[str, Tensor], meta: dict) -> None:
         super().__init__()
