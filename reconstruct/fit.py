@@ -233,12 +233,23 @@ def fit_template(
         torch.logit(((shape0 - lo) / (hi - lo)).clamp(0.02, 0.98)).clone().requires_grad_()
     )
 
+    sigma = 0.05 * tgt.person_px  # the body keypoints' robust scale, pixels
+    hand_sigma = 0.5 * sigma  # the hands'
+    params = (root, translation, body_pose, shape_logit)
+
+    def snapshot() -> list[Tensor]:
+        return [p.detach().clone() for p in params]
+
+    def restore(values: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(params, values, strict=True):
+                p.copy_(v)
+
     def evaluate(use_all: bool, anneal: float = 1.0):
         shape = lo + (hi - lo) * torch.sigmoid(shape_logit)  # bounded to the template's range
         pose = torch.cat([root[None], body_pose if use_all else body_pose.detach() * 0], 0)
         out = template(shape[None], pose=pose[None], translation=translation[None])
         pts = cam.project(template.landmarks(out, template.body_landmarks)[0])[0]
-        sigma = 0.05 * tgt.person_px
         w = tgt.body_w if use_all else tgt.body_w * torch.tensor([n in ("left_shoulder", "right_shoulder",
                                                                       "left_hip", "right_hip") for n in names])  # fmt: skip
         loss_kp = (
@@ -249,8 +260,7 @@ def fit_template(
                 hp = cam.project(template.landmarks(out, template.hand_landmarks[side])[0])[0]
                 loss_kp = (
                     loss_kp
-                    + 0.5
-                    * _geman_mcclure(((hp - target) ** 2).sum(-1), 0.5 * sigma * anneal).mean()
+                    + 0.5 * _geman_mcclure(((hp - target) ** 2).sum(-1), hand_sigma * anneal).mean()
                 )
             if tgt.face is not None:
                 fp = cam.project(template.landmarks(out, template.face_landmarks)[0])[0]
@@ -270,13 +280,11 @@ def fit_template(
         opt.step()
         bar.update(1)
 
-    start = [p.detach().clone() for p in (root, translation, body_pose, shape_logit)]
+    start = snapshot()
 
     def full_stage(anneal: float) -> float:
         """Everything from the global stage's result; the final objective."""
-        with torch.no_grad():
-            for p, p0 in zip((root, translation, body_pose, shape_logit), start, strict=True):
-                p.copy_(p0)
+        restore(start)
         opt = torch.optim.Adam([{"params": [root, translation], "lr": 0.01},
                                 {"params": [body_pose], "lr": 0.02},
                                 {"params": [shape_logit], "lr": 0.03}])  # fmt: skip
@@ -303,7 +311,7 @@ def fit_template(
         """A hand whose landmarks ended HAND_REACH robust scales away on average."""
         with torch.no_grad():
             out = evaluate(True)[0]
-            reach = HAND_REACH * 0.5 * 0.05 * tgt.person_px
+            reach = HAND_REACH * hand_sigma
             return any(
                 (cam.project(template.landmarks(out, template.hand_landmarks[side])[0])[0]
                  - target).norm(dim=-1).mean() > reach
@@ -312,13 +320,10 @@ def fit_template(
 
     loss = full_stage(1.0)
     if cfg.hand_anneal > 1.0 and hand_missed():
-        first = (loss, [p.detach().clone() for p in (root, translation, body_pose, shape_logit)])
+        first = snapshot()
         bar.total += cfg.steps
-        if full_stage(cfg.hand_anneal) > first[0]:  # keep the better of the two
-            with torch.no_grad():
-                for p, p1 in zip((root, translation, body_pose, shape_logit), first[1],
-                                 strict=True):  # fmt: skip
-                    p.copy_(p1)
+        if full_stage(cfg.hand_anneal) > loss:  # keep the better of the two
+            restore(first)
     bar.close()
 
     with torch.no_grad():
