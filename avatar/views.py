@@ -155,6 +155,7 @@ def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
     from deform.templates import load_template
     from distill.lpips import LPIPS
     from reconstruct.appearance import PERSONALISE_STEPS, Observation, reconstruct_appearance
+    from reconstruct.canonical import PART_CODES
     from reconstruct.losses import psnr, ssim
     from reconstruct.network import load_reconstructor
     from reconstruct.refine import RefineConfig, posed_blend
@@ -172,9 +173,10 @@ def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
     for i in tqdm(range(subjects), desc="subjects", unit="subject", disable=not progress):
         s = make_subject(template, HELD_OUT_SEED + i, gaussians, size)
         blend = posed_blend(s.binding, s.transforms)
-        face = s.binding.parts == 1
-        obs = Observation(template, s.binding, s.transforms, s.camera, s.image, s.mask,
-                          s.camera.project(apply_blend(s.template, blend).means[face])[0].numpy())  # fmt: skip
+        uv = s.camera.project(apply_blend(s.template, blend).means)[0].numpy()
+        landmarks = {part: uv[(s.binding.parts == PART_CODES[part]).numpy()]
+                     for part in ("face", "hand_left", "hand_right")}  # fmt: skip
+        obs = Observation(template, s.binding, s.transforms, s.camera, s.image, s.mask, landmarks)
         ours, _ = reconstruct_appearance(obs, s.template, model, refine_steps, personalise_steps,
                                          seed=i, progress=False)  # fmt: skip
         with torch.no_grad():

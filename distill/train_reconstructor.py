@@ -236,7 +236,7 @@ def _photo_colours(g: Gaussians, s: Subject) -> Gaussians:
     face = s.binding.parts == 1
     face_uv = s.camera.project(posed(g, s).means[face])[0].numpy()
     rgb = colour_prior(g, s.binding, load_template(TEMPLATE), s.transforms, s.camera, s.image,
-                       s.mask, face_uv)  # fmt: skip
+                       s.mask, {"face": face_uv})  # fmt: skip
     return g.replace(sh=rgb_to_sh0(rgb)[:, None])
 
 

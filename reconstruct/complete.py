@@ -21,7 +21,9 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
 - **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
   (x → -x, left ↔ right) where that one is seen;
 - **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
-  the torso: a portrait's legs continue its clothes), and hidden hands take the face's skin.
+  the torso: a portrait's legs continue its clothes), and hidden hands take the face's skin; a
+  hidden forearm takes its upper arm's and its hand's colours, whichever are nearer (a gesture
+  toward the camera hides the forearm behind its hand: skin from the wrist, sleeve from above).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Ga
 K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
 SKIN_CHROMA = 0.03  # chromaticity distance to the face's skin below which a colour is skin
 HAIR_NEAR = 0.15  # RGB distance to the hanging hair's colour below which a pixel is that hair
+HAND_REACH = 0.2  # a hand's outline: the hull of its landmarks grown by this much of its size
+HAND_NEAR = 0.15  # RGB distance to a hand's own colour below which a pixel may be that hand
+HAND_MIN_PX = 40  # landmark extent below which a hand's pixels mix with what is around it
 
 
 def facing(posed: Gaussians, cam: Cameras) -> Tensor:
@@ -59,23 +64,61 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
 
 
 def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
-              face_uv: np.ndarray | None = None, depth: Tensor | None = None) -> Tensor:  # fmt: skip
+              landmarks: dict[str, np.ndarray] | None = None, depth: Tensor | None = None,
+              pixels: Tensor | None = None) -> Tensor:  # fmt: skip
     """[N] bool: the Gaussians whose colour the photo judges: unhidden, facing its camera
     (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline (the hull
-    of its landmarks `face_uv` [P, 2] in image pixels). A face Gaussian that projects outside it
-    sees the hair or the background beside a turned cheek, which must not end up on the cheek.
-    `depth` [H, W]: the camera's render of `posed` (rendered here when None)."""
+    of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that projects
+    outside it sees the hair or the background beside a turned cheek, which must not end up on
+    the cheek. With `pixels` [N, 3] (`reconstruct.refine.photo_pixels`), a hand's Gaussians only
+    where the photo shows that hand (`hand_strays`; `landmarks["hand_left"]` and
+    `["hand_right"]` [21, 2]). `depth` [H, W]: the camera's render of `posed` (rendered here when
+    None)."""
     from render import rasterize
 
     from .refine import visible_in
 
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
+    landmarks = landmarks or {}
     seen = visible_in(posed, cam, depth)
     seen &= facing(posed, cam) <= WELL_SEEN
+    uv = cam.project(posed.means)[0]
+    face_uv = landmarks.get("face")
     if face_uv is not None and len(face_uv) >= 3:
-        seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)
+        seen &= ~face_parts(binding) | inside_outline(cam, uv, face_uv)
+    if pixels is not None:
+        seen &= ~hand_strays(cam, uv, binding, landmarks, pixels, seen)
     return seen
+
+
+def hand_strays(cam: Cameras, uv: Tensor, binding: Binding, landmarks: dict[str, np.ndarray],
+                pixels: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
+    """[N] bool: a hand's Gaussians that the photo sees (`seen` [N], projecting to `uv` [N, 2]
+    where it shows `pixels` [N, 3]) and where it shows something other than that hand: outside
+    the hull of its landmarks (its joints) and either beyond that hull grown by HAND_REACH of its
+    size or unlike the hand's own colour, the median under the hull (skin or a glove): neither
+    `skin_like` it (skin in light or shade) nor within HAND_NEAR of it (a dark glove's
+    chromaticity is noise). Inside the hull the photo is trusted (a glove's pattern), and so is
+    a hand whose landmarks span under HAND_MIN_PX (a full-body photo's: its pixels mix). The
+    template's hand, posed from 21 landmarks, misses the photo's by a few pixels, and the misses
+    read the shirt behind it: shards of shirt around the hand from every other side."""
+    strays = torch.zeros_like(seen)
+    for part in ("hand_left", "hand_right"):
+        points = landmarks.get(part)
+        if points is None:
+            continue
+        of_hand = seen & (binding.parts == PART_CODES[part])
+        core = of_hand & inside_outline(cam, uv, points, 0.0)
+        if core.sum() < 10 or np.ptp(points, 0).max() < HAND_MIN_PX:
+            continue  # the photo hardly shows it, or in so few pixels that they mix
+        own = pixels[core].median(0).values
+        like = skin_like(pixels, own) | ((pixels - own).norm(dim=-1) < HAND_NEAR)
+        shown = inside_outline(cam, uv, points, 0.0) | (
+            inside_outline(cam, uv, points, -HAND_REACH) & like
+        )
+        strays |= of_hand & ~shown
+    return strays
 
 
 def face_parts(binding: Binding) -> Tensor:
@@ -86,17 +129,19 @@ def face_parts(binding: Binding) -> Tensor:
     return torch.isin(binding.parts, codes)
 
 
-def inside_outline(cam: Cameras, uv: Tensor, face_uv: np.ndarray, margin: float = 0.03) -> Tensor:
-    """[N] bool: image points `uv` [N, 2] inside the convex hull of `face_uv` [P, 2], shrunk by
-    `margin` of the face's size (its outline pixels mix face and surroundings)."""
+def inside_outline(cam: Cameras, uv: Tensor, points: np.ndarray, margin: float = 0.03) -> Tensor:
+    """[N] bool: image points `uv` [N, 2] inside the convex hull of landmarks `points` [P, 2],
+    shrunk by `margin` of its size (a face's outline pixels mix face and surroundings), or grown
+    by -margin (a hand's landmarks are its joints, inside its outline)."""
     import cv2
 
     h, w = cam.height, cam.width
     hull = np.zeros((h, w), np.uint8)
-    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(face_uv).astype(np.int32)), 1)
-    r = int(round(margin * float(np.ptp(face_uv, 0).max())))
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(points).astype(np.int32)), 1)
+    r = int(round(abs(margin) * float(np.ptp(points, 0).max())))
     if r > 0:
-        hull = cv2.erode(hull, np.ones((2 * r + 1, 2 * r + 1), np.uint8))
+        kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+        hull = cv2.erode(hull, kernel) if margin > 0 else cv2.dilate(hull, kernel)
     px = uv.round().long()
     ok = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
     out = torch.zeros(len(uv), dtype=torch.bool)
@@ -345,6 +390,11 @@ PARENT = {
 }
 
 
+# a hidden forearm lies between its sleeve and its hand: each of its Gaussians takes the nearer
+# (a short sleeve's forearm is skin, a long one's sleeve reaches the wrist)
+BETWEEN = {"lowerarm": "hand"}
+
+
 def _sources(name: str) -> list[tuple[str, bool]]:
     """Where an unseen segment takes its colours from, in order: itself, its mirror image,
     then up the body (a hidden shin from the thigh, then the torso), each with its mirror."""
@@ -432,26 +482,33 @@ def _references(name: str, names: list[str], seg: Tensor, well: Tensor,
             refs = well & of_source
             if refs.sum() >= max(3, MIN_SEEN * of_source.sum()):
                 sides = refs & rim
-                return (sides if sides.sum() >= 10 else refs), mirror
+                refs = sides if sides.sum() >= 10 else refs
+                stem, side = name.partition(".")[0], source.partition(".")[2]
+                child = f"{BETWEEN.get(stem)}.{side}"
+                if source.partition(".")[0] != stem and child in names:  # up the body
+                    refs = refs | (well & (seg == names.index(child)))
+                return refs, mirror
     return well, False
 
 
 def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate, transforms: Tensor,
-                 cam: Cameras, image: Tensor, mask: Tensor, face_uv: np.ndarray | None = None,
+                 cam: Cameras, image: Tensor, mask: Tensor,
+                 landmarks: dict[str, np.ndarray] | None = None,
                  given: Tensor | None = None) -> Tensor:  # fmt: skip
     """[N, 3] the colours create's refinement starts from and keeps unseen Gaussians near: the
     photo's pixels (or `given` [N, 3], e.g. the reconstructor's colours) where the photo sees a
-    Gaussian well, completed elsewhere (`complete_colours`). `face_uv` [P, 2]: the face's
-    landmarks in the image, for the hair colour."""
+    Gaussian well, completed elsewhere (`complete_colours`). `landmarks`: the photo's, in the
+    image (`well_seen`; the face's also find the hair colour)."""
     from deform.skinning import apply_blend
 
     from .refine import photo_pixels, posed_blend
 
+    landmarks = landmarks or {}
     with torch.no_grad():
         posed = apply_blend(canonical, posed_blend(binding, transforms))
-        well = well_seen(posed, cam, binding, face_uv)
         pixels = photo_pixels(posed, cam, image, mask)
-        hair = hair_from_photo(image, mask, face_uv)  # else the scalp it sees
+        well = well_seen(posed, cam, binding, landmarks, pixels=pixels)
+        hair = hair_from_photo(image, mask, landmarks.get("face"))  # else the scalp it sees
         if hair is None and (scalp := scalp_colour(canonical, binding, pixels, well)) is not None:
             hair = Hair(scalp)
         rgb = complete_colours(canonical, binding, template, pixels, facing(posed, cam), well, hair)

@@ -13,7 +13,10 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
 
 Gaussians hidden behind others in the photo (the back of the head behind the face) keep their
 opacity, scale and position: the photo cannot judge them, and the light its front lets through
-would only thin them out, holes through which the face shows from behind.
+would only thin them out, holes through which the face shows from behind. So do Gaussians still
+on the template's surface that the person mask leaves out by more than its outline: a body
+always has its forearms, and the mask is what is wrong there (a forearm in shadow against a
+dark room); thinned, they were holes from every other side.
 
 Colours start from a prior (`reconstruct.complete.colour_prior`): the photo's own pixels where it
 sees a Gaussian well, and colours completed from parts like it everywhere else (hair on the
@@ -60,6 +63,7 @@ class RefineConfig:
 
 
 OUTLINE_PX = 3  # pixels of the person's outline where the silhouette judges any Gaussian
+ON_SURFACE = 0.01  # metres: a Gaussian this close to its template anchor is the body itself
 
 
 def posed_blend(binding: Binding, transforms: Tensor) -> Tensor:  # [J,4,4] -> [N,4,4]
@@ -109,11 +113,12 @@ def unoccluded(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
 
 def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTLINE_PX) -> Tensor:
     """[N] bool: Gaussians projecting inside the person `mask` [H, W], at least `margin` pixels
-    from its outline."""
+    from its outline (a negative `margin`: or at most -margin pixels outside it)."""
     import cv2
 
     m = (mask.numpy() > 0.5).astype(np.uint8)
-    inner = cv2.erode(m, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
+    kernel = np.ones((2 * abs(margin) + 1,) * 2, np.uint8)
+    inner = cv2.erode(m, kernel) if margin >= 0 else cv2.dilate(m, kernel)
     return sample_image(torch.from_numpy(inner.astype(np.float32))[..., None],
                         cam.project(posed.means)[0])[:, 0] > 0.5  # fmt: skip
 
@@ -148,8 +153,9 @@ class View:
 class AppearanceLoss:
     """The refinement objective of the module docstring, for canonical Gaussians posed by
     `transforms` and seen by `cam`; `prior` [N, 3] holds the colours that Gaussians the photo
-    does not see (`seen` [N]) should keep; `hidden` [N] marks those behind others in the photo,
-    whose shape the refinement leaves as it is. `close_up`: the same photo around the face at its
+    does not see (`seen` [N]) should keep; `hidden` [N] marks those whose shape the photo cannot
+    judge (behind others, or the body's surface outside the mask), which the refinement leaves
+    as it is. `close_up`: the same photo around the face at its
     own resolution (the working crop shrinks a full-body photo's face to a few dozen pixels),
     whose image terms are added."""
 
@@ -229,22 +235,28 @@ class AppearanceLoss:
 
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
                     image: Tensor, mask: Tensor, cfg: RefineConfig, prior: Tensor | None = None,
-                    close_up: View | None = None,
-                    face_uv: np.ndarray | None = None) -> AppearanceLoss:  # fmt: skip
+                    close_up: View | None = None, landmarks: dict[str, np.ndarray] | None = None,
+                    anchors: Tensor | None = None) -> AppearanceLoss:  # fmt: skip
     """The objective for these Gaussians: Gaussians the photo does not see well
-    (`reconstruct.complete.well_seen`; `face_uv` [P, 2] the face's landmarks in the image) keep
-    near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`)."""
+    (`reconstruct.complete.well_seen`; `landmarks` the photo's, by part, in the image) keep
+    near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
+    `anchors` [N, 3]: each Gaussian's place on the template's surface (canonical), which tells
+    the body's own Gaussians outside the mask from floaters there."""
     from .complete import well_seen
 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed = apply_blend(canonical, blend)
         depth = rasterize(posed, cam).depth[0, ..., 0]
-        seen = well_seen(posed, cam, binding, face_uv, depth)
+        seen = well_seen(posed, cam, binding, landmarks, depth,
+                         photo_pixels(posed, cam, image, mask))  # fmt: skip
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
         hidden = ~unoccluded(posed, cam, depth)
         hidden &= inside_mask(posed, cam, mask)  # at the outline the silhouette judges them
+        if anchors is not None:  # the body's surface where the mask says background
+            on_surface = (canonical.means - anchors).norm(dim=-1) < ON_SURFACE
+            hidden |= on_surface & ~inside_mask(posed, cam, mask, -OUTLINE_PX)
     return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up,
                           canonical, hidden)  # fmt: skip
 
@@ -261,12 +273,13 @@ def refine_appearance(
     prior: Tensor | None = None,  # [N, 3] start colours; unseen ones stay near (default: given)
     trace: list[float] | None = None,  # if given, each step's input-view masked PSNR
     close_up: View | None = None,  # the face at the photo's own resolution
-    face_uv: np.ndarray | None = None,  # [P, 2] the face's landmarks in the image
+    landmarks: dict[str, np.ndarray] | None = None,  # the photo's, by part ("face" [P, 2], ...)
+    anchors: Tensor | None = None,  # [N, 3] their places on the template's surface
 ) -> Gaussians:
     """Returns the refined canonical Gaussians (same count and binding)."""
     cfg = config or RefineConfig()
     objective = appearance_loss(canonical, binding, transforms, cam, image, mask, cfg, prior,
-                                close_up, face_uv)  # fmt: skip
+                                close_up, landmarks, anchors)  # fmt: skip
     sh = canonical.sh.clone()
     sh[:, 0] = rgb_to_sh0(objective.prior)
     offsets = torch.zeros_like(canonical.means, requires_grad=True)
@@ -281,7 +294,7 @@ def refine_appearance(
     }
     # nor the shape of what it cannot see at all: a Gaussian behind others (the back of the
     # head behind the face) would only thin out or shrink where the front lets light through,
-    # leaving holes that show the face from behind
+    # leaving holes that show the face from behind; nor a forearm the mask misses
     judged = (~objective.hidden).to(sh.dtype)
     for tensor in (params["opacity_logits"], params["log_scales"], offsets):
         tensor.register_hook(lambda grad: grad * judged.reshape(-1, *[1] * (grad.ndim - 1)))

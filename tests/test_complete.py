@@ -78,6 +78,23 @@ def test_hidden_legs_continue_the_clothes_above(scene):
     assert (rgb[legs] - RED).norm(dim=-1).median() < 0.1
 
 
+def test_a_hidden_forearm_takes_its_hand_at_the_wrist_and_its_sleeve_at_the_elbow(scene):
+    """A gesture toward the camera hides both forearms behind the hands: each forearm
+    Gaussian takes the colour of the nearer of its hand (skin) and its upper arm (a sleeve)."""
+    from reconstruct.complete import Hair, complete_colours
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    forearms = torch.tensor([n.startswith("lowerarm") for n in name])
+    hands, sleeves = (torch.tensor([n.startswith(p) for n in name]) for p in ("hand", "upperarm"))
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~forearms, Hair(HAIR))
+    to_hand, to_sleeve = (torch.cdist(g.means[forearms], g.means[p & seen]).amin(1)
+                          for p in (hands, sleeves))  # fmt: skip
+    wrist, elbow = to_hand < 0.5 * to_sleeve, to_sleeve < 0.5 * to_hand
+    assert wrist.sum() > 30 and elbow.sum() > 30
+    assert (rgb[forearms][wrist] - SKIN).norm(dim=-1).median() < 0.05
+    assert (rgb[forearms][elbow] - BLUE).norm(dim=-1).median() < 0.05
+
+
 def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     """The face turned to one side: its hidden cheek copies its mirror image, not the
     nose and lips beside it."""
@@ -169,12 +186,69 @@ def test_face_gaussians_outside_the_face_outline_are_not_judged():
     centre = uv[face].mean(0)
     half = (uv[face] - centre).abs().amax(0)
     outline = (centre + 0.5 * half * torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]])).numpy()
-    judged = well_seen(g, cam, b, outline)
+    judged = well_seen(g, cam, b, {"face": outline})
     outside = face & everywhere & ((uv - centre).abs() > 0.55 * half).any(-1)
     inside = face & everywhere & ((uv - centre).abs() < 0.4 * half).all(-1)
     assert outside.sum() > 20 and inside.sum() > 20
     assert not judged[outside].any() and judged[inside].all()
     assert torch.equal(judged[~face], everywhere[~face])  # the rest of the body as before
+
+
+def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
+    """The template's hand, posed from 21 landmarks, misses the photo's by a few pixels, and
+    the misses read the shirt behind it (shards of shirt around the hand from the side): a hand
+    Gaussian is judged inside the hull of the hand's landmarks, and a little beyond it only on
+    the hand's own colour; create makes the rest nearly transparent."""
+    from reconstruct.appearance import STRAY_OPACITY, Observation, fade_strays
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import HAND_MIN_PX, HAND_REACH, well_seen
+    from reconstruct.refine import photo_pixels
+    from render import fit_to_points, scene_points
+
+    avatar = template_avatar(12000)
+    g, b = avatar.gaussians, avatar.binding
+    hand = b.parts == PART_CODES["hand_left"]
+    cam = fit_to_points(scene_points(g[hand]), 256, 256, torch.zeros(1, dtype=torch.float64),
+                        0.0, 30.0, 0.6)[0]  # fmt: skip
+    uv = cam.project(g.means)[0]
+    everywhere = well_seen(g, cam, b)
+    centre = uv[hand & everywhere].median(0).values
+    half = (uv[hand & everywhere] - centre).abs().amax(0)
+    corners = centre + 0.4 * half * torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]])
+    landmarks = {"hand_left": corners.numpy()}
+    offset = (uv - centre).abs() - 0.4 * half  # > 0: outside the landmarks' hull
+    inside, outside = (offset < -1).all(-1), (offset > 1).any(-1)
+    reach = HAND_REACH * 0.8 * half.max()  # pixels the hull grows by
+    band, far = outside & (offset < reach - 1).all(-1), (offset > reach + 1).any(-1)
+    pixels = SKIN.expand(len(g), 3).clone()
+    judged = well_seen(g, cam, b, landmarks, pixels=pixels)  # the hand's colour all over
+    seen_hand = hand & everywhere
+    assert (seen_hand & inside).sum() > 20 and (seen_hand & band).sum() > 20
+    assert (seen_hand & far).sum() > 20
+    assert judged[seen_hand & (inside | band)].all() and not judged[seen_hand & far].any()
+    assert torch.equal(judged[~hand], everywhere[~hand])  # the rest of the body as before
+    pixels[outside] = BLUE  # the shirt around the hand
+    pattern = inside & (uv[:, 0] < centre[0])
+    pixels[pattern] = GREEN  # a glove's pattern inside the hull: trusted
+    judged = well_seen(g, cam, b, landmarks, pixels=pixels)
+    assert judged[seen_hand & inside].all() and not judged[seen_hand & outside].any()
+    assert (seen_hand & pattern).sum() > 10
+    image = torch.ones(256, 256, 3) * BLUE
+    lo, hi = (centre - 0.4 * half).round().long(), (centre + 0.4 * half).round().long()
+    image[lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = SKIN
+    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    obs = Observation(avatar.body_template(), b, transforms, cam, image, torch.ones(256, 256),
+                      landmarks)  # fmt: skip
+    faded = fade_strays(obs, g).opacities
+    stray = hand & ~well_seen(g, cam, b, landmarks, pixels=photo_pixels(g, cam, image, obs.mask))
+    stray &= everywhere  # what the photo shows there, sampled from the image
+    assert stray[seen_hand & outside & (offset > 2).any(-1)].all() and not stray[inside].any()
+    assert torch.allclose(faded[stray], torch.tensor(STRAY_OPACITY))
+    assert torch.equal(faded[~stray], g.opacities[~stray])
+    assert fade_strays(Observation(obs.template, b, transforms, cam, image, obs.mask), g) is g
+    small = {"hand_left": (centre + 0.5 * (corners - centre)).numpy()}  # 50 px wide -> 25
+    assert (corners.max(0).values - corners.min(0).values).max() >= HAND_MIN_PX
+    assert torch.equal(well_seen(g, cam, b, small, pixels=pixels), everywhere)
 
 
 def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
@@ -238,6 +312,38 @@ def test_refinement_leaves_the_shape_of_what_the_photo_cannot_see():
         before, after = getattr(g, name), getattr(out, name)
         assert torch.equal(before[hidden], after[hidden]), name
         assert (before[~hidden] != after[~hidden]).any(), name
+
+
+def test_the_body_outside_the_mask_keeps_its_shape_and_floaters_do_not():
+    """A person mask misses a forearm in shadow against a dark room: the silhouette term would
+    thin the forearm away (a hole from every other side). Gaussians still on the template's
+    surface (`anchors`) that project outside the mask beyond its outline keep their shape;
+    Gaussians that left the surface (floaters) are thinned as before."""
+    from reconstruct.refine import OUTLINE_PX, RefineConfig, appearance_loss, refine_appearance
+    from render import fit_to_points, scene_points
+
+    avatar = template_avatar(3000)
+    g, b = avatar.gaussians, avatar.binding
+    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    image, mask = torch.full((64, 64, 3), 0.3), torch.zeros(64, 64)
+    mask[:, 24:] = 1  # the mask leaves out the body's left of column 24
+    cfg = RefineConfig(steps=6)
+    u = cam.project(g.means)[0][:, 0]
+    outside, near = u < 24 - OUTLINE_PX - 1, (u > 24 - OUTLINE_PX + 1) & (u < 24)
+    assert outside.sum() > 100 and near.sum() > 10
+    held = appearance_loss(g, b, transforms, cam, image, mask, cfg, anchors=g.means).hidden
+    assert held[outside].all() and not held[near].any()  # at the outline the mask judges
+    floaters = appearance_loss(g, b, transforms, cam, image, mask, cfg, anchors=g.means + 0.02)
+    assert not floaters.hidden[outside].any()
+    opacity = {}
+    for name, anchors in (("on the surface", g.means), ("floating", g.means + 0.02)):
+        out = refine_appearance(g, b, transforms, cam, image, mask, cfg, progress=False,
+                                anchors=anchors)  # fmt: skip
+        opacity[name] = out.opacity_logits[outside]
+    assert torch.equal(opacity["on the surface"], g.opacity_logits[outside])
+    assert (opacity["floating"] < g.opacity_logits[outside] - 0.1).float().mean() > 0.5
 
 
 def test_the_refinement_poses_like_apply_blend_with_its_orientations_cached():

@@ -112,8 +112,9 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     times.sample_s = time.perf_counter() - t0
 
     transforms = posed.transforms[0]
-    obs = Observation(tpl, binding, transforms, fit.camera, image, mask,
-                      None if parse.face is None else fit.crop.to_crop(parse.face),
+    found = {"face": parse.face} | {f"hand_{side}": p for side, p in parse.hands.items()}
+    landmarks = {part: fit.crop.to_crop(p) for part, p in found.items() if p is not None}
+    obs = Observation(tpl, binding, transforms, fit.camera, image, mask, landmarks,
                       hand_boxes_from_landmarks(parse.hands, fit.crop.to_crop),
                       face_close_up(photo.rgb, parse, cfg.fov, fit.crop.scale))  # fmt: skip
     canonical, stage = reconstruct_appearance(obs, canonical, model, cfg.refine_steps,
