@@ -66,15 +66,15 @@ def fade_strays(obs: Observation, g: Gaussians) -> Gaussians:
     """`g` with the hand Gaussians where the photo shows something else (`hand_strays`: the
     shirt beside a hand the template misses by a few pixels) nearly transparent: no hand is
     there, and a skin-coloured one would smear the shirt in the photo's own view. The
-    refinement may raise them again where the photo wants them."""
+    refinement may raise them again where the photo wants them (holding them faded cost the
+    half-body woman 0.5 dB of her own view and changed nothing from the side)."""
     if not obs.landmarks:
         return g
     with torch.no_grad():
         posed = apply_blend(g, posed_blend(obs.binding, obs.transforms))
         pixels = photo_pixels(posed, obs.camera, obs.image, obs.mask)
         seen = well_seen(posed, obs.camera, obs.binding, obs.landmarks)
-        uv = obs.camera.project(posed.means)[0]
-        strays = hand_strays(obs.camera, uv, obs.binding, obs.landmarks, pixels, seen)
+        strays = hand_strays(posed, obs.camera, obs.binding, obs.landmarks, pixels, seen)
     logits = g.opacity_logits.clone()
     logits[strays] = math.log(STRAY_OPACITY / (1 - STRAY_OPACITY))
     return g.replace(opacity_logits=logits)

@@ -64,38 +64,34 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
 
 
 def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
-              landmarks: dict[str, np.ndarray] | None = None, depth: Tensor | None = None,
-              pixels: Tensor | None = None) -> Tensor:  # fmt: skip
+              landmarks: dict[str, np.ndarray] | None = None,
+              depth: Tensor | None = None) -> Tensor:  # fmt: skip
     """[N] bool: the Gaussians whose colour the photo judges: unhidden, facing its camera
     (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline (the hull
     of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that projects
     outside it sees the hair or the background beside a turned cheek, which must not end up on
-    the cheek. With `pixels` [N, 3] (`reconstruct.refine.photo_pixels`), a hand's Gaussians only
-    where the photo shows that hand (`hand_strays`; `landmarks["hand_left"]` and
-    `["hand_right"]` [21, 2]). `depth` [H, W]: the camera's render of `posed` (rendered here when
-    None)."""
+    the cheek. `depth` [H, W]: the camera's render of `posed` (rendered here when None); what
+    the photo shows there may rule out more (`hand_strays`)."""
     from render import rasterize
 
     from .refine import visible_in
 
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
-    landmarks = landmarks or {}
     seen = visible_in(posed, cam, depth)
     seen &= facing(posed, cam) <= WELL_SEEN
-    uv = cam.project(posed.means)[0]
-    face_uv = landmarks.get("face")
+    face_uv = (landmarks or {}).get("face")
     if face_uv is not None and len(face_uv) >= 3:
-        seen &= ~face_parts(binding) | inside_outline(cam, uv, face_uv)
-    if pixels is not None:
-        seen &= ~hand_strays(cam, uv, binding, landmarks, pixels, seen)
+        seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)
     return seen
 
 
-def hand_strays(cam: Cameras, uv: Tensor, binding: Binding, landmarks: dict[str, np.ndarray],
-                pixels: Tensor, seen: Tensor) -> Tensor:  # fmt: skip
-    """[N] bool: a hand's Gaussians that the photo sees (`seen` [N], projecting to `uv` [N, 2]
-    where it shows `pixels` [N, 3]) and where it shows something other than that hand: outside
+def hand_strays(posed: Gaussians, cam: Cameras, binding: Binding,
+                landmarks: dict[str, np.ndarray] | None, pixels: Tensor,
+                seen: Tensor) -> Tensor:  # fmt: skip
+    """[N] bool: a hand's Gaussians that the photo sees (`seen` [N], `well_seen`; `pixels`
+    [N, 3], `reconstruct.refine.photo_pixels`; `landmarks["hand_left"]` and `["hand_right"]`
+    [21, 2] in image pixels) and where it shows something other than that hand: outside
     the hull of its landmarks (its joints) and either beyond that hull grown by HAND_REACH of its
     size or unlike the hand's own colour, the median under the hull (skin or a glove): neither
     `skin_like` it (skin in light or shade) nor within HAND_NEAR of it (a dark glove's
@@ -104,8 +100,9 @@ def hand_strays(cam: Cameras, uv: Tensor, binding: Binding, landmarks: dict[str,
     template's hand, posed from 21 landmarks, misses the photo's by a few pixels, and the misses
     read the shirt behind it: shards of shirt around the hand from every other side."""
     strays = torch.zeros_like(seen)
+    uv = cam.project(posed.means)[0]
     for part in ("hand_left", "hand_right"):
-        points = landmarks.get(part)
+        points = (landmarks or {}).get(part)
         if points is None:
             continue
         of_hand = seen & (binding.parts == PART_CODES[part])
@@ -507,7 +504,8 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
     with torch.no_grad():
         posed = apply_blend(canonical, posed_blend(binding, transforms))
         pixels = photo_pixels(posed, cam, image, mask)
-        well = well_seen(posed, cam, binding, landmarks, pixels=pixels)
+        well = well_seen(posed, cam, binding, landmarks)
+        well &= ~hand_strays(posed, cam, binding, landmarks, pixels, well)
         hair = hair_from_photo(image, mask, landmarks.get("face"))  # else the scalp it sees
         if hair is None and (scalp := scalp_colour(canonical, binding, pixels, well)) is not None:
             hair = Hair(scalp)

@@ -242,14 +242,16 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
     near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
     `anchors` [N, 3]: each Gaussian's place on the template's surface (canonical), which tells
     the body's own Gaussians outside the mask from floaters there."""
-    from .complete import well_seen
+    from .complete import hand_strays, well_seen
 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed = apply_blend(canonical, blend)
         depth = rasterize(posed, cam).depth[0, ..., 0]
-        seen = well_seen(posed, cam, binding, landmarks, depth,
-                         photo_pixels(posed, cam, image, mask))  # fmt: skip
+        seen = well_seen(posed, cam, binding, landmarks, depth)
+        strays = hand_strays(posed, cam, binding, landmarks, photo_pixels(posed, cam, image, mask),
+                             seen)  # fmt: skip
+        seen &= ~strays
         if prior is None:
             prior = sh0_to_rgb(canonical.sh[:, 0]).clamp(0, 1)
         hidden = ~unoccluded(posed, cam, depth)

@@ -201,8 +201,8 @@ def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     the hand's own colour; create makes the rest nearly transparent."""
     from reconstruct.appearance import STRAY_OPACITY, Observation, fade_strays
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import HAND_MIN_PX, HAND_REACH, well_seen
-    from reconstruct.refine import photo_pixels
+    from reconstruct.complete import HAND_MIN_PX, HAND_REACH, hand_strays, well_seen
+    from reconstruct.refine import RefineConfig, appearance_loss, photo_pixels
     from render import fit_to_points, scene_points
 
     avatar = template_avatar(12000)
@@ -221,7 +221,12 @@ def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     reach = HAND_REACH * 0.8 * half.max()  # pixels the hull grows by
     band, far = outside & (offset < reach - 1).all(-1), (offset > reach + 1).any(-1)
     pixels = SKIN.expand(len(g), 3).clone()
-    judged = well_seen(g, cam, b, landmarks, pixels=pixels)  # the hand's colour all over
+
+    def judged_by(landmarks: dict, pixels: torch.Tensor) -> torch.Tensor:
+        seen = well_seen(g, cam, b, landmarks)
+        return seen & ~hand_strays(g, cam, b, landmarks, pixels, seen)
+
+    judged = judged_by(landmarks, pixels)  # the hand's colour all over
     seen_hand = hand & everywhere
     assert (seen_hand & inside).sum() > 20 and (seen_hand & band).sum() > 20
     assert (seen_hand & far).sum() > 20
@@ -230,7 +235,7 @@ def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     pixels[outside] = BLUE  # the shirt around the hand
     pattern = inside & (uv[:, 0] < centre[0])
     pixels[pattern] = GREEN  # a glove's pattern inside the hull: trusted
-    judged = well_seen(g, cam, b, landmarks, pixels=pixels)
+    judged = judged_by(landmarks, pixels)
     assert judged[seen_hand & inside].all() and not judged[seen_hand & outside].any()
     assert (seen_hand & pattern).sum() > 10
     image = torch.ones(256, 256, 3) * BLUE
@@ -240,7 +245,7 @@ def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     obs = Observation(avatar.body_template(), b, transforms, cam, image, torch.ones(256, 256),
                       landmarks)  # fmt: skip
     faded = fade_strays(obs, g).opacities
-    stray = hand & ~well_seen(g, cam, b, landmarks, pixels=photo_pixels(g, cam, image, obs.mask))
+    stray = hand & ~judged_by(landmarks, photo_pixels(g, cam, image, obs.mask))
     stray &= everywhere  # what the photo shows there, sampled from the image
     assert stray[seen_hand & outside & (offset > 2).any(-1)].all() and not stray[inside].any()
     assert torch.allclose(faded[stray], torch.tensor(STRAY_OPACITY))
@@ -248,7 +253,12 @@ def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     assert fade_strays(Observation(obs.template, b, transforms, cam, image, obs.mask), g) is g
     small = {"hand_left": (centre + 0.5 * (corners - centre)).numpy()}  # 50 px wide -> 25
     assert (corners.max(0).values - corners.min(0).values).max() >= HAND_MIN_PX
-    assert torch.equal(well_seen(g, cam, b, small, pixels=pixels), everywhere)
+    assert torch.equal(judged_by(small, pixels), everywhere)
+    # the refinement does not colour them from the photo
+    loss = appearance_loss(
+        g, b, transforms, cam, image, obs.mask, RefineConfig(), landmarks=landmarks
+    )
+    assert not loss.seen[stray].any() and loss.seen[seen_hand & inside].all()
 
 
 def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
