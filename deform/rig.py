@@ -254,15 +254,19 @@ class SpeechRig:
         return model.avatar_tokens(g.means, self.parts, rgb, p.rest, p.parts, p.ids, p.weights,
                                    self.anchors)  # fmt: skip
 
-    def posed_frames(
-        self, motion, blink: Tensor, fingers: Tensor | None = None, eyes: Tensor | None = None
-    ) -> Iterator[Gaussians]:
+    def posed_frames(self, motion, blink: Tensor, fingers: Tensor | None = None,
+                     eyes: Tensor | None = None,
+                     root: Tensor | None = None) -> Iterator[Gaussians]:  # fmt: skip
         """The avatar posed by each frame of a deformer's `Motion` (bones, template actions,
         particle transforms, residuals), with blink weights [T] (`controls.blinks`), finger
         rotations [T, 30, 3] (`deform.hands`; None keeps the photo's hands) and eye-bone
-        deltas [T, 2, 3] (gaze; None: the photo's)."""
+        deltas [T, 2, 3] (gaze; None: the photo's). `root` [4, 4]: a rigid transform from the
+        body frame to a scene's, folded into the skinning (free, where moving every posed
+        Gaussian afterwards is not)."""
         with stage("rig"):
             transforms = self.transforms(motion.bones, fingers, eyes)
+            if root is not None:
+                transforms = root.to(transforms) @ transforms
             actions = motion.actions.new_zeros(len(blink), len(self.template.expression_names))
             actions[:, self.template_ids] = motion.actions
             actions[:, self.blink_ids] = blink[:, None].to(actions)

@@ -630,6 +630,23 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
             feet = m.place(driver.rig.still()).means[:, 1].quantile(0.002)
         assert abs(float(feet)) < 0.01
     assert len(scene_cameras(members, "orbit", 64, 64, 10)) == 10
+    # a member's placement folded into its skinning puts every posed Gaussian where `place`
+    # moves it (the two-avatar loop poses them in the scene directly)
+    from render.rotations import quat_to_rotmat
+
+    with torch.no_grad():
+        x = torch.randn(16000, generator=torch.Generator().manual_seed(1)) * 0.1
+        motion, _ = driver.model(x, driver.tokens, driver.model.start(driver.tokens), 5, 25.0)
+        blink = torch.linspace(0, 1, 5)
+        body = list(driver.rig.posed_frames(motion, blink))
+        scene = list(driver.rig.posed_frames(motion, blink, root=members[1].matrix()))
+    for g, want in zip(scene, (members[1].place(g) for g in body), strict=True):
+        assert torch.allclose(g.means, want.means, atol=1e-5)
+        # a blended (not orthonormal) skinning matrix's quaternion is not exactly equivariant
+        # under the turn: the same rotation to within a degree where the blend skews most
+        turn = (quat_to_rotmat(g.quats) - quat_to_rotmat(want.quats)).abs().amax(dim=(1, 2))
+        assert turn.median() < 1e-5 and turn.max() < 0.02, (turn.median(), turn.quantile(0.99), turn.max())
+        assert torch.equal(g.sh, want.sh) and torch.equal(g.opacity_logits, want.opacity_logits)
     # the head by forward kinematics alone equals the template's full forward (mesh skinned)
     from deform.controls import DRIVEN_BONES, compose_pose
 

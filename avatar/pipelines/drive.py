@@ -218,9 +218,11 @@ class Driver:
             yield start, motion
 
     def pose_chunk(self, motion, start: int, hands: HandState, listener=None,
-                   eyes: torch.Tensor | None = None) -> tuple[Iterator[Gaussians], HandState]:  # fmt: skip
+                   eyes: torch.Tensor | None = None,
+                   root: torch.Tensor | None = None) -> tuple[Iterator[Gaussians], HandState]:  # fmt: skip
         """The frames of one chunk's (blended) motion posed one by one, with blinks (a
-        listener's: faster) and the hands' state carried to the next chunk."""
+        listener's: faster) and the hands' state carried to the next chunk; `root` [4, 4]
+        places the body in a scene (`SpeechRig.posed_frames`)."""
         cfg, n = self.cfg, len(motion.controls)
         if listener is None:
             blink = torch.from_numpy(blinks(n, cfg.fps, cfg.seed, start))
@@ -228,7 +230,7 @@ class Driver:
             blink = listener.blinks(start, n)
         with stage("rig"):
             fingers, hands = self.rig.hands.step(motion.bones, cfg.fps, hands)
-        return self.rig.posed_frames(motion, blink, fingers, eyes), hands
+        return self.rig.posed_frames(motion, blink, fingers, eyes, root), hands
 
     @torch.no_grad()
     def frames(

@@ -58,6 +58,11 @@ class Member:
     def offset(self) -> torch.Tensor:
         return torch.tensor([self.placement.x, self.lift, self.placement.z])
 
+    def matrix(self) -> torch.Tensor:  # [4, 4] body frame -> scene, as `place` moves Gaussians
+        m = torch.eye(4)
+        m[:3, :3], m[:3, 3] = self.rotation(), self.offset()
+        return m
+
     def place(self, g: Gaussians) -> Gaussians:
         """Body frame -> scene (view-dependent colour is not turned: avatars are degree 0)."""
         r = self.rotation().to(g.means)
@@ -180,7 +185,8 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
             blended = duet.chunk([motion for _, motion in chunks], start)
             posing = []
             for k, (m, (motion, eyes)) in enumerate(zip(members, blended, strict=True)):
-                frames_k, hands[k] = m.driver.pose_chunk(motion, start, hands[k], m.listener, eyes)
+                frames_k, hands[k] = m.driver.pose_chunk(motion, start, hands[k], m.listener, eyes,
+                                                         m.matrix())  # fmt: skip
                 posing.append(frames_k)
             yield from zip(*posing, strict=True)
 
@@ -189,8 +195,7 @@ def converse_pair(drivers: list[Driver], tracks: Tracks, out_path: str | Path,
         with bar, torch.no_grad():
             for i, both in enumerate(posed()):
                 with stage("rig"):
-                    scene = Gaussians.cat([m.place(g) for m, g in zip(members, both,
-                                                                      strict=True)])  # fmt: skip
+                    scene = Gaussians.cat(list(both))  # placed by their skinning
                 cam = cams[min(i, len(cams) - 1)]
                 with stage("render"):
                     frame = to_uint8(rasterize(scene, cam, background=bg).rgb[0, ..., :3])
