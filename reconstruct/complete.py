@@ -14,7 +14,8 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
   print on a shirt's front does not; the back of the torso is its garment as the torso's sides
   show it: the middle of the front (a neckline, the shirt and tie in a jacket's opening) and
   skin are not continued around the back (a skin-coloured back under a hairline reads as a
-  face from behind);
+  face from behind); the back of the neck is its skin as its sides show it, not the collar or
+  background they mix with;
 - **its mirror image**: a point of the face, head, neck or torso whose mirror image (x → -x)
   the photo sees well takes its colour: a cheek turned away from the camera looks like the one
   it shows;
@@ -448,6 +449,8 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
         refs, mirror = _references(name, names, seg, well, well & (cos > RIM))
         if name == "torso":
             refs = _garment(refs, canonical.means, photo_rgb, skin_rgb)
+        elif name == "neck" and skin_rgb is not None:
+            refs = _skin(refs, photo_rgb, skin_rgb)
         rgb[need] = _nearest_median((mirrored if mirror else x)[need], x[refs], photo_rgb[refs])
     return rgb
 
@@ -464,6 +467,15 @@ def _garment(refs: Tensor, x: Tensor, photo_rgb: Tensor, skin_rgb: Tensor | None
         keep &= (x[:, 0] - centre).abs() > 0.4 * (x[refs, 0] - centre).abs().max()
     if skin_rgb is not None:
         keep &= ~skin_like(photo_rgb, skin_rgb)
+    return keep if keep.sum() >= max(10, 0.1 * refs.sum()) else refs
+
+
+def _skin(refs: Tensor, photo_rgb: Tensor, skin_rgb: Tensor) -> Tensor:
+    """`refs` [N] bool, of the neck, without those unlike the face's skin (`skin_like`
+    `skin_rgb` [3]) when at least a tenth of them and 10 are left: a neck's sides in the photo
+    mix with the collar over them and the background beside them (a grey back of the neck from
+    the side), and a neck is skin unless a collar or scarf hides all of it."""
+    keep = refs & skin_like(photo_rgb, skin_rgb)
     return keep if keep.sum() >= max(10, 0.1 * refs.sum()) else refs
 
 

@@ -95,6 +95,24 @@ def test_a_hidden_forearm_takes_its_hand_at_the_wrist_and_its_sleeve_at_the_elbo
     assert (rgb[forearms][elbow] - BLUE).norm(dim=-1).median() < 0.05
 
 
+def test_the_back_of_the_neck_is_its_skin_not_the_collar_beside_it(scene):
+    """The photo shows a neck's sides mixed with the collar over them: its unseen back takes
+    the sides' skin-coloured Gaussians, not the collar's."""
+    from reconstruct.complete import complete_colours
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    neck = torch.tensor([n == "neck" for n in name])
+    seen = seen | (neck & (cos < 0.2))  # its front and sides
+    photo = photo.clone()
+    collar = neck & seen & (torch.arange(len(g)) % 3 > 0)  # two in three: the collar's
+    photo[collar] = BLUE
+    back = neck & (cos > 0.5)
+    assert back.sum() > 10 and (neck & seen & ~collar).sum() >= 10
+    rgb = complete_colours(g, b, template, photo, cos, seen, None)
+    assert (rgb[back] - SKIN).norm(dim=-1).median() < 0.05
+    assert (rgb[back] - BLUE).norm(dim=-1).min() > 0.3
+
+
 def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     """The face turned to one side: its hidden cheek copies its mirror image, not the
     nose and lips beside it."""

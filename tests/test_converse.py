@@ -645,7 +645,7 @@ def test_scene_cameras_frame_both_and_look_over_a_shoulder(small):
         # a blended (not orthonormal) skinning matrix's quaternion is not exactly equivariant
         # under the turn: the same rotation to within a degree where the blend skews most
         turn = (quat_to_rotmat(g.quats) - quat_to_rotmat(want.quats)).abs().amax(dim=(1, 2))
-        assert turn.median() < 1e-5 and turn.max() < 0.02, (turn.median(), turn.quantile(0.99), turn.max())
+        assert turn.median() < 1e-5 and turn.max() < 0.02, turn.max()
         assert torch.equal(g.sh, want.sh) and torch.equal(g.opacity_logits, want.opacity_logits)
     # the head by forward kinematics alone equals the template's full forward (mesh skinned)
     from deform.controls import DRIVEN_BONES, compose_pose
