@@ -25,7 +25,7 @@ from render import Cameras, Gaussians
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
 from .canonical import Binding
-from .complete import colour_prior, hand_strays, well_seen
+from .complete import colour_prior, hand_strays, judged_hands, well_seen
 from .refine import (
     RefineConfig,
     View,
@@ -68,7 +68,7 @@ def fade_strays(obs: Observation, g: Gaussians) -> Gaussians:
     there, and a skin-coloured one would smear the shirt in the photo's own view. The
     refinement may raise them again where the photo wants them (holding them faded cost the
     half-body woman 0.5 dB of her own view and changed nothing from the side)."""
-    if not obs.landmarks:
+    if not judged_hands(obs.landmarks):
         return g
     with torch.no_grad():
         posed = apply_blend(g, posed_blend(obs.binding, obs.transforms))

@@ -87,6 +87,13 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     return seen
 
 
+def judged_hands(landmarks: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The hands `hand_strays` judges, "hand_left"/"hand_right" -> landmarks [21, 2]: found,
+    and spanning HAND_MIN_PX or more (a full-body photo's hands span fewer: their pixels mix)."""
+    hands = {part: (landmarks or {}).get(part) for part in ("hand_left", "hand_right")}
+    return {k: v for k, v in hands.items() if v is not None and np.ptp(v, 0).max() >= HAND_MIN_PX}
+
+
 def hand_strays(posed: Gaussians, cam: Cameras, binding: Binding,
                 landmarks: dict[str, np.ndarray] | None, pixels: Tensor,
                 seen: Tensor) -> Tensor:  # fmt: skip
@@ -102,20 +109,14 @@ def hand_strays(posed: Gaussians, cam: Cameras, binding: Binding,
     read the shirt behind it: shards of shirt around the hand from every other side."""
     strays = torch.zeros_like(seen)
     uv = cam.project(posed.means)[0]
-    for part in ("hand_left", "hand_right"):
-        points = (landmarks or {}).get(part)
-        if points is None:
-            continue
+    for part, points in judged_hands(landmarks).items():
         of_hand = seen & (binding.parts == PART_CODES[part])
-        core = of_hand & inside_outline(cam, uv, points, 0.0)
-        if core.sum() < 10 or np.ptp(points, 0).max() < HAND_MIN_PX:
-            continue  # the photo hardly shows it, or in so few pixels that they mix
-        own = pixels[core].median(0).values
+        hull = inside_outline(cam, uv, points, 0.0)
+        if (of_hand & hull).sum() < 10:
+            continue  # the photo hardly shows it
+        own = pixels[of_hand & hull].median(0).values
         like = skin_like(pixels, own) | ((pixels - own).norm(dim=-1) < HAND_NEAR)
-        shown = inside_outline(cam, uv, points, 0.0) | (
-            inside_outline(cam, uv, points, -HAND_REACH) & like
-        )
-        strays |= of_hand & ~shown
+        strays |= of_hand & ~hull & ~(inside_outline(cam, uv, points, -HAND_REACH) & like)
     return strays
 
 
