@@ -134,13 +134,12 @@ def inside_outline(cam: Cameras, uv: Tensor, points: np.ndarray, margin: float =
     by -margin (a hand's landmarks are its joints, inside its outline)."""
     import cv2
 
+    from .refine import shrink
+
     h, w = cam.height, cam.width
     hull = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(np.round(points).astype(np.int32)), 1)
-    r = int(round(abs(margin) * float(np.ptp(points, 0).max())))
-    if r > 0:
-        kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
-        hull = cv2.erode(hull, kernel) if margin > 0 else cv2.dilate(hull, kernel)
+    hull = shrink(hull, int(round(margin * float(np.ptp(points, 0).max()))))
     px = uv.round().long()
     ok = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
     out = torch.zeros(len(uv), dtype=torch.bool)
@@ -468,7 +467,7 @@ def _garment(refs: Tensor, x: Tensor, photo_rgb: Tensor, skin_rgb: Tensor | None
         keep &= (x[:, 0] - centre).abs() > 0.4 * (x[refs, 0] - centre).abs().max()
     if skin_rgb is not None:
         keep &= ~skin_like(photo_rgb, skin_rgb)
-    return keep if keep.sum() >= max(10, 0.1 * refs.sum()) else refs
+    return _if_enough(keep, refs)
 
 
 def _skin(refs: Tensor, photo_rgb: Tensor, skin_rgb: Tensor) -> Tensor:
@@ -476,7 +475,11 @@ def _skin(refs: Tensor, photo_rgb: Tensor, skin_rgb: Tensor) -> Tensor:
     `skin_rgb` [3]) when at least a tenth of them and 10 are left: a neck's sides in the photo
     mix with the collar over them and the background beside them (a grey back of the neck from
     the side), and a neck is skin unless a collar or scarf hides all of it."""
-    keep = refs & skin_like(photo_rgb, skin_rgb)
+    return _if_enough(refs & skin_like(photo_rgb, skin_rgb), refs)
+
+
+def _if_enough(keep: Tensor, refs: Tensor) -> Tensor:
+    """`keep` (a subset of `refs` [N] bool) when it holds a tenth of them and at least 10."""
     return keep if keep.sum() >= max(10, 0.1 * refs.sum()) else refs
 
 

@@ -111,14 +111,21 @@ def unoccluded(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float =
     return z < sample_image(depth[..., None], cam.project(posed.means)[0])[:, 0] + tolerance
 
 
+def shrink(region: np.ndarray, px: int) -> np.ndarray:
+    """A uint8 region [H, W] eroded by `px` pixels (a square window), or dilated by -px."""
+    import cv2
+
+    if px == 0:
+        return region
+    kernel = np.ones((2 * abs(px) + 1,) * 2, np.uint8)
+    return cv2.erode(region, kernel) if px > 0 else cv2.dilate(region, kernel)
+
+
 def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTLINE_PX) -> Tensor:
     """[N] bool: Gaussians projecting inside the person `mask` [H, W], at least `margin` pixels
     from its outline (a negative `margin`: or at most -margin pixels outside it)."""
-    import cv2
 
-    m = (mask.numpy() > 0.5).astype(np.uint8)
-    kernel = np.ones((2 * abs(margin) + 1,) * 2, np.uint8)
-    inner = cv2.erode(m, kernel) if margin >= 0 else cv2.dilate(m, kernel)
+    inner = shrink((mask.numpy() > 0.5).astype(np.uint8), margin)
     return sample_image(torch.from_numpy(inner.astype(np.float32))[..., None],
                         cam.project(posed.means)[0])[:, 0] > 0.5  # fmt: skip
 
