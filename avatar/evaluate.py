@@ -463,14 +463,22 @@ def converse_metrics(video_path: str | os.PathLike, report_path: str | os.PathLi
 def pair_mouths(video_path: str | os.PathLike, report: dict) -> dict:
     """Two avatars in one video (`avatar converse A B --report`): MediaPipe's face mesh with two
     faces, the left one the first avatar; each mouth's inner-lip gap during its own speaker's
-    turns over the gap during the other's (≥ 3: the right mouth moves)."""
+    turns over the gap during the other's (≥ 3: the right mouth moves). Whether both faces are
+    in a frame is YuNet's answer on each half (the two-shot puts the first avatar on the left):
+    heads that face each other are in profile or three-quarter view from the camera, where
+    YuNet still finds a face and the face mesh, made for faces within about 50° of frontal,
+    does not; the fraction of frames the face mesh measured is reported beside it."""
     from distill.converse_measures import roles
     from reconstruct.parsing import FaceMesh
 
     probs = [np.asarray(report[f"speech_probability_{k}"], np.float64) for k in (1, 2)]
     gaps: list[list[float]] = [[], []]
+    detector, detected = FaceIdentity(), []
     with FaceMesh(still=False, faces=2) as mesh:
         for rgb in read_frames(video_path):
+            half = rgb.shape[1] // 2
+            detected.append(all(detector.detect(np.ascontiguousarray(part))[0] >= YUNET_SCORE
+                                for part in (rgb[:, :half], rgb[:, half:])))  # fmt: skip
             faces = mesh.all(rgb)
             for k in range(2):
                 p = faces[k] if len(faces) == 2 else None
@@ -479,7 +487,8 @@ def pair_mouths(video_path: str | os.PathLike, report: dict) -> dict:
     if len(gaps[0]) != len(probs[0]):
         raise EvaluationError(f"{video_path} has {len(gaps[0])} frames, its report "
                               f"{len(probs[0])}: not the report of this video")  # fmt: skip
-    out: dict = {"both_faces_found_fraction": float(np.isfinite(gaps[0]).mean())}
+    out: dict = {"both_faces_found_fraction": float(np.mean(detected)),
+                 "both_meshes_found_fraction": float(np.isfinite(gaps[0]).mean())}  # fmt: skip
     for k in range(2):
         own, other = roles(probs[k], probs[1 - k])
         gap = np.asarray(gaps[k])

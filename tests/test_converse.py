@@ -571,7 +571,8 @@ def test_two_avatars_in_one_scene(small, tmp_path, speech):
 
 def test_two_faces_in_one_video_are_told_apart(tmp_path):
     """The two-avatar mouth measure on a video of two still faces side by side: both found,
-    the left one is the first avatar's, and still mouths give no own-over-other contrast."""
+    the left one is the first avatar's, and still mouths give no own-over-other contrast; with
+    the right half empty, both faces are not found."""
     from avatar.evaluate import converse_metrics
     from avatar.media import write_video
     from avatar.photo import read_photo
@@ -590,9 +591,14 @@ def test_two_faces_in_one_video_are_told_apart(tmp_path):
                                   "speech_probability_2": half[::-1]}))  # fmt: skip
     m = converse_metrics(tmp_path / "two.mp4", report)
     assert m["both_faces_found_fraction"] == 1.0 and m["pass"]["both_faces_found"]
+    assert m["both_meshes_found_fraction"] == 1.0
     for k in (1, 2):
         assert m[f"own_over_other_{k}"] == pytest.approx(1.0, abs=0.15)
     assert not m["pass"]["right_mouth_moves"]
+    frame[:, 256:] = 255  # one face: the left
+    write_video(tmp_path / "one.mp4", [frame] * 20, fps=25.0)
+    m = converse_metrics(tmp_path / "one.mp4", report)
+    assert m["both_faces_found_fraction"] == 0.0 and not m["pass"]["both_faces_found"]
 
 
 def test_a_wide_two_shot_frames_both_larger_than_a_square(small):
