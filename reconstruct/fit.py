@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from deform.templates import MEDIAPIPE_BODY, MEDIAPIPE_FACE, MEDIAPIPE_HAND, BodyTemplate
 from render import Cameras, Gaussians, look_at, rasterize
+from render.rotations import axis_angle_to_rotmat
 
 from .parsing import PersonParse
 
@@ -46,6 +47,10 @@ class FitConfig:
     face_sigma: float = 0.25
     """Scale of the face term's robust loss, as a fraction of the face's brow-chin height."""
     lambda_silhouette: float = 2.0
+    lambda_turn: float = 0.5
+    turn_sigma_deg: float = 20.0
+    """Robust scale of the torso-turn term: MediaPipe's 3D turn is a guess, a few tens of
+    degrees off at most; the keypoints overrule it beyond."""
     lambda_pose: float = 2e-3
     lambda_shape: float = 2e-2
     hand_anneal: float = 16.0
@@ -226,7 +231,8 @@ def fit_template(
                             -(centre2d[1] - cam.Ks[0, 1, 2]) * depth / f, torch.tensor(-depth)])  # fmt: skip
     prior_w = _pose_prior_weights(template, parse)  # [J-1]
     translation = (centre3d - torso3d.mean(0)).clone().requires_grad_()
-    root = torch.zeros(3, requires_grad=True)
+    turn = None if parse.torso_yaw is None else math.radians(parse.torso_yaw)
+    root = torch.tensor([0.0, turn or 0.0, 0.0], requires_grad=True)  # about +Y: toward its left
     body_pose = torch.zeros(template.num_bones - 1, 3, requires_grad=True)
     lo, hi = template.shape_range
     shape_logit = (
@@ -269,6 +275,12 @@ def fit_template(
                     + cfg.lambda_face
                     * _geman_mcclure(((fp - tgt.face) ** 2).sum(-1), tgt.face_sigma).mean()
                 )
+        if turn is not None:  # the root's forward (+Z at rest) turned toward +X: its left
+            forward = axis_angle_to_rotmat(root)[:, 2]
+            miss = torch.atan2(forward[0], forward[2]) - turn
+            miss = torch.atan2(torch.sin(miss), torch.cos(miss))  # wrapped to (-pi, pi]
+            sigma_turn = math.radians(cfg.turn_sigma_deg)
+            loss_kp = loss_kp + cfg.lambda_turn * _geman_mcclure(miss**2, sigma_turn)
         return out, pts, loss_kp, shape
 
     opt = torch.optim.Adam([root, translation], lr=0.03)

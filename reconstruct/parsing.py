@@ -39,12 +39,34 @@ class PersonParse:
     num_people: int  # people-sized regions seen; the parse is of the largest
     face_detected: bool = True  # False: `face` is Holistic's guess (the face detector missed,
     # e.g. a masked face), good for where the face is, not for placing the template's features
+    torso_yaw: float | None = None  # degrees the torso is turned to the person's left from
+    # facing the camera (`torso_yaw`); None when MediaPipe gives no 3D pose
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
         """x0, y0, x1, y1 of the mask (exclusive ends)."""
         ys, xs = np.nonzero(self.mask > 0.5)
         return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def torso_yaw(world: np.ndarray, visibility: np.ndarray) -> float | None:
+    """Degrees the torso is turned to the person's left (negative: right) from facing the
+    camera, from MediaPipe's 3D pose `world` [33, 3] (x right, y down, z away from the camera,
+    metres): the mean turn of the line between the shoulders and of the line between the hips,
+    of those whose both ends are visible (`visibility` [33] > 0.5). None if neither is.
+
+    A photo's 2D keypoints cannot tell a torso turned one way from one turned the other, nor a
+    narrow torso from a turned one (a slim person read as turned 42° the wrong way, her head
+    then 70° from her shoulders in every video); MediaPipe's depth estimate can."""
+    turns = []
+    for left, right in ((11, 12), (23, 24)):  # MediaPipe: the person's left first
+        if min(visibility[left], visibility[right]) > 0.5:
+            v = world[left] - world[right]  # right to left: +x when facing the camera
+            turns.append(v[[2, 0]] / max(float(np.hypot(v[0], v[2])), 1e-9))
+    if not turns:
+        return None
+    mean = np.mean(turns, 0)  # the left side further away (+z): turned left
+    return float(np.degrees(np.arctan2(mean[0], mean[1])))
 
 
 class NoPersonError(ValueError):
@@ -208,7 +230,9 @@ class PersonParser:
             if face is None and hol.face_landmarks is not None and body[0, 2] > 0.8:
                 face = _points(hol.face_landmarks, w, h)  # e.g. a masked face the detector misses
             hands = self._assign_hands(img, body, hol)
-        return PersonParse(mask, body, face, hands, people, detected)
+        world = hol.pose_world_landmarks
+        yaw = None if world is None else torso_yaw(_points(world, 1.0, 1.0, depth=True), body[:, 2])
+        return PersonParse(mask, body, face, hands, people, detected, yaw)
 
     # ---- pieces --------------------------------------------------------------------------------
     def _mask(self, img: np.ndarray, pose_mask: np.ndarray, body: np.ndarray):

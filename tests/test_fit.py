@@ -95,3 +95,59 @@ def test_a_hand_left_far_from_its_landmarks_is_fitted_again():
     # is that none misses
     for size in (256, 384, 512):
         assert max(hand_errors(FitConfig(size=size, steps=150))) < 0.06, size
+
+
+def test_torso_yaw_reads_which_way_the_shoulders_and_hips_turn():
+    import numpy as np
+
+    from reconstruct.parsing import torso_yaw
+
+    def world(turn_deg: float) -> np.ndarray:  # a torso turned to its left by turn_deg
+        pts = np.zeros((33, 3))
+        t = np.radians(turn_deg)
+        for left, right, y in ((11, 12, -0.5), (23, 24, 0.0)):
+            half = np.array([0.2 * np.cos(t), 0.0, 0.2 * np.sin(t)])  # its left further away
+            pts[left], pts[right] = half + [0, y, 0], -half + [0, y, 0]
+        return pts
+
+    seen = np.ones(33)
+    for turn in (-40.0, 0.0, 25.0, 170.0):
+        assert abs(torso_yaw(world(turn), seen) - turn) < 1e-6
+    hidden = seen.copy()
+    hidden[[12, 24]] = 0.1
+    assert torso_yaw(world(25.0), hidden) is None
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"test photos not found in {SHARED_DATA}")
+def test_the_torso_turns_as_mediapipe_sees_it_and_the_head_stays_on_it():
+    """From 2D keypoints alone the fit turned this nearly frontal woman's torso 30° to her left,
+    her head (turned to the camera) then 31° from her shoulders in every video the rig made,
+    and the face close-up from 30° saw her profile. The torso-turn term follows MediaPipe's 3D
+    pose; her head stays within 15° of her shoulders."""
+    import math
+
+    from deform.templates.anny import AnnyTemplate
+    from reconstruct.fit import FitConfig, fit_template
+    from reconstruct.parsing import PersonParser
+    from render.rotations import axis_angle_to_rotmat
+
+    rgb = read_photo(SHARED_DATA / "person_hat_fullbody.png").rgb
+    with PersonParser() as parser:
+        parse = parser(rgb)
+    assert parse.torso_yaw is not None and abs(parse.torso_yaw) < 15  # she faces the camera
+    tpl = AnnyTemplate()
+    head = tpl.bone_segments().index("head")
+
+    def turns(cfg: FitConfig) -> tuple[float, float]:  # (torso, head from the torso), degrees
+        fit = fit_template(tpl, parse, rgb.shape[:2], cfg, progress=False)
+        root = axis_angle_to_rotmat(fit.pose[0])[:, 2]
+        rest = fit.pose.clone()
+        rest[0] = 0
+        face = tpl.pose_transforms(fit.shape, rest[None])[0][head, :3, 2]
+        return (math.degrees(math.atan2(root[0], root[2])),
+                math.degrees(math.atan2(face[0], face[2])))  # fmt: skip
+
+    torso, head_turn = turns(FitConfig(size=256, steps=150))
+    assert abs(torso - parse.torso_yaw) < 10 and abs(head_turn) < 15, (torso, head_turn)
+    torso, head_turn = turns(FitConfig(size=256, steps=150, lambda_turn=0.0))
+    assert abs(head_turn) > 20, (torso, head_turn)  # what the keypoints alone made of her
