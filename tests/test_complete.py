@@ -443,6 +443,10 @@ def test_synthetic_views_bench_runs():
     for row in out["per_yaw"].values():
         assert 8 < row["psnr"] < 60 and 0 < row["ssim"] <= 1 and 0 <= row["lpips"] < 1
         assert math.isfinite(row["lpips"])
+    back = out["back_face_score"]  # the measure from behind, of the truth and of ours
+    assert len(back["truth"]) == len(back["ours"]) == 1
+    assert all(0 <= v <= 1 for v in back["truth"] + back["ours"])
+    assert back["truth_at_or_over_0.5"] == sum(v >= 0.5 for v in back["truth"])
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"test photos not found in {SHARED_DATA}")
