@@ -168,7 +168,8 @@ def synthetic_views(subjects: int = 6, gaussians: int = 20_000, size: int = 384,
     the body against the truth: PSNR (over either's person pixels), SSIM and LPIPS (AlexNet, on
     the person's box, so the background does not dilute them) per yaw, averaged over the
     subjects; and `back_face_score`, per subject, of the truth and of ours: what `avatar eval
-    views` asks of an avatar from behind, asked of the true back of a head. `refine_steps`, `personalise_steps`: create's defaults when None."""
+    views` asks of an avatar from behind, asked of the true back of a head. `refine_steps`,
+    `personalise_steps`: create's defaults when None."""
     from tqdm import tqdm
 
     from deform.skinning import apply_blend

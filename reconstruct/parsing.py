@@ -230,8 +230,10 @@ class PersonParser:
             if face is None and hol.face_landmarks is not None and body[0, 2] > 0.8:
                 face = _points(hol.face_landmarks, w, h)  # e.g. a masked face the detector misses
             hands = self._assign_hands(img, body, hol)
-        world = hol.pose_world_landmarks
-        yaw = None if world is None else torso_yaw(_points(world, 1.0, 1.0, depth=True), body[:, 2])
+        yaw = None
+        if hol.pose_world_landmarks is not None:  # metres, hips-centred
+            world = np.array([[p.x, p.y, p.z] for p in hol.pose_world_landmarks.landmark])
+            yaw = torso_yaw(world, body[:, 2])
         return PersonParse(mask, body, face, hands, people, detected, yaw)
 
     # ---- pieces --------------------------------------------------------------------------------
