@@ -67,20 +67,24 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
 def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
               landmarks: dict[str, np.ndarray] | None = None,
               depth: Tensor | None = None) -> Tensor:  # fmt: skip
-    """[N] bool: the Gaussians whose colour the photo judges: unhidden, facing its camera
-    (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline (the hull
-    of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that projects
-    outside it sees the hair or the background beside a turned cheek, which must not end up on
-    the cheek. `depth` [H, W]: the camera's render of `posed` (rendered here when None); what
-    the photo shows there may rule out more (`hand_strays`)."""
+    """[N] bool: the Gaussians whose colour the photo judges: inside its frame, unhidden, facing
+    its camera (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline
+    (the hull of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that
+    projects outside it sees the hair or the background beside a turned cheek, which must not
+    end up on the cheek; one outside the frame (the hands and legs below a portrait's edge) would
+    read the edge's pixels, smeared down the limbs. `depth` [H, W]: the camera's render of
+    `posed` (rendered here when None); what the photo shows there may rule out more
+    (`hand_strays`)."""
     from render import rasterize
 
+    from .feedforward import in_frame
     from .refine import visible_in
 
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
     seen = visible_in(posed, cam, depth)
     seen &= facing(posed, cam) <= WELL_SEEN
+    seen &= in_frame(cam.project(posed.means)[0], (cam.height, cam.width))
     face_uv = (landmarks or {}).get("face")
     if face_uv is not None and len(face_uv) >= 3:
         seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)

@@ -466,3 +466,23 @@ def test_eval_views_measures_identity_and_the_back(tmp_path):
     assert all(v is None or v < 0.363 for k, v in out["identity"].items() if k.startswith("yaw"))
     assert all(0 <= v <= 1 for v in out["back_face_score"].values())
     assert (tmp_path / "face_0.png").is_file() and (tmp_path / "photo_face.png").is_file()
+
+
+def test_gaussians_outside_the_photos_frame_are_not_seen():
+    """A portrait's edge cuts the body: the hands and legs below it face the camera and nothing
+    hides them, but the photo has no pixel of them; read at its edge they took the edge's colour
+    (the demo's dark hand and the streaks down its legs)."""
+    from reconstruct.complete import well_seen
+    from render import Cameras, fit_to_points, scene_points
+
+    avatar = template_avatar(12000)
+    g, b = avatar.gaussians, avatar.binding
+    full = fit_to_points(scene_points(g), 128, 256, torch.zeros(1, dtype=torch.float64), 0.0,
+                         30.0, 0.8)[0]  # fmt: skip
+    everywhere = well_seen(g, full, b)
+    top = Cameras(full.viewmats, full.Ks, full.width, full.height // 2)  # the upper half only
+    portrait = well_seen(g, top, b)
+    below = full.project(g.means)[0][:, 1] >= full.height // 2
+    assert (everywhere & below).sum() > 100 and (everywhere & ~below).sum() > 100
+    assert not portrait[below].any()
+    assert torch.equal(portrait[~below], everywhere[~below])
