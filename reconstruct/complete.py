@@ -77,14 +77,12 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     (`hand_strays`)."""
     from render import rasterize
 
-    from .feedforward import in_frame
     from .refine import visible_in
 
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
     seen = visible_in(posed, cam, depth)
     seen &= facing(posed, cam) <= WELL_SEEN
-    seen &= in_frame(cam.project(posed.means)[0], (cam.height, cam.width))
     face_uv = (landmarks or {}).get("face")
     if face_uv is not None and len(face_uv) >= 3:
         seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)

@@ -36,6 +36,7 @@ from .network import (
 from .refine import (
     AppearanceLoss,
     RefineConfig,
+    in_frame,
     posed_blend,
     sample_image,
     unoccluded,
@@ -95,10 +96,6 @@ def choose_queries(
             pool = order[num:][groups[order[num:]] == g]
             extra.append(pool[: min_per_group - have])
     return torch.cat([picked, *extra]).sort().values
-
-
-def in_frame(uv: Tensor, hw: tuple[int, int]) -> Tensor:  # [N, 2] px -> [N] bool
-    return (uv[:, 0] >= 0) & (uv[:, 0] < hw[1]) & (uv[:, 1] >= 0) & (uv[:, 1] < hw[0])
 
 
 def _outward(posed: Gaussians, camera: Cameras, uv_px: Tensor) -> Tensor:
@@ -293,8 +290,9 @@ def prepare_inputs(
         uv_px = camera.project(posed.means)[0]
         # the photo's colour counts where the photo shows the person and the Gaussian is on
         # the surface the camera sees, facing it or seen edge-on at an outline
-        visible = (visible_in(posed, camera, depth, grazing=0.3) & in_frame(uv_px, (h, w))
-                   & (sample_image(mask[..., None], uv_px)[:, 0] > 0.5))  # fmt: skip
+        visible = visible_in(posed, camera, depth, grazing=0.3) & (
+            sample_image(mask[..., None], uv_px)[:, 0] > 0.5
+        )
         rays = F.normalize(posed.means - camera.centers[0], dim=-1)  # to canonical space:
         rays = F.normalize(torch.linalg.solve(blend[:, :3, :3], rays), dim=-1)
         direction = _outward(posed, camera, uv_px)

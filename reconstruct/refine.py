@@ -81,15 +81,22 @@ def sample_image(img: Tensor, uv: Tensor) -> Tensor:  # img [H,W,C], uv [N,2] px
 
 def visible_in(posed: Gaussians, cam: Cameras, depth: Tensor, tolerance: float = 0.03,
                grazing: float = 0.0) -> Tensor:  # fmt: skip
-    """[N] bool: facing the camera (or within `grazing` of edge-on: cosine between the normal
-    and the viewing ray) and not hidden behind the rendered surface (depth [H, W])."""
+    """[N] bool: inside the camera's frame, facing it (or within `grazing` of edge-on: cosine
+    between the normal and the viewing ray) and not hidden behind the rendered surface (depth
+    [H, W]). Outside the frame the image has no pixel of a Gaussian (sampled at the frame's edge,
+    a portrait's hands and legs took the edge's colours)."""
     from render.rotations import quat_to_rotmat
 
     view = cam.viewmats[0]
     p = posed.means @ view[:3, :3].T + view[:3, 3]
     normal = quat_to_rotmat(posed.quats)[:, :, 2] @ view[:3, :3].T
     facing = (normal * F.normalize(p, dim=-1)).sum(-1) < grazing  # normal back toward the camera
-    return facing & unoccluded(posed, cam, depth, tolerance)
+    uv = cam.project(posed.means)[0]
+    return facing & unoccluded(posed, cam, depth, tolerance) & in_frame(uv, (cam.height, cam.width))
+
+
+def in_frame(uv: Tensor, hw: tuple[int, int]) -> Tensor:  # [N, 2] px -> [N] bool
+    return (uv[:, 0] >= 0) & (uv[:, 0] < hw[1]) & (uv[:, 1] >= 0) & (uv[:, 1] < hw[0])
 
 
 def along_rays(posed: Gaussians, cam: Cameras) -> tuple[Tensor, Tensor]:
