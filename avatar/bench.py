@@ -246,10 +246,9 @@ def bench_create(photo: str | None, cfg) -> dict:
     }
     result.update(view_checks(avatar))
     if avatar.template == "anny":  # identity up close and the back of the head (avatar.views)
-        from .pipelines.drive import speech_rig
         from .views import view_metrics
 
-        result["views"] = view_metrics(speech_rig(avatar), photo)
+        result["views"] = view_metrics(avatar, photo)
     result["config"] = asdict(cfg)
     return result
 

@@ -223,7 +223,6 @@ def cmd_eval_speech(args: argparse.Namespace) -> int:
 
 def cmd_eval_views(args: argparse.Namespace) -> int:
     from .asset import Avatar
-    from .pipelines.drive import speech_rig
     from .views import view_metrics
 
     avatar = Avatar.load(args.avatar, args.body)
@@ -231,7 +230,7 @@ def cmd_eval_views(args: argparse.Namespace) -> int:
     if avatar.template != "anny":
         raise AvatarError(f"{args.avatar}: eval views frames faces with Anny's head bones; "
                           f"this avatar is on {avatar.template}")  # fmt: skip
-    _print_result(view_metrics(speech_rig(avatar), args.photo, args.size, args.save), args.json)
+    _print_result(view_metrics(avatar, args.photo, args.size, args.save), args.json)
     return 0
 
 

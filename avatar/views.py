@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from deform.rig import FRAMINGS, SpeechRig
-from render import Gaussians, fit_to_points, rasterize, to_uint8
+from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 from render.cameras import scene_points
 
+from .asset import Avatar
 from .evaluate import EvaluationError, FaceIdentity
 
 IDENTITY_YAWS = (0.0, 30.0, -30.0)
@@ -40,11 +42,17 @@ def render_views(rig: SpeechRig, framing: str, yaws, size: int = 512) -> list[np
         return render_around(rig.still(), rig.framing_points(framing), framing, yaws, size)
 
 
-def render_around(g: Gaussians, points: Tensor, framing: str, yaws, size: int) -> list[np.ndarray]:
-    """Gaussians `g` on white from each yaw around `points` [P, 3], filling the frame as
-    `FRAMINGS[framing]` says: [size, size, 3] uint8 each."""
-    cams = fit_to_points(points, size, size, torch.tensor(yaws, dtype=torch.float64), 0.0, 30.0,
+def cameras_around(points: Tensor, framing: str, yaws, size: int) -> Cameras:
+    """Square cameras at `yaws` (degrees) around `points` [P, 3], which fill the frame as
+    `FRAMINGS[framing]` says: drive's `--framing` and `--view yaw=`."""
+    return fit_to_points(points, size, size, torch.tensor(yaws, dtype=torch.float64), 0.0, 30.0,
                          FRAMINGS[framing])  # fmt: skip
+
+
+def render_around(g: Gaussians, points: Tensor, framing: str, yaws, size: int) -> list[np.ndarray]:
+    """Gaussians `g` on white from each yaw around `points` [P, 3] (`cameras_around`):
+    [size, size, 3] uint8 each."""
+    cams = cameras_around(points, framing, yaws, size)
     bg = torch.ones(3)
     return [
         to_uint8(rasterize(g, cams[i], background=bg).rgb[0, ..., :3]) for i in range(len(cams))
@@ -59,6 +67,27 @@ def back_face_score(g: Gaussians, head: Tensor, ident: FaceIdentity, size: int =
     views = render_around(g, scene_points(g), "full", BACK_YAWS, size)
     views += render_around(g, scene_points(near), "face", BACK_YAWS, size)
     return max(ident.detect(im)[0] for im in views)
+
+
+def off_photo(avatar: Avatar, rig: SpeechRig, yaws) -> list[float]:
+    """Degrees between the way the photo's camera saw the head and the way each face close-up
+    from `yaws` (`render_views`) sees it, both in the head bone's own frame: the photo's pose
+    and camera against the rig's still pose. 0 is the photo's view; a close-up "from yaw 30" of
+    a head the photo caught turned from its shoulders, or looking down (the rig lifts it), sees
+    the face from further than 30° off what the photo showed, or nearer."""
+    template, head = rig.template, rig.template.bone_names.index("head")
+
+    def seen_from(pose: Tensor, translation: Tensor, cams: Cameras) -> Tensor:  # [C, 3]
+        out = template(rig.shape[None].float(), pose=pose[None].float(),
+                       translation=translation[None].float())  # fmt: skip
+        rotation, at = out.transforms[0, head, :3, :3], out.joints[0, head]
+        return F.normalize(cams.centers.float() - at, dim=-1) @ rotation  # R^T (c - p)
+
+    with torch.no_grad():
+        photo = seen_from(avatar.photo_pose, avatar.photo_translation, avatar.camera)[0]
+        cams = cameras_around(rig.framing_points("face"), "face", yaws, 64)
+        views = seen_from(rig.base_pose, torch.zeros(3), cams)
+        return torch.rad2deg(torch.acos((views @ photo).clamp(-1, 1))).tolist()
 
 
 def photo_face(path: str | os.PathLike, size: int = 512) -> np.ndarray:
@@ -86,10 +115,14 @@ def photo_face(path: str | os.PathLike, size: int = 512) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))  # fmt: skip
 
 
-def view_metrics(rig: SpeechRig, photo: str | os.PathLike | None, size: int = 512,
+def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 512,
                  save: str | os.PathLike | None = None) -> dict:  # fmt: skip
-    """Identity (with a photo) and the back-of-head face score; `save`: a folder for the
-    renders as PNG files, to look at."""
+    """Identity (with a photo), how far each face close-up is from the photo's view of the head
+    (`off_photo`), and the back-of-head face score; `save`: a folder for the renders as PNG
+    files, to look at."""
+    from .pipelines.drive import speech_rig
+
+    rig = speech_rig(avatar)
     ident = FaceIdentity()
     images, ref = {}, None
     if photo is not None:  # a bad photo fails before any rendering
@@ -103,6 +136,10 @@ def view_metrics(rig: SpeechRig, photo: str | os.PathLike | None, size: int = 51
         back = render_views(rig, framing, BACK_YAWS, size)
         images.update({f"{framing}_{y:g}": im for y, im in zip(BACK_YAWS, back, strict=True)})
     result: dict = {"identity": None}
+    off = off_photo(avatar, rig, IDENTITY_YAWS)
+    result["off_photo_deg"] = {
+        f"yaw_{y:g}": round(a, 1) for y, a in zip(IDENTITY_YAWS, off, strict=True)
+    }
     if ref is not None:
         sims = {}
         for yaw in IDENTITY_YAWS:

@@ -454,7 +454,6 @@ def test_eval_views_measures_identity_and_the_back(tmp_path):
     """The photo's face against itself is the same person; the grey template is not; every
     back-of-head score is a detector score in [0, 1]; the renders are written to look at."""
     from avatar.evaluate import FaceIdentity
-    from avatar.pipelines.drive import speech_rig
     from avatar.views import photo_face, view_metrics
 
     photo = SHARED_DATA / "woman_halfbody_generated.png"
@@ -462,10 +461,26 @@ def test_eval_views_measures_identity_and_the_back(tmp_path):
     face = photo_face(photo, 256)
     vec = ident.embed(face)
     assert vec is not None and float(vec @ vec) > 0.99
-    out = view_metrics(speech_rig(template_avatar(6000)), photo, 256, tmp_path)
+    out = view_metrics(template_avatar(6000), photo, 256, tmp_path)
     assert all(v is None or v < 0.363 for k, v in out["identity"].items() if k.startswith("yaw"))
     assert all(0 <= v <= 1 for v in out["back_face_score"].values())
     assert (tmp_path / "face_0.png").is_file() and (tmp_path / "photo_face.png").is_file()
+
+
+def test_off_photo_says_how_far_each_close_up_is_from_what_the_photo_saw():
+    """The rig stands the avatar upright facing yaw 0: a photo of a body turned 20° saw the head
+    from 20° off that, so the close-up from one side is 50° from the photo's view and from the
+    other 10° (each plus the photo camera's few degrees above the head)."""
+    from avatar.pipelines.drive import speech_rig
+    from avatar.views import off_photo
+
+    avatar = template_avatar(3000)
+    level = off_photo(avatar, speech_rig(avatar), (0.0, 30.0, -30.0))
+    assert level[0] < 10 and all(abs(a - 30) < 3 for a in level[1:])
+    avatar.photo_pose = avatar.photo_pose.clone()
+    avatar.photo_pose[0] = torch.tensor([0.0, math.radians(20.0), 0.0])  # toward its left
+    turned = off_photo(avatar, speech_rig(avatar), (0.0, 30.0, -30.0))
+    assert abs(turned[0] - 21.5) < 3 and abs(turned[1] - 50) < 3 and abs(turned[2] - 10) < 3
 
 
 def test_gaussians_outside_the_photos_frame_are_not_seen():
