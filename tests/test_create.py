@@ -194,7 +194,9 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
     elsewhere), which the network's silhouette step and offsets beat; a bad `--reconstructor`
     is a clear error."""
     photo = str(SHARED_DATA / "person_sweater_fullbody.png")
-    fast = ["--gaussians", "8000", "--size", "256", "--fit-steps", "80", "--refine-steps", "0"]
+    # the fit's own steps: after 80 the legs' tilt was still settling and the photo's pixels fell
+    # elsewhere on the template (default 16.66 dB, none 16.35; at 220: 17.43, 15.86)
+    fast = ["--gaussians", "8000", "--size", "256", "--refine-steps", "0"]
     psnr = {}
     for name in ("default", "none"):
         out = tmp_path / f"{name}.avatar"
