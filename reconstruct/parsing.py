@@ -39,10 +39,14 @@ class PersonParse:
     num_people: int  # people-sized regions seen; the parse is of the largest
     face_detected: bool = True  # False: `face` is Holistic's guess (the face detector missed,
     # e.g. a masked face), good for where the face is, not for placing the template's features
-    torso_yaw: float | None = None  # degrees the torso is turned to the person's left from
-    # facing the camera (`torso_yaw`); None when MediaPipe gives no 3D pose
     world: np.ndarray | None = None  # [33, 3] MediaPipe's 3D pose: metres, hips-centred, x
     # right, y down, z away from the camera (what tells a limb toward the camera from one away)
+
+    @property
+    def torso_yaw(self) -> float | None:
+        """Degrees the torso is turned to the person's left from facing the camera
+        (`torso_yaw`); None when MediaPipe gives no 3D pose or sees neither line."""
+        return None if self.world is None else torso_yaw(self.world, self.body[:, 2])
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
@@ -232,11 +236,10 @@ class PersonParser:
             if face is None and hol.face_landmarks is not None and body[0, 2] > 0.8:
                 face = _points(hol.face_landmarks, w, h)  # e.g. a masked face the detector misses
             hands = self._assign_hands(img, body, hol)
-        yaw = world = None
+        world = None
         if hol.pose_world_landmarks is not None:  # metres, hips-centred
             world = np.array([[p.x, p.y, p.z] for p in hol.pose_world_landmarks.landmark])
-            yaw = torso_yaw(world, body[:, 2])
-        return PersonParse(mask, body, face, hands, people, detected, yaw, world)
+        return PersonParse(mask, body, face, hands, people, detected, world)
 
     # ---- pieces --------------------------------------------------------------------------------
     def _mask(self, img: np.ndarray, pose_mask: np.ndarray, body: np.ndarray):
