@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deform.rig import FRAMINGS, SpeechRig
+from deform.rig import FACE_RADIUS, FRAMINGS, SpeechRig
 from render import Cameras, Gaussians, fit_to_points, rasterize, to_uint8
 from render.cameras import scene_points
 
@@ -61,9 +61,9 @@ def render_around(g: Gaussians, points: Tensor, framing: str, yaws, size: int) -
 
 def back_face_score(g: Gaussians, head: Tensor, ident: FaceIdentity, size: int = 512) -> float:
     """YuNet's best face score from behind (`BACK_YAWS`), full body and face close-up, for
-    posed Gaussians `g` whose head is at `head` [3] (the close-up frames those within 16 cm,
-    as `SpeechRig.framing_points` does)."""
-    near = g[(g.means - head).norm(dim=-1) < 0.16]
+    posed Gaussians `g` whose head is at `head` [3] (the close-up frames those within
+    FACE_RADIUS, as `SpeechRig.framing_points` does)."""
+    near = g[(g.means - head).norm(dim=-1) < FACE_RADIUS]
     views = render_around(g, scene_points(g), "full", BACK_YAWS, size)
     views += render_around(g, scene_points(near), "face", BACK_YAWS, size)
     return max(ident.detect(im)[0] for im in views)

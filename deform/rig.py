@@ -42,6 +42,7 @@ from .skinning import blend_matrix, blend_transforms
 from .surface import interpolate
 
 FRAMINGS = {"full": 0.62, "upper": 0.75, "face": 0.8}  # how much of the frame each framing fills
+FACE_RADIUS = 0.16  # metres around the head that the face framing frames
 RELAXED_DEG = (25.0, 12.0)  # an upper arm further than 25° from the torso's side hangs at 12°
 PITCH_DEG = (15.0, 8.0)  # a head tipped further than 15° down or up is brought to 8°
 
@@ -307,7 +308,7 @@ class SpeechRig:
             keep = posed.means[:, 1] > hip
         else:  # face
             head = joints[self.template.bone_names.index("head")]
-            keep = (posed.means - head.to(posed.means)).norm(dim=-1) < 0.16
+            keep = (posed.means - head.to(posed.means)).norm(dim=-1) < FACE_RADIUS
         return scene_points(posed[keep]) if keep.sum() > 16 else scene_points(posed)
 
     def pose(
