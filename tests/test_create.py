@@ -219,10 +219,18 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
 
 def test_the_mouth_cavity_is_dark_where_an_open_mouth_shows_it_and_skin_elsewhere():
     """Create paints the cavity dark so an open mouth reads as open; the part of it higher than
-    the lips (behind the upper lip and the nose) takes the skin above the lips, and the part
-    more than CAVITY_SHOWN below the lips' slit (behind the chin) the chin's skin, or they show
-    through the skin as dark specks. Nothing but the mouth and lips changes."""
-    from avatar.pipelines.create import CAVITY_SHOWN, MOUTH_RGB, _dark_mouth, inner_lips
+    the lips (behind the upper lip and the nose) takes the skin above the lips, the part beside
+    the lips' corners (inside the cheeks) the cheek's skin beside them, and the part more than
+    CAVITY_SHOWN below the lips' slit (behind the chin) the chin's skin, or they show through
+    the skin as dark specks (from the side, the cavity behind the cheek read as a second mouth
+    on it). Nothing but the mouth and lips changes."""
+    from avatar.pipelines.create import (
+        CAVITY_SHOWN,
+        CHEEK_BESIDE,
+        MOUTH_RGB,
+        _dark_mouth,
+        inner_lips,
+    )
     from deform.templates import load_template
     from reconstruct.canonical import PART_CODES
     from render.sh import sh0_to_rgb
@@ -237,13 +245,23 @@ def test_the_mouth_cavity_is_dark_where_an_open_mouth_shows_it_and_skin_elsewher
     x, y = g.means[:, 0], g.means[:, 1]
     top = torch.quantile(y[lips], 0.98)
     inner, slit = inner_lips(tpl, a.shape, a.binding)
+    left, right = torch.quantile(x[lips], torch.tensor([0.02, 0.98]))
     high, low = mouth & (y > top), mouth & (y < slit - CAVITY_SHOWN)
-    shown = mouth & ~high & ~low
-    assert high.any() and low.any() and shown.any()
+    beside = {"left": mouth & (x < left) & ~low, "right": mouth & (x > right) & ~low}
+    shown = mouth & ~high & ~low & ~beside["left"] & ~beside["right"]
+    assert high.any() and low.any() and shown.any() and all(m.any() for m in beside.values())
     rgb = sh0_to_rgb(out.sh[:, 0])
     assert torch.allclose(rgb[shown], torch.tensor(MOUTH_RGB), atol=1e-5)
     skin = sh0_to_rgb(g.sh[face & (y > top) & (y < top + 0.03), 0])
-    assert torch.allclose(rgb[high], skin.median(0).values, atol=1e-5)
+    above = high & ~beside["left"] & ~beside["right"] & ~low
+    assert torch.allclose(rgb[above], skin.median(0).values, atol=1e-5)
+    band = face & ((y - y[lips].median()).abs() < 0.015)
+    cheeks = {"left": band & (x < left) & (x > left - CHEEK_BESIDE),
+              "right": band & (x > right) & (x < right + CHEEK_BESIDE)}  # fmt: skip
+    for side, cavity in beside.items():
+        cheek = sh0_to_rgb(g.sh[cheeks[side], 0]).median(0).values
+        assert torch.allclose(rgb[cavity], cheek, atol=1e-5)
+        assert not torch.allclose(rgb[cavity], torch.tensor(MOUTH_RGB), atol=0.05)
     chin = (face | lips) & ~inner & (y < slit - 0.02) & (y > slit - 0.045) & (x.abs() < 0.025)
     assert torch.allclose(rgb[low], sh0_to_rgb(g.sh[chin, 0]).median(0).values, atol=1e-5)
     assert not torch.allclose(rgb[low], torch.tensor(MOUTH_RGB), atol=0.05)

@@ -192,9 +192,10 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     """Colour the mouth cavity and tongue a dark red, so an open mouth reads as open. The
     cavity reaches beyond what an open mouth shows: up behind the upper lip to the nose and down
     behind the chin, and there, dark, it showed through the skin as dark specks (between the nose
-    and the upper lip; over the woman's chin). Its Gaussians higher than the lips take the colour
-    of the skin just above them; those more than `CAVITY_SHOWN` below the slit between the lips
-    the chin's. The lips' inner faces (`inner_lips`) are painted between the lips' red and the
+    and the upper lip; over the woman's chin), and sideways behind the cheeks, where from the
+    side it read as a second mouth on the cheek. Its Gaussians higher than the lips take the
+    colour of the skin just above them; those beside the lips' corners the cheek's there; those
+    more than `CAVITY_SHOWN` below the slit between the lips the chin's. The lips' inner faces (`inner_lips`) are painted between the lips' red and the
     cavity's dark: a photo with parted lips painted its teeth there, which then stayed in every
     pause as a gap in closed lips, and a photo with closed lips painted them like the outer
     lips, so an open mouth read as red lips with no opening."""
@@ -218,6 +219,10 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     if lips.any() and face.any():
         top = torch.quantile(y[lips], 0.98)
         skin_over(y > top, face & (y > top) & (y < top + 0.03))  # below the nose
+        left, right = torch.quantile(x[lips], torch.tensor([0.02, 0.98]))
+        band = face & ((y - y[lips].median()).abs() < 0.015)
+        skin_over(x < left, band & (x < left) & (x > left - CHEEK_BESIDE))  # inside the cheeks
+        skin_over(x > right, band & (x > right) & (x < right + CHEEK_BESIDE))
     if inner.any():
         low = slit - CAVITY_SHOWN
         chin = (face | lips) & (y < slit - 0.02) & (y > slit - 0.045) & (x.abs() < 0.025)
@@ -231,6 +236,7 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     return gaussians.replace(sh=sh)
 
 
+CHEEK_BESIDE = 0.02  # metres beside the lips' corners whose skin the cavity behind the cheeks takes
 CAVITY_SHOWN = 0.01  # metres below the lips' slit: the cavity an open mouth shows (the jaw
 # takes the tongue and the mouth's floor down with the lower lip)
 LIP_BAND = 0.006  # metres either side of the slit where the outer lips' red is read
