@@ -300,8 +300,9 @@ def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Te
     """[N] bool twice, splitting `hair_region`: the crown (above the eyes: a hat, or the top of
     the hair) and the hair below it at the back of the head; where the photo shows `hair`
     hanging beside the face, also the sides of the head below the eyes and, for hair hanging
-    below the chin, the back of the neck and torso behind the head (a band as wide as the head)
-    down to its length."""
+    below the chin, the back and sides of the neck and the torso behind the head (a band as wide
+    as the head) down to its length: long hair hides the neck's sides from behind and from the
+    side, where they were the neck's skin between hair and collar."""
     region = hair_region(canonical, binding)
     face = canonical.means[binding.parts == PART_CODES["face"]]
     if len(face) == 0:
@@ -317,7 +318,7 @@ def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Te
         nape = chin + 0.35 * (top - chin)
         hanging |= body & near & (normal[:, 2] < 0.3) & (y > nape) & ~crown  # beside the face
         if hair.below_chin > 0:
-            behind = (normal[:, 2] < -0.2) & (z < face[:, 2].mean()) & body
+            behind = (normal[:, 2] < 0.3) & (z < face[:, 2].mean()) & body  # back and sides
             wide = (x - face[:, 0].mean()).abs() < 0.6 * (top - chin)
             hanging |= behind & wide & (y > chin - hair.below_chin * (top - chin)) & (y < nape)
     return crown, hanging
