@@ -133,9 +133,9 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
 
 
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
-    """Hair that hangs below the chin covers the back and sides of the neck and the top of the back; the
-    rest of the back is the top's colour, though the front's rim at the neckline shows skin (a
-    skin-coloured back under a hairline reads as a face from behind)."""
+    """Hair that hangs below the chin covers the back and sides of the neck and the top of the
+    back; the rest of the back is the top's colour, though the front's rim at the neckline shows
+    skin (a skin-coloured back under a hairline reads as a face from behind)."""
     from reconstruct.canonical import PART_CODES
     from reconstruct.complete import Hair, complete_colours, hair_regions
     from render.rotations import quat_to_rotmat
@@ -155,8 +155,8 @@ def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     assert hanging.sum() > short.sum() + 50 and short.sum() > tied.sum()  # down the back
     normal = quat_to_rotmat(g.quats)[:, :, 2]  # and the sides of the neck, under the jaw
     face = x[b.parts == PART_CODES["face"]]
-    nape = face[:, 1].min() + 0.35 * (face[:, 1].max() - face[:, 1].min())
-    beside = (normal[:, 2].abs() < 0.2) & (normal[:, 0].abs() > 0.6) & (x[:, 1] < nape)
+    jaw = face[:, 1].min() + 0.35 * (face[:, 1].max() - face[:, 1].min())  # hair_regions' nape
+    beside = (normal[:, 2].abs() < 0.2) & (normal[:, 0].abs() > 0.6) & (x[:, 1] < jaw)
     beside &= (b.parts == 0) & ((x[:, 0] - face[:, 0].mean()).abs() < 0.08)
     assert (hanging & beside).sum() > 10 and not (short & beside).any()
     nape = hanging & ~seen & torso

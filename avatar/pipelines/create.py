@@ -195,10 +195,11 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     and the upper lip; over the woman's chin), and sideways behind the cheeks, where from the
     side it read as a second mouth on the cheek. Its Gaussians higher than the lips take the
     colour of the skin just above them; those beside the lips' corners the cheek's there; those
-    more than `CAVITY_SHOWN` below the slit between the lips the chin's. The lips' inner faces (`inner_lips`) are painted between the lips' red and the
-    cavity's dark: a photo with parted lips painted its teeth there, which then stayed in every
-    pause as a gap in closed lips, and a photo with closed lips painted them like the outer
-    lips, so an open mouth read as red lips with no opening."""
+    more than `CAVITY_SHOWN` below the slit between the lips the chin's. The lips' inner faces
+    (`inner_lips`) are painted between the lips' red and the cavity's dark: a photo with parted
+    lips painted its teeth there, which then stayed in every pause as a gap in closed lips, and
+    a photo with closed lips painted them like the outer lips, so an open mouth read as red lips
+    with no opening."""
     from render.sh import rgb_to_sh0, sh0_to_rgb
 
     parts = binding.parts
@@ -236,7 +237,7 @@ def _dark_mouth(gaussians: Gaussians, binding, template: BodyTemplate, shape) ->
     return gaussians.replace(sh=sh)
 
 
-CHEEK_BESIDE = 0.02  # metres beside the lips' corners whose skin the cavity behind the cheeks takes
+CHEEK_BESIDE = 0.02  # metres of cheek beside the lips' corners: the cavity behind takes its skin
 CAVITY_SHOWN = 0.01  # metres below the lips' slit: the cavity an open mouth shows (the jaw
 # takes the tongue and the mouth's floor down with the lower lip)
 LIP_BAND = 0.006  # metres either side of the slit where the outer lips' red is read
