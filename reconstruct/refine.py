@@ -10,6 +10,10 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
          + λ_prior |c - c_prior|² on Gaussians the photo does not see well (what holds a
                                            personalised decoder's unseen colours; the
                                            per-Gaussian refinement leaves them fixed)
+         + λ_cover L_cover                 the head's shell stays closed seen from around and
+                                           above it (`reconstruct.cover`): no holes in the
+                                           crown showing the inside of the face (`cover`:
+                                           not in the decoder's personalisation)
 
 Gaussians hidden behind others in the photo (the back of the head behind the face) keep their
 opacity, scale and position: the photo cannot judge them, and the light its front lets through
@@ -38,6 +42,7 @@ from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
 from .canonical import Binding
+from .cover import HeadCover, head_gaussians
 from .losses import loss_dssim, loss_l1, on_white, psnr
 
 
@@ -52,6 +57,7 @@ class RefineConfig:
     lambda_prior: float = 0.05
     lambda_slide: float = 300.0
     lambda_depth: float = 1e4
+    lambda_cover: float = 1.0
     max_scale: float = 0.03
     """Largest standard deviation a Gaussian may grow to, metres."""
     lr_color: float = 0.055
@@ -176,13 +182,17 @@ class AppearanceLoss:
     def __init__(self, transforms: Tensor, binding: Binding, cam: Cameras, image: Tensor,
                  mask: Tensor, seen: Tensor, prior: Tensor, cfg: RefineConfig,
                  close_up: View | None = None, start: Gaussians | None = None,
-                 hidden: Tensor | None = None) -> None:  # fmt: skip
+                 hidden: Tensor | None = None, cover: bool = True) -> None:  # fmt: skip
         self.blend = posed_blend(binding, transforms).detach()
         self.start = None  # the posed start: its means, rays and extents along them
+        self.cover = None  # the head's shell seen from around it, against the start's
         if start is not None:
             with torch.no_grad():
                 posed = apply_blend(start, self.blend)
                 self.start = (posed.means, *along_rays(posed, cam))
+                head = head_gaussians(start, binding)
+                if cover and cfg.lambda_cover > 0 and head.any():
+                    self.cover = HeadCover(posed, head, cam.centers[0])
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.hidden = torch.zeros_like(seen) if hidden is None else hidden
         self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
@@ -224,6 +234,8 @@ class AppearanceLoss:
                 + cfg.lambda_slide * slide.pow(2).mean()
                 + cfg.lambda_depth * grow.pow(2).mean()
             )
+        if self.cover is not None:
+            loss = loss + cfg.lambda_cover * self.cover(posed)
         if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
@@ -250,7 +262,7 @@ class AppearanceLoss:
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
                     image: Tensor, mask: Tensor, cfg: RefineConfig, prior: Tensor | None = None,
                     close_up: View | None = None, landmarks: dict[str, np.ndarray] | None = None,
-                    anchors: Tensor | None = None) -> AppearanceLoss:  # fmt: skip
+                    anchors: Tensor | None = None, cover: bool = True) -> AppearanceLoss:  # fmt: skip
     """The objective for these Gaussians: Gaussians the photo does not see well
     (`reconstruct.complete.well_seen`; `landmarks` the photo's, by part, in the image) keep
     near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
@@ -274,7 +286,7 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
             on_surface = (canonical.means - anchors).norm(dim=-1) < ON_SURFACE
             hidden |= on_surface & ~inside_mask(posed, cam, mask, -OUTLINE_PX)
     return AppearanceLoss(transforms, binding, cam, image, mask, seen, prior, cfg, close_up,
-                          canonical, hidden)  # fmt: skip
+                          canonical, hidden, cover)  # fmt: skip
 
 
 def refine_appearance(

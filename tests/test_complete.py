@@ -350,6 +350,54 @@ def test_refinement_leaves_the_shape_of_what_the_photo_cannot_see():
         assert (before[~hidden] != after[~hidden]).any(), name
 
 
+def test_the_heads_shell_stays_closed_where_the_photo_cannot_judge_it():
+    """A crown thinned to 0.1 opacity (as fitting thins the crown a photo sees edge-on): the
+    cover term, from around and above the head, is larger than on the whole head, and the
+    refinement with it makes the crown it may change more opaque and the shell more closed
+    than the same refinement without it."""
+    from dataclasses import replace
+
+    from deform.skinning import apply_blend
+    from reconstruct.cover import head_gaussians
+    from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
+    from render import fit_to_points, scene_points
+    from render.rotations import quat_to_rotmat
+
+    avatar = template_avatar(3000)
+    g, b = avatar.gaussians, avatar.binding
+    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    image, mask = torch.full((64, 64, 3), 0.3), torch.ones(64, 64)
+    head = head_gaussians(g, b)
+    assert g.means[head, 1].min() > g.means[:, 1].max() - 0.35  # the head, not the shoulders
+    crown = head & (quat_to_rotmat(g.quats)[:, 1, 2] > 0.6)  # normals up
+    thin = g.replace(opacity_logits=torch.where(crown, torch.tensor(-2.2), g.opacity_logits))
+    cfg = RefineConfig(steps=30)
+    objective = appearance_loss(thin, b, transforms, cam, image, mask, cfg)
+    blend, every = posed_blend(b, transforms), range(len(objective.cover))
+    centre = g.means[head].mean(0)  # the cover's cameras look from where the photo's does not
+    ways = torch.stack([c.centers[0] for c in objective.cover.cameras]) - centre
+    photo_way = torch.nn.functional.normalize(cam.centers[0] - centre, dim=0)
+    angle = torch.rad2deg(torch.acos(torch.nn.functional.normalize(ways, dim=-1) @ photo_way))
+    assert angle.min() > 50 and angle.max() > 170 and (ways[:, 1] > 0.5 * ways.norm(dim=-1)).any()
+
+    def cover(x):
+        with torch.no_grad():
+            return objective.cover(apply_blend(x, blend), every).item()
+
+    assert cover(thin) > cover(g) + 0.05
+    assert appearance_loss(thin, b, transforms, cam, image, mask, cfg, cover=False).cover is None
+    out = refine_appearance(thin, b, transforms, cam, image, mask, cfg, progress=False)
+    free = refine_appearance(thin, b, transforms, cam, image, mask,
+                             replace(cfg, lambda_cover=0.0), progress=False)  # fmt: skip
+    judged = crown & ~objective.hidden
+    assert judged.sum() >= 5
+    opacity = [torch.sigmoid(x.opacity_logits[judged]).mean() for x in (out, free)]
+    assert opacity[0] > opacity[1] + 0.1
+    assert cover(out) < cover(free) - 0.02
+
+
 def test_the_body_outside_the_mask_keeps_its_shape_and_floaters_do_not():
     """A person mask misses a forearm in shadow against a dark room: the silhouette term would
     thin the forearm away (a hole from every other side). Gaussians still on the template's
