@@ -190,8 +190,8 @@ class AppearanceLoss:
             with torch.no_grad():
                 posed = apply_blend(start, self.blend)
                 self.start = (posed.means, *along_rays(posed, cam))
-                head = head_gaussians(start, binding)
-                if cover and cfg.lambda_cover > 0 and head.any():
+                head = head_gaussians(start, binding) if cover and cfg.lambda_cover > 0 else None
+                if head is not None and head.any():
                     self.cover = HeadCover(posed, head, cam.centers[0])
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.hidden = torch.zeros_like(seen) if hidden is None else hidden
@@ -267,7 +267,8 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
     (`reconstruct.complete.well_seen`; `landmarks` the photo's, by part, in the image) keep
     near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
     `anchors` [N, 3]: each Gaussian's place on the template's surface (canonical), which tells
-    the body's own Gaussians outside the mask from floaters there."""
+    the body's own Gaussians outside the mask from floaters there. `cover`: with the head's
+    cover term (`reconstruct.cover`; create's decoder personalisation goes without)."""
     from .complete import hand_strays, well_seen
 
     blend = posed_blend(binding, transforms).detach()

@@ -293,13 +293,8 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     from dataclasses import replace
 
     from reconstruct.refine import RefineConfig, along_rays, appearance_loss
-    from render import fit_to_points, scene_points
 
-    avatar = template_avatar(3000)
-    g, b = avatar.gaussians, avatar.binding
-    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
-                        0.8)[0]  # fmt: skip
-    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    g, b, cam, transforms = front_view()
     image, mask = torch.ones(64, 64, 3), torch.zeros(64, 64)
     rays, extent = along_rays(g, cam)
     assert torch.all(extent > 0) and torch.allclose(rays.norm(dim=-1), torch.ones(len(g)))
@@ -319,19 +314,26 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     assert grow == pytest.approx(float(want), rel=1e-3)
 
 
+def front_view(n: int = 3000):
+    """The template's Gaussians and binding (`n` Gaussians), a 64-px camera in front of it and
+    its rest pose's transforms."""
+    from render import fit_to_points, scene_points
+
+    avatar = template_avatar(n)
+    g = avatar.gaussians
+    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
+                        0.8)[0]  # fmt: skip
+    return g, avatar.binding, cam, torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+
+
 def test_refinement_leaves_the_shape_of_what_the_photo_cannot_see():
     """The back of the head sits behind the face in a front photo: the light the face lets
     through would thin it out (holes showing the face from behind), so the refinement keeps
     the opacity, scale and position of every hidden Gaussian and fits the rest."""
     from reconstruct.refine import RefineConfig, appearance_loss, refine_appearance
-    from render import fit_to_points, scene_points
     from render.rotations import quat_to_rotmat
 
-    avatar = template_avatar(3000)
-    g, b = avatar.gaussians, avatar.binding
-    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
-                        0.8)[0]  # fmt: skip
-    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    g, b, cam, transforms = front_view()
     image, mask = torch.full((64, 64, 3), 0.3), torch.ones(64, 64)  # grey: a lot must move
     cfg = RefineConfig(steps=4)
     hidden = appearance_loss(g, b, transforms, cam, image, mask, cfg).hidden
@@ -360,14 +362,9 @@ def test_the_heads_shell_stays_closed_where_the_photo_cannot_judge_it():
     from deform.skinning import apply_blend
     from reconstruct.cover import head_gaussians
     from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
-    from render import fit_to_points, scene_points
     from render.rotations import quat_to_rotmat
 
-    avatar = template_avatar(3000)
-    g, b = avatar.gaussians, avatar.binding
-    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
-                        0.8)[0]  # fmt: skip
-    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    g, b, cam, transforms = front_view()
     image, mask = torch.full((64, 64, 3), 0.3), torch.ones(64, 64)
     head = head_gaussians(g, b)
     assert g.means[head, 1].min() > g.means[:, 1].max() - 0.35  # the head, not the shoulders
@@ -404,13 +401,8 @@ def test_the_body_outside_the_mask_keeps_its_shape_and_floaters_do_not():
     surface (`anchors`) that project outside the mask beyond its outline keep their shape;
     Gaussians that left the surface (floaters) are thinned as before."""
     from reconstruct.refine import OUTLINE_PX, RefineConfig, appearance_loss, refine_appearance
-    from render import fit_to_points, scene_points
 
-    avatar = template_avatar(3000)
-    g, b = avatar.gaussians, avatar.binding
-    cam = fit_to_points(scene_points(g), 64, 64, torch.zeros(1, dtype=torch.float64), 0.0, 30.0,
-                        0.8)[0]  # fmt: skip
-    transforms = torch.eye(4).expand(avatar.body_template().num_bones, 4, 4)
+    g, b, cam, transforms = front_view()
     image, mask = torch.full((64, 64, 3), 0.3), torch.zeros(64, 64)
     mask[:, 24:] = 1  # the mask leaves out the body's left of column 24
     cfg = RefineConfig(steps=6)
