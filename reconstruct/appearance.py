@@ -108,7 +108,8 @@ def reconstruct_appearance(obs: Observation, canonical: Gaussians, model=None,
     times["reconstruct_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if model is not None and refine_steps > 0 and personalise_steps > 0:
-        # no cover term here: through the shared decoder it grows every Gaussian (`reconstruct.cover`)
+        # no cover term here: through the shared decoder it grows every Gaussian
+        # (`reconstruct.cover`)
         objective = appearance_loss(canonical, obs.binding, obs.transforms, obs.camera, obs.image,
                                     obs.mask, refine, start, obs.close_up, obs.landmarks,
                                     cover=False)  # fmt: skip

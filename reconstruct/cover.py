@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,6 +61,8 @@ class HeadCover:
     Gaussians face each, and the silhouettes S_v are fixed here."""
 
     def __init__(self, start: Gaussians, head: Tensor, photo: Tensor) -> None:
+        from .refine import shrink  # (refine builds its objective with this)
+
         self.head = head
         with torch.no_grad():
             posed = start[head]
@@ -78,12 +81,11 @@ class HeadCover:
                         continue
                     towards = F.normalize(cams.centers[i].to(posed.means) - posed.means, dim=-1)
                     facing = (normal * towards).sum(-1) > FACING
-                    alpha = rasterize(solid[facing], cams[i]).alpha[0, ..., 0]
-                    k = 2 * COVER_ERODE_PX + 1
-                    gap = F.max_pool2d((alpha <= 0.5).float()[None, None], k, 1, COVER_ERODE_PX)
+                    inside = rasterize(solid[facing], cams[i]).alpha[0, ..., 0] > 0.5
+                    inner = shrink(inside.numpy().astype(np.uint8), COVER_ERODE_PX)
                     self.cameras.append(cams[i])
                     self.facing.append(facing)
-                    self.targets.append(1 - gap[0, 0])
+                    self.targets.append(torch.from_numpy(inner).float())
         self._next = 0
 
     def __len__(self) -> int:

@@ -262,7 +262,8 @@ class AppearanceLoss:
 def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, cam: Cameras,
                     image: Tensor, mask: Tensor, cfg: RefineConfig, prior: Tensor | None = None,
                     close_up: View | None = None, landmarks: dict[str, np.ndarray] | None = None,
-                    anchors: Tensor | None = None, cover: bool = True) -> AppearanceLoss:  # fmt: skip
+                    anchors: Tensor | None = None,
+                    cover: bool = True) -> AppearanceLoss:  # fmt: skip
     """The objective for these Gaussians: Gaussians the photo does not see well
     (`reconstruct.complete.well_seen`; `landmarks` the photo's, by part, in the image) keep
     near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
