@@ -48,6 +48,7 @@ MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour
 HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
 NEAR = 0.03  # metres
 MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Gaussian
+HEAD_RADIUS = 0.16  # metres from the face's vertical axis, canonical: the head and its hair
 K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
 SKIN_CHROMA = 0.03  # chromaticity distance to the face's skin below which a colour is skin
 HAIR_NEAR = 0.15  # RGB distance to the hanging hair's colour below which a pixel is that hair
@@ -170,7 +171,7 @@ def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = Fal
         return torch.zeros(len(canonical), dtype=torch.bool)
     chin, top = face[:, 1].min(), face[:, 1].max()
     y = canonical.means[:, 1]
-    near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < 0.16
+    near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
     above_eyes = y > chin + 0.55 * (top - chin)
     scalp = near & (binding.parts == 0)
     if facing_front:
@@ -314,7 +315,7 @@ def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Te
     if hair.hanging is not None:
         normal = quat_to_rotmat(canonical.quats)[:, :, 2]
         body = binding.parts == 0
-        near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < 0.16
+        near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
         nape = chin + 0.35 * (top - chin)
         hanging |= body & near & (normal[:, 2] < 0.3) & (y > nape) & ~crown  # beside the face
         if hair.below_chin > 0:

@@ -32,13 +32,13 @@ from render import Gaussians, fit_to_points, rasterize
 from render.rotations import quat_to_rotmat
 
 from .canonical import PART_CODES, Binding
+from .complete import HEAD_RADIUS
 
 COVER_YAWS = tuple(range(0, 360, 45))  # degrees, about the world's up
 COVER_ELEVATIONS = (0.0, 45.0)  # level, and from above (the crown)
 COVER_RES = 96  # pixels: a head of ~25 cm, a hole of a few millimetres shows
 COVER_PER_STEP = 4  # views rendered per call, in turn (4 renders of ~10k Gaussians: ~25 ms)
 COVER_ERODE_PX = 2
-HEAD_RADIUS = 0.16  # metres from the face's vertical axis, canonical (as `complete.hair_region`)
 FACING = 0.2  # cosine between a Gaussian's normal and the way to the camera, at least
 SOLID_GROW = 0.4  # log-scale added to the start's Gaussians for its silhouettes (x 1.5)
 AWAY_FROM_PHOTO = 50.0  # degrees
