@@ -192,7 +192,7 @@ class AppearanceLoss:
                 self.start = (posed.means, *along_rays(posed, cam))
                 head = head_gaussians(start, binding) if cover and cfg.lambda_cover > 0 else None
                 if head is not None and head.any():
-                    self.cover = HeadCover(posed, head, cam.centers[0])
+                    self.cover = HeadCover(posed, head)
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.hidden = torch.zeros_like(seen) if hidden is None else hidden
         self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
