@@ -352,7 +352,7 @@ def test_refinement_leaves_the_shape_of_what_the_photo_cannot_see():
         assert (before[~hidden] != after[~hidden]).any(), name
 
 
-def test_the_heads_shell_stays_closed_where_the_photo_cannot_judge_it():
+def test_the_heads_shell_stays_closed_seen_from_around_it():
     """A crown thinned to 0.1 opacity (as fitting thins the crown a photo sees edge-on): the
     cover term, from around and above the head, is larger than on the whole head, and the
     refinement with it makes the crown it may change more opaque and the shell more closed
