@@ -160,6 +160,12 @@ def segments(template: BodyTemplate, binding: Binding) -> tuple[Tensor, list[str
     return torch.where(face_parts(binding), names.index("face"), of_bone[dominant]), names
 
 
+def near_head_axis(means: Tensor, face: Tensor) -> Tensor:
+    """[N] bool: `means` [N, 3] within HEAD_RADIUS of the vertical axis through the face's
+    Gaussians `face` [F, 3] (canonical): the head and its hair, at any height."""
+    return (means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
+
+
 def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = False) -> Tensor:
     """[N] bool: Gaussians where hair usually is: on the head above the eyes (or anywhere on
     its back half above the mouth), facing away from the front; never the face itself. With
@@ -171,7 +177,7 @@ def hair_region(canonical: Gaussians, binding: Binding, facing_front: bool = Fal
         return torch.zeros(len(canonical), dtype=torch.bool)
     chin, top = face[:, 1].min(), face[:, 1].max()
     y = canonical.means[:, 1]
-    near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
+    near = near_head_axis(canonical.means, face)
     above_eyes = y > chin + 0.55 * (top - chin)
     scalp = near & (binding.parts == 0)
     if facing_front:
@@ -315,7 +321,7 @@ def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Te
     if hair.hanging is not None:
         normal = quat_to_rotmat(canonical.quats)[:, :, 2]
         body = binding.parts == 0
-        near = (canonical.means[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
+        near = near_head_axis(canonical.means, face)
         nape = chin + 0.35 * (top - chin)
         hanging |= body & near & (normal[:, 2] < 0.3) & (y > nape) & ~crown  # beside the face
         if hair.below_chin > 0:

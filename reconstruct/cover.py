@@ -33,7 +33,7 @@ from render import Gaussians, fit_to_points, rasterize
 from render.rotations import quat_to_rotmat
 
 from .canonical import PART_CODES, Binding
-from .complete import HEAD_RADIUS
+from .complete import near_head_axis
 
 COVER_YAWS = tuple(range(0, 360, 45))  # degrees, about the world's up
 COVER_ELEVATIONS = (0.0, 45.0)  # level, and from above (the crown)
@@ -45,14 +45,13 @@ SOLID_GROW = 0.4  # log-scale added to the start's Gaussians for its silhouettes
 
 
 def head_gaussians(canonical: Gaussians, binding: Binding) -> Tensor:
-    """[N] bool: the head's Gaussians, face and scalp: above the chin (2 cm of slack) and within
-    HEAD_RADIUS of the face's vertical axis, in canonical space (none without a face part)."""
+    """[N] bool: the head's Gaussians, face and scalp: above the chin (2 cm of slack) and
+    `near_head_axis`, in canonical space (none without a face part)."""
     face = canonical.means[binding.parts == PART_CODES["face"]]
     if len(face) == 0:
         return torch.zeros(len(canonical), dtype=torch.bool)
     m = canonical.means
-    near = (m[:, :2] - face[:, :2].mean(0)).norm(dim=-1) < HEAD_RADIUS
-    return near & (m[:, 1] > face[:, 1].min() - 0.02)
+    return near_head_axis(m, face) & (m[:, 1] > face[:, 1].min() - 0.02)
 
 
 class HeadCover:
