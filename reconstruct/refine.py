@@ -1,7 +1,9 @@
 """Per-identity appearance: fit the canonical Gaussians' colours, opacities, scales and small
 offsets to the photo, rendered through `render.rasterize` in the fitted pose and camera.
 
-    loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask
+    loss = (1 - λ_ssim) L1 + λ_ssim D-SSIM        inside the person mask, against the photo
+                                           with the room behind its outline made white
+                                           (`dematte`: the render is on white)
          + λ_silhouette |alpha - mask|²          everywhere (no floaters outside the person)
          + λ_offset |Δμ|² + λ_scale relu(s - s_max)²
          + λ_slide (Δμ·d)² + λ_depth relu(σ_d - σ_d⁰)²     the photo cannot judge depth: no
@@ -143,15 +145,39 @@ def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTL
                         cam.project(posed.means)[0])[:, 0] > 0.5  # fmt: skip
 
 
-def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
-    """Image [H,W,3] blurred inside the mask only (normalised convolution), sigma = frac x H."""
+def _normalised_blur(image: Tensor, mask: Tensor, frac: float) -> tuple[Tensor, Tensor]:
+    """(the blurred image [H, W, 3] times the blurred mask, the blurred mask [H, W, 1]): a
+    normalised convolution of `image` over `mask` [H, W], sigma = frac x H."""
     import cv2
 
     sigma = max(1.0, frac * image.shape[0])
     m = mask.numpy().astype(np.float32)
     num = cv2.GaussianBlur(image.numpy() * m[..., None], (0, 0), sigma)
     den = cv2.GaussianBlur(m, (0, 0), sigma)[..., None]
-    return torch.from_numpy(num / np.maximum(den, 1e-3))
+    return torch.from_numpy(num), torch.from_numpy(den)
+
+
+def _masked_blur(image: Tensor, mask: Tensor, frac: float = 0.04) -> Tensor:
+    """Image [H,W,3] blurred inside the mask only (normalised convolution), sigma = frac x H."""
+    num, den = _normalised_blur(image, mask, frac)
+    return num / den.clamp_min(1e-3)
+
+
+def dematte(image: Tensor, mask: Tensor) -> Tensor:
+    """The photo [H, W, 3] with what is behind the person replaced by white as far as the person
+    mask [H, W] lets it show at its outline: P + (1 - a)(1 - B), its soft values `a` an alpha
+    matte there and the background B estimated from the pixels outside the person (normalised
+    convolution, sigma 1% of the height). Further from the background than a few sigma the
+    photo stays as it is: a soft mask there is the segmenter's doubt (hair), not the room. The
+    refinement draws the person on white; fitted to a dark room's share of the outline's pixels,
+    Gaussians there went black (strokes along a jaw and a neck, seen from the side)."""
+    behind = torch.from_numpy(shrink((mask.numpy() < 0.5).astype(np.uint8), 1))
+    if not behind.any():
+        return image
+    num, den = _normalised_blur(image, behind, 0.01)
+    back = num / den.clamp_min(1e-6)
+    near = den > 0.05  # within a few sigma of the background
+    return torch.where(near, (image + (1 - mask[..., None]) * (1 - back)).clamp(0, 1), image)
 
 
 def photo_pixels(posed: Gaussians, cam: Cameras, image: Tensor, mask: Tensor) -> Tensor:
@@ -196,8 +222,10 @@ class AppearanceLoss:
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.hidden = torch.zeros_like(seen) if hidden is None else hidden
         self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
-        self.views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
-        self.target, self.m = image[None], (mask[None, ..., None] > 0.5).to(mask.dtype)
+        views = [View(cam, image, mask)] + ([close_up] if close_up is not None else [])
+        self.views = [View(v.camera, dematte(v.image, v.mask), v.mask) for v in views]
+        self.target = self.views[0].image[None]
+        self.m = (mask[None, ..., None] > 0.5).to(mask.dtype)
 
     def _image_terms(self, posed: Gaussians, view: View) -> tuple[Tensor, Tensor, Tensor]:
         """(image loss, silhouette loss, the render [1, H, W, 3]) in one view: the render on

@@ -550,3 +550,41 @@ def test_gaussians_outside_the_photos_frame_are_not_seen():
     assert (everywhere & below).sum() > 100 and (everywhere & ~below).sum() > 100
     assert not portrait[below].any()
     assert torch.equal(portrait[~below], everywhere[~below])
+
+
+def test_the_room_behind_the_outline_does_not_paint_the_body_dark():
+    """A photo mixes the person with the room behind in the outline's pixels, as far as the
+    person mask's soft edge says; the refinement draws the person on white, and fitted to a dark
+    room's share there, outline Gaussians went black (strokes along a jaw and a neck, seen from
+    the side). It fits the photo with the room replaced by white (`dematte`): the same person in
+    a dark room and in a white one refines to the same colours at the outline."""
+    from reconstruct.refine import RefineConfig, dematte, refine_appearance
+    from render import rasterize
+    from render.sh import sh0_to_rgb
+
+    g, b, cam, transforms = front_view()
+    with torch.no_grad():
+        alpha = rasterize(g, cam).alpha[0, ..., 0]
+    edge = (alpha > 0.05) & (alpha < 0.95)
+    assert edge.sum() > 30
+    room = torch.tensor([0.1, 0.1, 0.15])
+    white = alpha[..., None] * SKIN + (1 - alpha[..., None])
+    dark = alpha[..., None] * SKIN + (1 - alpha[..., None]) * room
+    off = (dematte(dark, alpha) - white).abs().amax(-1)[edge]  # thin gaps: no room to measure
+    assert (off < 0.005).float().mean() > 0.7 and (dark - white).abs().amax(-1)[edge].min() > 0.04
+    assert torch.allclose(dematte(white, alpha), white, atol=0.005)
+    square = torch.zeros(64, 64)  # a person whose mask is soft at its edge and deep inside
+    square[8:56, 8:56], square[7, 8:56], square[28:36, 28:36] = 1.0, 0.5, 0.7
+    photo = square[..., None] * SKIN + (1 - square[..., None]) * room
+    fixed = dematte(photo, square)
+    assert torch.allclose(fixed[7, 8:56], 0.5 * SKIN + 0.5, atol=0.005)  # the room at the edge
+    assert torch.equal(fixed[28:36, 28:36], photo[28:36, 28:36])  # inside: the segmenter's doubt
+    uv = (cam.project(g.means)[0] / 32 - 1)[None, None]  # 64 px
+    beside = torch.nn.functional.max_pool2d(edge.float()[None, None], 3, 1, 1)  # within a pixel
+    outline = torch.nn.functional.grid_sample(beside, uv, align_corners=False)[0, 0, 0] > 0.5
+    assert outline.sum() > 20
+    cfg = RefineConfig(steps=25)
+    colours = [sh0_to_rgb(refine_appearance(g, b, transforms, cam, image, alpha, cfg,
+                                            progress=False).sh[outline, 0]).mean(0)
+               for image in (white, dark)]  # fmt: skip
+    assert torch.allclose(colours[0], colours[1], atol=0.008), colours  # 0.015 apart without

@@ -21,7 +21,7 @@ from reconstruct.feedforward import hand_boxes_from_landmarks
 from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import RefineConfig, View, crop_image, posed_blend
+from reconstruct.refine import RefineConfig, View, crop_image, dematte, posed_blend
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -125,7 +125,11 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
 
     with torch.no_grad():
         out = rasterize(apply_blend(canonical, posed_blend(binding, transforms)), fit.camera, 1.0)
-    input_psnr, input_ssim = masked_quality(out.rgb, image[None], mask[None, ..., None])
+    # against the photo as the refinement sees it: the outline's mixed pixels take the person's
+    # colour (`dematte`), which the avatar, drawn without the photo's background, should show
+    input_psnr, input_ssim = masked_quality(
+        out.rgb, dematte(image, mask)[None], mask[None, ..., None]
+    )
     quality = {
         "input_masked_psnr_db": round(input_psnr, 2),
         "input_masked_ssim": round(input_ssim, 4),
