@@ -125,8 +125,8 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
 
     with torch.no_grad():
         out = rasterize(apply_blend(canonical, posed_blend(binding, transforms)), fit.camera, 1.0)
-    # against the photo as the refinement sees it: the outline's mixed pixels take the person's
-    # colour (`dematte`), which the avatar, drawn without the photo's background, should show
+    # against the photo as the refinement fits it: the room behind its outline made white
+    # (`dematte`), as the avatar is drawn on white
     input_psnr, input_ssim = masked_quality(
         out.rgb, dematte(image, mask)[None], mask[None, ..., None]
     )
