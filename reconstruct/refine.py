@@ -146,8 +146,9 @@ def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTL
 
 
 def _normalised_blur(image: Tensor, mask: Tensor, frac: float) -> tuple[Tensor, Tensor]:
-    """(the blurred image [H, W, 3] times the blurred mask, the blurred mask [H, W, 1]): a
-    normalised convolution of `image` over `mask` [H, W], sigma = frac x H."""
+    """(the blur of `image` [H, W, 3] times `mask` [H, W], the blur of `mask` [H, W, 1]): a
+    normalised convolution's two halves, sigma = frac x H; their ratio is `image` averaged over
+    the mask nearby."""
     import cv2
 
     sigma = max(1.0, frac * image.shape[0])
