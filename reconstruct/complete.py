@@ -6,7 +6,8 @@ projects onto the face and the back of a shirt onto its printed front, and a Gau
 edge-on at the outline reads a pixel smeared along it (streaks from the side). Instead:
 
 - **hair**: the back, sides and top of the head take the hair colour, the median of the
-  crown's pixels in the photo (under a hat, the hat's colour; on a bald head, skin);
+  crown's pixels in the photo (under a hat, the hat's colour; on a bald head, skin); hair the
+  photo shows hanging beside the face takes its own colour there, over the face's sides too;
 - **same part**: any other Gaussian takes the median colour of the nearest well-seen Gaussians
   of its own body segment (upper arm, lower leg, torso, ...) on that segment's rim (its sides
   as the photo shows them, turned 41-72° from the camera), neighbours at the same height
@@ -306,10 +307,12 @@ def _two_means(x: Tensor, steps: int = 10) -> tuple[Tensor, Tensor]:
 def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Tensor, Tensor]:
     """[N] bool twice, splitting `hair_region`: the crown (above the eyes: a hat, or the top of
     the hair) and the hair below it at the back of the head; where the photo shows `hair`
-    hanging beside the face, also the sides of the head below the eyes and, for hair hanging
-    below the chin, the back and sides of the neck and the torso behind the head (a band as wide
-    as the head) down to its length: long hair hides the neck's sides from behind and from the
-    side, where they were the neck's skin between hair and collar."""
+    hanging beside the face, also the sides of the head below the eyes, the face's own sides
+    (temples and ears; hanging below the chin, the jaw's back too: they were skin, a bald cheek
+    seen from the side) and, for hair hanging below the chin, the back and sides of the neck and
+    the torso behind the head (a band as wide as the head) down to its length: long hair hides
+    the neck's sides from behind and from the side, where they were the neck's skin between hair
+    and collar."""
     region = hair_region(canonical, binding)
     face = canonical.means[binding.parts == PART_CODES["face"]]
     if len(face) == 0:
@@ -323,7 +326,10 @@ def hair_regions(canonical: Gaussians, binding: Binding, hair: Hair) -> tuple[Te
         body = binding.parts == 0
         near = near_head_axis(canonical.means, face)
         nape = chin + 0.35 * (top - chin)
-        hanging |= body & near & (normal[:, 2] < 0.3) & (y > nape) & ~crown  # beside the face
+        sideways = near & (normal[:, 2] < 0.3)
+        hanging |= sideways & body & (y > nape) & ~crown  # beside the face
+        # and over the face's sides (temples, ears, the jaw's back when it hangs below the chin)
+        hanging |= sideways & face_parts(binding) & (y > (chin if hair.below_chin > 0 else nape))
         if hair.below_chin > 0:
             behind = (normal[:, 2] < 0.3) & (z < face[:, 2].mean()) & body  # back and sides
             wide = (x - face[:, 0].mean()).abs() < 0.6 * (top - chin)

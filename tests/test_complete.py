@@ -166,6 +166,35 @@ def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     assert (rgb[back] - RED).norm(dim=-1).median() < 0.05  # the top, not the neckline's skin
 
 
+def test_hair_hanging_beside_the_face_covers_its_sides(scene):
+    """Hair seen hanging beside the face also covers the face's own Gaussians turned sideways
+    (temples, ears and, hanging below the chin, the jaw's back): they were skin, a bald cheek
+    from the side; the face's front and tied-back hair's face stay skin."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import Hair, complete_colours, face_parts, hair_regions
+    from render.rotations import quat_to_rotmat
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    crown, dark = torch.tensor([0.8, 0.7, 0.5]), torch.tensor([0.15, 0.1, 0.08])
+    normal = quat_to_rotmat(g.quats)[:, :, 2]
+    face = g.means[b.parts == PART_CODES["face"]]
+    chin, top = face[:, 1].min(), face[:, 1].max()
+    y = g.means[:, 1]
+    sides = face_parts(b) & (normal[:, 0].abs() > 0.7) & (normal[:, 2] < 0.2) & ~seen  # turned
+    jaw = sides & (y < chin + 0.35 * (top - chin))  # below hair_regions' nape
+    assert (sides & ~jaw).sum() > 10 and jaw.sum() > 5
+    long, short, tied = (hair_regions(g, b, h)[1] for h in
+                         (Hair(crown, dark, 1.0), Hair(crown, dark), Hair(crown)))  # fmt: skip
+    assert long[sides].all() and short[sides & ~jaw].all() and not short[jaw].any()
+    assert not tied[face_parts(b)].any()
+    front = face_parts(b) & (normal[:, 2] > 0.5)
+    assert not long[front].any()
+    rgb = complete_colours(g, b, template, photo, cos, seen, Hair(crown, dark, 1.0))
+    assert torch.allclose(rgb[sides], dark.expand(int(sides.sum()), 3))
+    rgb = complete_colours(g, b, template, photo, cos, seen, Hair(crown))
+    assert (rgb[sides] - SKIN).norm(dim=-1).max() < 0.05
+
+
 def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
     """A hat on top, dark hair beside the face down to 1.5 face heights below the chin; or hair
     tied back, with ears and neck beside the face: no hanging hair."""
