@@ -11,7 +11,9 @@ with models that had no part in making the avatar:
   close-ups at yaw 150, 180 and 210°. The back of a head is hair or a hat, never a face:
   target < 0.5. At 150° and 210° the cheek and ear show; `avatar bench unseen` puts the same
   question to the true backs of held-out synthetic subjects (5 of 20 score 0.5-0.79, at those
-  angles, full body).
+  angles, full body). `back_face_size` says how big each view's best face is: the distance
+  between its eyes over the head's width in that render. A face of the front measures 0.4-0.5
+  from the front (0.3 at 30°); a copy of it on the back of the head would too.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def back_face_score(g: Gaussians, head: Tensor, ident: FaceIdentity, size: int =
     views = render_around(g, scene_points(g), "full", BACK_YAWS, size)
     views += render_around(g, scene_points(near), "face", BACK_YAWS, size)
     return max(ident.detect(im)[0] for im in views)
+
+
+def eyes_over_head(landmarks: np.ndarray, head_uv: Tensor) -> float | None:
+    """The distance between a detected face's eyes (`landmarks` [5, 2], YuNet's: right eye, left
+    eye, ...) over the width of the head in the same image (`head_uv` [M, 2], its Gaussians'
+    image positions; the 2nd to 98th percentile of x). None without a head."""
+    if len(head_uv) < 2:
+        return None
+    lo, hi = torch.quantile(head_uv[:, 0].double(), torch.tensor([0.02, 0.98], dtype=torch.float64))
+    return float(np.linalg.norm(landmarks[0] - landmarks[1]) / max(float(hi - lo), 1e-6))
 
 
 def off_photo(avatar: Avatar, rig: SpeechRig, yaws) -> list[float]:
@@ -148,9 +160,21 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
         judged = [sims[f"yaw_{y:g}"] for y in IDENTITY_YAWS[:2]]
         sims["min_yaw_0_30"] = min((v if v is not None else 0.0) for v in judged)
         result["identity"] = sims
-    scores = {k: round(ident.detect(im)[0], 4) for k, im in images.items()
-              if k.split("_")[0] in ("full", "face") and float(k.split("_")[1]) in BACK_YAWS}  # fmt: skip
+    from reconstruct.cover import head_gaussians
+
+    with torch.no_grad():
+        head = rig.still().means[head_gaussians(avatar.gaussians, avatar.binding)]
+    scores, sizes = {}, {}
+    for framing in ("full", "face"):
+        cams = cameras_around(rig.framing_points(framing), framing, BACK_YAWS, size)
+        for i, yaw in enumerate(BACK_YAWS):
+            key = f"{framing}_{yaw:g}"
+            score, landmarks = ident.detect(images[key])
+            scores[key] = round(score, 4)
+            ratio = eyes_over_head(landmarks, cams[i].project(head)[0])
+            sizes[key] = None if ratio is None else round(ratio, 3)
     result["back_face_score"] = {**scores, "max": max(scores.values())}
+    result["back_face_size"] = sizes  # its best face's eyes over the head's width
     result["pass"] = {
         "no_face_on_the_back": result["back_face_score"]["max"] < TARGETS["back_face_score"]
     }

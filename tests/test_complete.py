@@ -542,7 +542,23 @@ def test_eval_views_measures_identity_and_the_back(tmp_path):
     out = view_metrics(template_avatar(6000), photo, 256, tmp_path)
     assert all(v is None or v < 0.363 for k, v in out["identity"].items() if k.startswith("yaw"))
     assert all(0 <= v <= 1 for v in out["back_face_score"].values())
+    sizes = out["back_face_size"]  # the best face's size from behind, against the head's
+    assert set(sizes) == set(out["back_face_score"]) - {"max"}
+    assert all(v is not None and v >= 0 for v in sizes.values())
     assert (tmp_path / "face_0.png").is_file() and (tmp_path / "photo_face.png").is_file()
+
+
+def test_eyes_over_head_compares_a_face_with_the_head_it_is_on():
+    """A face whose eyes are 40 px apart on a head 100 px wide measures 0.4, as a face seen from
+    the front does; the same head's outliers (a strand, a speck) do not widen it."""
+    from avatar.views import eyes_over_head
+
+    eyes = np.array([[30, 50], [70, 50], [50, 70], [35, 85], [65, 85]], np.float64)
+    head = torch.stack([torch.linspace(0, 100, 500), torch.full((500,), 60.0)], -1)
+    assert eyes_over_head(eyes, head) == pytest.approx(0.4, abs=0.02)
+    specks = torch.tensor([[-400.0, 60.0], [600.0, 60.0]])
+    assert eyes_over_head(eyes, torch.cat([head, specks])) == pytest.approx(0.4, abs=0.02)
+    assert eyes_over_head(eyes, head[:1]) is None
 
 
 def test_off_photo_says_how_far_each_close_up_is_from_what_the_photo_saw():
