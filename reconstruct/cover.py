@@ -20,6 +20,13 @@ still fits the photo. Each call renders COVER_PER_STEP of the views, the next on
 The refinement takes it, the decoder's personalisation does not: one network for every
 Gaussian, it answered by growing them all (held-out synthetic subjects, `avatar bench unseen`,
 LPIPS at 90° 0.0373 → 0.0425).
+
+The refinement asks it twice: of the head's Gaussians, and of the face's own (skin, lips, lids)
+alone. The photo sees the cheek's side edge-on, where its pixels mix cheek, ear and hair, and
+thinning or shrinking the face's Gaussians there fits them: holes in the face's layer, which
+the first term does not see, the head's inside behind them covering its views. From the side
+the holes were dark cracks between cheek and ear (the face's layer alone at 45°: slits all
+over its side).
 """
 
 from __future__ import annotations
@@ -55,9 +62,9 @@ def head_gaussians(canonical: Gaussians, binding: Binding) -> Tensor:
 
 
 class HeadCover:
-    """L_cover of the module docstring for posed Gaussians whose head is `head` [N], the start
-    being `start` (posed, all N): the cameras, which Gaussians face each, and the silhouettes
-    S_v are fixed here."""
+    """L_cover of the module docstring for posed Gaussians whose head (or a layer of it: the
+    face's) is `head` [N], the start being `start` (posed, all N): the cameras, which Gaussians
+    face each, and the silhouettes S_v are fixed here."""
 
     def __init__(self, start: Gaussians, head: Tensor) -> None:
         from .refine import shrink  # (refine builds its objective with this)

@@ -16,6 +16,8 @@ offsets to the photo, rendered through `render.rasterize` in the fitted pose and
                                            above it (`reconstruct.cover`): no holes in the
                                            crown showing the inside of the face (`cover`:
                                            not in the decoder's personalisation)
+         + λ_face_cover L_cover(face)      and so does the face's own layer: no holes in the
+                                           cheek showing the head's inside
 
 Gaussians hidden behind others in the photo (the back of the head behind the face) keep their
 opacity, scale and position: the photo cannot judge them, and the light its front lets through
@@ -44,6 +46,7 @@ from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
 from .canonical import Binding
+from .complete import face_parts
 from .cover import HeadCover, head_gaussians
 from .losses import loss_dssim, loss_l1, on_white, psnr
 
@@ -60,6 +63,9 @@ class RefineConfig:
     lambda_slide: float = 300.0
     lambda_depth: float = 1e4
     lambda_cover: float = 1.0
+    lambda_face_cover: float = 1.0
+    """The same for the face's own Gaussians alone: behind a holed cheek the head's inside still
+    covers the head's views, and shows through the holes as cracks between cheek and ear."""
     max_scale: float = 0.03
     """Largest standard deviation a Gaussian may grow to, metres."""
     lr_color: float = 0.055
@@ -213,6 +219,7 @@ class AppearanceLoss:
         self.blend = posed_blend(binding, transforms).detach()
         self.start = None  # the posed start: its means, rays and extents along them
         self.cover = None  # the head's shell seen from around it, against the start's
+        self.face_cover = None  # and the face's own layer of it
         if start is not None:
             with torch.no_grad():
                 posed = apply_blend(start, self.blend)
@@ -220,6 +227,9 @@ class AppearanceLoss:
                 head = head_gaussians(start, binding) if cover and cfg.lambda_cover > 0 else None
                 if head is not None and head.any():
                     self.cover = HeadCover(posed, head)
+                face = face_parts(binding) if cover and cfg.lambda_face_cover > 0 else None
+                if face is not None and face.any():
+                    self.face_cover = HeadCover(posed, face)
         self.cam, self.seen, self.prior, self.cfg = cam, seen, prior, cfg
         self.hidden = torch.zeros_like(seen) if hidden is None else hidden
         self._posed_quats: tuple | None = None  # (canonical, its version, posed) while fixed
@@ -265,6 +275,8 @@ class AppearanceLoss:
             )
         if self.cover is not None:
             loss = loss + cfg.lambda_cover * self.cover(posed)
+        if self.face_cover is not None:
+            loss = loss + cfg.lambda_face_cover * self.face_cover(posed)
         if not self.seen.all():  # colours of Gaussians the photo does not see stay near prior
             drift = (g.sh[~self.seen, 0] - rgb_to_sh0(self.prior[~self.seen])) ** 2
             loss = loss + cfg.lambda_prior * drift.sum(-1).mean()
@@ -297,8 +309,9 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
     (`reconstruct.complete.well_seen`; `landmarks` the photo's, by part, in the image) keep
     near `prior` [N, 3] (default: their current colours; see `reconstruct.complete`).
     `anchors` [N, 3]: each Gaussian's place on the template's surface (canonical), which tells
-    the body's own Gaussians outside the mask from floaters there. `cover`: with the head's
-    cover term (`reconstruct.cover`; create's decoder personalisation goes without)."""
+    the body's own Gaussians outside the mask from floaters there. `cover`: with the cover
+    terms of the head and of the face's own layer (`reconstruct.cover`; create's decoder
+    personalisation goes without)."""
     from .complete import hand_strays, well_seen
 
     blend = posed_blend(binding, transforms).detach()

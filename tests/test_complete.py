@@ -399,7 +399,7 @@ def test_the_heads_shell_stays_closed_seen_from_around_it():
     assert g.means[head, 1].min() > g.means[:, 1].max() - 0.35  # the head, not the shoulders
     crown = head & (quat_to_rotmat(g.quats)[:, 1, 2] > 0.6)  # normals up
     thin = g.replace(opacity_logits=torch.where(crown, torch.tensor(-2.2), g.opacity_logits))
-    cfg = RefineConfig(steps=30)
+    cfg = RefineConfig(steps=30, lambda_face_cover=0.0)  # the head's term alone
     objective = appearance_loss(thin, b, transforms, cam, image, mask, cfg)
     blend, every = posed_blend(b, transforms), range(len(objective.cover))
     centre = g.means[head].mean(0)  # the cover's cameras look from all around, the photo's too
@@ -423,6 +423,55 @@ def test_the_heads_shell_stays_closed_seen_from_around_it():
     opacity = [torch.sigmoid(x.opacity_logits[judged]).mean() for x in (out, free)]
     assert opacity[0] > opacity[1] + 0.1
     assert cover(out) < cover(free) - 0.02
+
+
+def test_the_faces_own_layer_stays_closed():
+    """A face thinned to 0.1 opacity (as fitting thins the cheek a photo sees edge-on) over the
+    head's inside, an opaque layer 1 cm behind it: the head's cover term sees the inside cover
+    every view and does not mind; the face's own does, and the refinement with it leaves the face
+    more opaque than the same refinement without it (holes through which the inside showed as
+    dark cracks)."""
+    from dataclasses import replace
+
+    from deform.skinning import apply_blend
+    from reconstruct.canonical import Binding
+    from reconstruct.complete import face_parts
+    from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
+    from render import Gaussians
+    from render.rotations import quat_to_rotmat
+
+    g, b, cam, transforms = front_view()
+    face = face_parts(b)
+    inside = g[face].replace(means=g.means[face] - 0.01 * quat_to_rotmat(g.quats[face])[:, :, 2],
+                             opacity_logits=torch.full((int(face.sum()),), 4.0))  # fmt: skip
+    tensors = {k: torch.cat([v, v[face]]) for k, v in b.tensors().items()}
+    tensors["parts"][len(g) :] = 0  # the head's body, not its face
+    b2 = Binding(**tensors)
+    face2 = face_parts(b2)
+    thin_face = torch.where(face, torch.tensor(-2.2), g.opacity_logits)
+    thin = Gaussians.cat([g.replace(opacity_logits=thin_face), inside])
+    whole = Gaussians.cat([g, inside])
+    image, mask = torch.full((64, 64, 3), 0.3), torch.ones(64, 64)
+    cfg = RefineConfig(steps=30)
+    objective = appearance_loss(thin, b2, transforms, cam, image, mask, cfg)
+    blend, every = posed_blend(b2, transforms), range(len(objective.cover))
+
+    def covers(x):
+        with torch.no_grad():
+            posed = apply_blend(x, blend)
+            return objective.cover(posed, every).item(), objective.face_cover(posed, every).item()
+
+    (head_thin, face_thin), (head_whole, face_whole) = covers(thin), covers(whole)
+    assert head_thin < head_whole + 0.01 and face_thin > face_whole + 0.05
+    off = replace(cfg, lambda_face_cover=0.0)
+    assert appearance_loss(thin, b2, transforms, cam, image, mask, off).face_cover is None
+    out = refine_appearance(thin, b2, transforms, cam, image, mask, cfg, progress=False)
+    free = refine_appearance(thin, b2, transforms, cam, image, mask, off, progress=False)
+    judged = face2 & ~objective.hidden
+    assert judged.sum() >= 5
+    opacity = [torch.sigmoid(x.opacity_logits[judged]).mean() for x in (out, free)]
+    assert opacity[0] > opacity[1] + 0.05
+    assert covers(out)[1] < covers(free)[1] - 0.02
 
 
 def test_the_body_outside_the_mask_keeps_its_shape_and_floaters_do_not():
