@@ -19,7 +19,8 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
   background they mix with;
 - **its mirror image**: a point of the face, head, neck or torso whose mirror image (x → -x)
   the photo sees well takes its colour: a cheek turned away from the camera looks like the one
-  it shows;
+  it shows, in its own side's light (the ratio between the two sides where the photo sees
+  both: a face lit from one side does not copy its lit cheek onto the shaded one);
 - **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
   (x → -x, left ↔ right) where that one is seen;
 - **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
@@ -49,6 +50,9 @@ MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour
 HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
 NEAR = 0.03  # metres
 MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Gaussian
+LIGHT_RATIO = 2.0  # the most a mirrored colour is brightened or darkened to its side's light
+K_PAIRS = 32  # mirror pairs whose median ratio is the light's difference between two sides
+DARK = 0.05  # added to brightness before a ratio of it: dark colours' ratios are noise
 HEAD_RADIUS = 0.16  # metres from the face's vertical axis, canonical: the head and its hair
 K_NEAREST = 96  # many, and their median: the dominant colour nearby, not a collar or a print
 SKIN_CHROMA = 0.03  # chromaticity distance to the face's skin below which a colour is skin
@@ -376,9 +380,11 @@ def scalp_colour(canonical: Gaussians, binding: Binding, photo_rgb: Tensor,
     return photo_rgb[scalp].median(0).values
 
 
-def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NEAREST) -> Tensor:
+def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NEAREST,
+                    blend: bool = True) -> Tensor:  # fmt: skip
     """Per channel, the median colour of each point's k nearest references; within NEAR of
-    the nearest one, blended toward its closest few (a pattern continues across the rim)."""
+    the nearest one, blended toward its closest few (a pattern continues across the rim), unless
+    not `blend`."""
     out = []
     for s in range(0, len(points), 2048):
         dist, idx = torch.cdist(points[s : s + 2048], refs).topk(
@@ -386,9 +392,33 @@ def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NE
         )
         far = colours[idx].median(1).values
         near = colours[idx[:, :4]].mean(1)
-        w = (1 - dist[:, :1] / NEAR).clamp(0, 1)
+        w = (1 - dist[:, :1] / NEAR).clamp(0, 1) if blend else torch.zeros_like(dist[:, :1])
         out.append(w * near + (1 - w) * far)
     return torch.cat(out) if out else colours.new_zeros(0, 3)
+
+
+def _in_own_light(colour: Tensor, here: Tensor, refs: Tensor, ref_rgb: Tensor,
+                  mirrored: Tensor) -> Tensor:  # fmt: skip
+    """Mirrored colours [M, 3] in the light of where they go, `here` [M, 3]: times the median
+    ratio of brightness between the well-seen Gaussians nearest `here` whose mirror image the
+    photo sees well too and that mirror image (`refs` [R, 3] their positions, `ref_rgb` [R, 3]
+    their colours, `mirrored` [R, 3] the positions mirrored), within LIGHT_RATIO. Both sides
+    of the same point show the same skin: what differs is the light. A face lit from one side
+    copied its lit cheek onto the shaded one: a pale stripe down the cheek the photo turns away,
+    seen from the side. One ratio for all three channels, DARK added to both sides: per
+    channel, the ratios of dark hair's few levels reddened strands of it."""
+    partner, dist = [], []
+    for s in range(0, len(refs), 2048):
+        d, j = torch.cdist(mirrored[s : s + 2048], refs).min(dim=1)
+        partner.append(j)
+        dist.append(d)
+    paired = torch.cat(dist) < MIRROR_NEAR
+    if not paired.any():
+        return colour
+    light = ref_rgb.mean(-1, keepdim=True) + DARK
+    ratio = (light[paired] / light[torch.cat(partner)[paired]]).clamp(1 / LIGHT_RATIO, LIGHT_RATIO)
+    gain = _nearest_median(here, refs[paired], ratio.expand(-1, 3), k=K_PAIRS, blend=False)
+    return (colour * gain).clamp(0, 1)
 
 
 PARENT = {
@@ -451,7 +481,9 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
                 )
                 hit = dist[:, 0] < MIRROR_NEAR
                 rows = torch.nonzero(need)[:, 0][hit]
-                rgb[rows] = photo_rgb[refs][idx[hit]].mean(1)
+                if len(rows):
+                    rgb[rows] = _in_own_light(photo_rgb[refs][idx[hit]].mean(1), x[rows],
+                                              x[refs], photo_rgb[refs], mirrored[refs])  # fmt: skip
                 todo[rows] = False
     skin = binding.parts == PART_CODES["face"]
     skin_rgb = photo_rgb[well & skin].median(0).values if (well & skin).any() else None

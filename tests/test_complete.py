@@ -132,6 +132,31 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     assert (rgb[cheek] - SKIN).norm(dim=-1).median() < 0.05
 
 
+def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
+    """A face lit from one side: the photo shows its shaded cheek only near the middle, and the
+    cheek's turned-away part copies its mirror image from the lit side. It takes the shade its
+    own side shows there (the ratio between the two sides where the photo sees both), not the
+    lit cheek's brightness: a pale stripe down the shaded cheek from the side."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import Hair, complete_colours
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means[:, 0]
+    face = b.parts == PART_CODES["face"]
+    photo = photo.clone()
+    photo[face & (x > 0)] = SKIN * 0.7  # the side away from the light
+    hidden = face & (x > 0.035)
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~hidden, Hair(HAIR))
+    cheek = hidden & (x > 0.045) & (cos < -0.3)
+    assert cheek.sum() > 30
+    assert (rgb[cheek] - SKIN * 0.7).norm(dim=-1).median() < 0.03
+    hue = torch.nn.functional.cosine_similarity(rgb[cheek], SKIN[None], dim=-1)
+    assert hue.min() > 0.999  # darker, the same skin: one ratio for the three channels
+    even = complete_colours(g, b, template, photo.where(~face[:, None], SKIN), cos, seen & ~hidden,
+                            Hair(HAIR))  # fmt: skip
+    assert (even[cheek] - SKIN).norm(dim=-1).median() < 0.03  # evenly lit: the same skin
+
+
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     """Hair that hangs below the chin covers the back and sides of the neck and the top of the
     back; the rest of the back is the top's colour, though the front's rim at the neckline shows
