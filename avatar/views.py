@@ -54,7 +54,11 @@ def cameras_around(points: Tensor, framing: str, yaws, size: int) -> Cameras:
 def render_around(g: Gaussians, points: Tensor, framing: str, yaws, size: int) -> list[np.ndarray]:
     """Gaussians `g` on white from each yaw around `points` [P, 3] (`cameras_around`):
     [size, size, 3] uint8 each."""
-    cams = cameras_around(points, framing, yaws, size)
+    return render_with(g, cameras_around(points, framing, yaws, size))
+
+
+def render_with(g: Gaussians, cams: Cameras) -> list[np.ndarray]:
+    """Gaussians `g` on white from each camera: [H, W, 3] uint8 each."""
     bg = torch.ones(3)
     return [
         to_uint8(rasterize(g, cams[i], background=bg).rgb[0, ..., :3]) for i in range(len(cams))
@@ -142,11 +146,21 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
         ref = ident.embed(images["photo_face"])
         if ref is None:
             raise EvaluationError(f"{photo}: SFace finds no face in the photo's face close-up")
-    faces = render_views(rig, "face", IDENTITY_YAWS, size)
-    images.update({f"face_{y:g}": im for y, im in zip(IDENTITY_YAWS, faces, strict=True)})
-    for framing in ("full", "face"):
-        back = render_views(rig, framing, BACK_YAWS, size)
-        images.update({f"{framing}_{y:g}": im for y, im in zip(BACK_YAWS, back, strict=True)})
+    from reconstruct.cover import head_gaussians
+
+    with torch.no_grad():  # posed once, each framing's cameras made once
+        still = rig.still()
+    head = still.means[head_gaussians(avatar.gaussians, avatar.binding)]
+
+    def shoot(framing: str, yaws) -> Cameras:  # renders into `images`, returns the cameras
+        cams = cameras_around(rig.framing_points(framing), framing, yaws, size)
+        with torch.no_grad():
+            shots = render_with(still, cams)
+        images.update({f"{framing}_{y:g}": im for y, im in zip(yaws, shots, strict=True)})
+        return cams
+
+    shoot("face", IDENTITY_YAWS)
+    back_cams = {framing: shoot(framing, BACK_YAWS) for framing in ("full", "face")}
     result: dict = {"identity": None}
     off = off_photo(avatar, rig, IDENTITY_YAWS)
     result["off_photo_deg"] = {
@@ -160,13 +174,8 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
         judged = [sims[f"yaw_{y:g}"] for y in IDENTITY_YAWS[:2]]
         sims["min_yaw_0_30"] = min((v if v is not None else 0.0) for v in judged)
         result["identity"] = sims
-    from reconstruct.cover import head_gaussians
-
-    with torch.no_grad():
-        head = rig.still().means[head_gaussians(avatar.gaussians, avatar.binding)]
     scores, sizes = {}, {}
-    for framing in ("full", "face"):
-        cams = cameras_around(rig.framing_points(framing), framing, BACK_YAWS, size)
+    for framing, cams in back_cams.items():
         for i, yaw in enumerate(BACK_YAWS):
             key = f"{framing}_{yaw:g}"
             score, landmarks = ident.detect(images[key])
@@ -183,8 +192,7 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
     if save is not None:
         from .media import write_image
 
-        sides = render_views(rig, "full", (0.0, 90.0, 270.0), size)  # to look at, not scored
-        images.update({f"full_{y:g}": im for y, im in zip((0, 90, 270), sides, strict=True)})
+        shoot("full", (0.0, 90.0, 270.0))  # to look at, not scored
         Path(save).mkdir(parents=True, exist_ok=True)
         for name, im in images.items():
             write_image(Path(save) / f"{name}.png", im)
