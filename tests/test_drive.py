@@ -287,7 +287,9 @@ def test_posing_by_sparse_products_equals_the_gather(small):
     for a, b in ((fast, slow), (kernel, slow), (still, still_torch)):
         assert (a.means - b.means).abs().max() < 1e-5
         assert (a.quats - b.quats).abs().max() < 1e-5
-    assert (frames[0] - frames[2]).abs().max() < 1e-3 and (frames[1] - frames[2]).abs().max() < 1e-3
+    for frame in frames[:2]:  # the same to float rounding: a depth tie may swap two splats
+        diff = (frame - frames[2]).abs()
+        assert diff.max() < 1e-2 and diff.mean() < 1e-5, (diff.max(), diff.mean())
     assert fast.means.sub(rig.gaussians.means).abs().max() > 0.01  # it did move
 
 
