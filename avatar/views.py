@@ -38,12 +38,6 @@ BACK_YAWS = (150.0, 180.0, 210.0)
 TARGETS = {"identity": 0.6, "back_face_score": 0.5}
 
 
-def render_views(rig: SpeechRig, framing: str, yaws, size: int = 512) -> list[np.ndarray]:
-    """The avatar still, in drive's framing (full, upper, face), from each yaw: [H, W, 3] uint8."""
-    with torch.no_grad():
-        return render_around(rig.still(), rig.framing_points(framing), framing, yaws, size)
-
-
 def cameras_around(points: Tensor, framing: str, yaws, size: int) -> Cameras:
     """Square cameras at `yaws` (degrees) around `points` [P, 3], which fill the frame as
     `FRAMINGS[framing]` says: drive's `--framing` and `--view yaw=`."""
@@ -87,7 +81,7 @@ def eyes_over_head(landmarks: np.ndarray, head_uv: Tensor) -> float | None:
 
 def off_photo(avatar: Avatar, rig: SpeechRig, yaws) -> list[float]:
     """Degrees between the way the photo's camera saw the head and the way each face close-up
-    from `yaws` (`render_views`) sees it, both in the head bone's own frame: the photo's pose
+    from `yaws` (`view_metrics`') sees it, both in the head bone's own frame: the photo's pose
     and camera against the rig's still pose. 0 is the photo's view; a close-up "from yaw 30" of
     a head the photo caught turned from its shoulders, or looking down (the rig lifts it), sees
     the face from further than 30° off what the photo showed, or nearer."""
