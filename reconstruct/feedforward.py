@@ -193,6 +193,14 @@ def _smooth_field(x: Tensor, blend: Tensor, groups: Tensor, ends: Tensor, end_gr
     return f, jy[:, :, :3] + jy[:, :, 3:] @ blend[:, :3, :3]
 
 
+def _face_held(gap: Tensor, edge_groups: Tensor) -> Tensor:
+    """No gap at the face's outline (the head group: face, lips, lids, mouth): the fit placed
+    the face by its landmarks, and the silhouette beyond a face's outline is another part's (a
+    collar wider than the template's neck drew the demo's jaw 3-7 cm down onto her jacket, a
+    skin-coloured patch there). The field is spread within a group, so the face stays."""
+    return torch.where(edge_groups == GROUPS.index("head"), torch.zeros_like(gap), gap)
+
+
 def _thin(edge: Tensor, *rest: Tensor, most: int = 1024) -> tuple[Tensor, ...]:
     keep = torch.arange(0, len(edge), max(1, -(-len(edge) // most)))  # a smooth field needs
     return tuple(t[keep] for t in (edge, *rest))  # no more than ~1024 outline samples
@@ -225,7 +233,9 @@ def fit_silhouette(
        blend), spread within `shift_radius`: parts move, stretch or shrink toward the
        silhouette (a Jacobi iteration: anchors that already fit hold their part in place).
        Each Gaussian's axes are scaled by how much the displacement field stretches them,
-       |(I + J) a| with J the field's Jacobian, so the surface stays closed."""
+       |(I + J) a| with J the field's Jacobian, so the surface stays closed.
+    The face's group takes neither (`_face_held`): the fit's landmarks placed it, and
+    `reconstruct.outline` its cheeks."""
     with torch.no_grad():
         node = choose_queries(groups, nodes, torch.Generator().manual_seed(0))
         knn_ids, knn_w = knn_blend(_lift(template.means, blend), groups,
@@ -242,6 +252,7 @@ def fit_silhouette(
 
         edge, gap, _ = _thin(*_outline_gaps(apply_blend(template, blend), camera, mask,
                                             max_inflate, inward=False))  # fmt: skip
+        gap = _face_held(gap, groups[edge])
         if len(edge) == 0:
             return template
         inflate = field(edge, gap[:, None], radius)[0][:, 0]
@@ -256,6 +267,7 @@ def fit_silhouette(
         for _ in range(rounds):
             posed = apply_blend(template, blend)
             edge, gap, outward = _thin(*_outline_gaps(posed, camera, mask, max_shift, inward=True))
+            gap = _face_held(gap, groups[edge])
             if len(edge) == 0 or gap.abs().max() < 0.002:
                 break
             values = torch.linalg.solve(lin[edge], outward * gap[:, None])  # to canonical space

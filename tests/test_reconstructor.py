@@ -298,6 +298,27 @@ def test_fit_silhouette_grows_and_shifts_the_template_to_the_photo_silhouette(su
     assert (moved.means - subject.template.means).norm(dim=-1).max() <= 0.06 + 0.15 * 12 + 1e-6
 
 
+def test_fit_silhouette_leaves_the_face_where_the_fit_put_it(subject):
+    """A silhouette looser than the template all round (a collar, hair, a hat) moves the body's
+    Gaussians to it and not the face's: the fit placed the face by its landmarks (a collar
+    wider than the template's neck drew the demo's jaw 3-7 cm down onto her jacket)."""
+    from deform.skinning import apply_blend
+    from reconstruct.feedforward import fit_silhouette
+    from reconstruct.network import GROUPS
+    from reconstruct.refine import posed_blend
+    from render import rasterize
+
+    blend = posed_blend(subject.binding, subject.transforms)
+    groups = part_groups(subject.binding.parts)
+    own = rasterize(apply_blend(subject.template, blend), subject.camera).alpha[0, ..., 0]
+    looser = torch.nn.functional.max_pool2d(own[None, None], 15, 1, 7)[0, 0]  # 7 px all round
+    moved = fit_silhouette(subject.template, groups, blend, subject.camera, looser)
+    shift = (moved.means - subject.template.means).norm(dim=-1)
+    face = groups == GROUPS.index("head")
+    assert face.any() and shift[~face].max() > 0.02
+    assert shift[face].max() == 0
+
+
 def test_silhouette_field_jacobian_is_exact():
     from reconstruct.feedforward import _lift, _smooth_field
 
