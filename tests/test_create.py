@@ -188,11 +188,31 @@ def test_several_people_warn_and_use_the_largest(tmp_path):
 
 
 @needs_data
+def cheek_moved_in(path) -> dict[int, float]:
+    """Median sideways move of an avatar's cheek Gaussians from where they were sampled on the
+    template, inward positive, metres: {1: the person's left (+x), -1: right}."""
+    from avatar.asset import Avatar
+    from deform.surface import interpolate
+
+    avatar = Avatar.load(path)
+    tpl = avatar.body_template()
+    out = tpl(avatar.shape[None].float())
+    rest, head = out.rest_vertices[0], out.joints[0, tpl.bone_names.index("head")]
+    b = avatar.binding
+    anchor = interpolate(rest, tpl.faces, b.face_ids, b.bary)
+    cheek = (anchor[:, 1] > rest[tpl.face_landmarks["mouth_left"].index, 1]) & (
+        anchor[:, 1] < head[1] + 0.03
+    )
+    cheek &= (anchor[:, 2] > head[2] + 0.03) & (anchor[:, 0].abs() > 0.055)
+    inward = (anchor[:, 0] - avatar.gaussians.means[:, 0]) * anchor[:, 0].sign()
+    return {s: float(inward[cheek & (anchor[:, 0] * s > 0)].median()) for s in (1, -1)}
+
+
 def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
     """`--refine-steps 0`: the shipped reconstructor's one pass alone; `--reconstructor none`:
     the template's Gaussians with the photo's colours (where the photo sees them; completed
-    elsewhere), which the network's silhouette step and offsets beat; a bad `--reconstructor`
-    is a clear error."""
+    elsewhere), which the network's silhouette step and offsets beat, moved only to the face's
+    outline; a bad `--reconstructor` is a clear error."""
     photo = str(SHARED_DATA / "person_sweater_fullbody.png")
     # the fit's own steps: after 80 the legs' tilt was still settling and the photo's pixels fell
     # elsewhere on the template (default 16.66 dB, none 16.35; at 220: 17.43, 15.86)
@@ -206,6 +226,11 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
             "input_masked_psnr_db"
         ]
     assert psnr["default"] > 17 and psnr["default"] > psnr["none"] + 1, psnr
+    # the template's Gaussians alone move only to the photo's face outline
+    # (`reconstruct.outline`): the template's face reaches past her cheek on her right (the
+    # image's left) by a third of its half-width (17 mm in here), and stops short on her left
+    moved = cheek_moved_in(tmp_path / "none.avatar")
+    assert moved[-1] > 0.01 and moved[1] < -0.002, moved
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     for bad, message in (
         (tmp_path / "missing", "not found"),

@@ -20,6 +20,7 @@ from reconstruct.canonical import PART_CODES, sample_canonical
 from reconstruct.feedforward import hand_boxes_from_landmarks
 from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
+from reconstruct.outline import fit_outline, measure_outline
 from reconstruct.parsing import NoPersonError, PersonParser
 from reconstruct.refine import RefineConfig, View, crop_image, dematte, posed_blend
 from render import Gaussians, rasterize
@@ -107,6 +108,11 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
     canonical, binding = sample_canonical(tpl, fit.shape, cfg.gaussians, seed=cfg.seed)
     with torch.no_grad():
         posed = tpl(fit.shape[None], pose=fit.pose[None], translation=fit.translation[None])
+    if parse.face is not None and parse.face_detected:  # the face's outline, where it shows
+        outline = measure_outline(tpl, fit.shape, posed.vertices[0], fit.camera,
+                                  fit.crop.to_crop(parse.face))  # fmt: skip
+        if outline is not None:
+            canonical = fit_outline(canonical, outline)
     image = crop_image(photo.rgb, fit.crop)
     mask = crop_image(parse.mask, fit.crop)
     times.sample_s = time.perf_counter() - t0
