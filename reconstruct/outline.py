@@ -1,20 +1,20 @@
 """The face's outline: the template's cheeks and jaw moved out or in to where the photo has them.
 
 The fit places the template's eyes, nose and mouth on the photo's, and its phenotype sets the
-face's width with the body's: nothing fits the face's outline. Across the demo's jaw the
-template measured 0.7 of the photo's face, across the sweater's 1.25. The Gaussians bound to it
-read the photo where the template reaches, so a wider face's cheeks were drawn on a flat fin at
-the template's outline (the far cheek seen from 30°: a flat plate), and a narrower face painted
-its hair or the room onto the template's cheeks.
+face's width with the body's: nothing fits the face's outline. The template's cheeks measured
+0.74-0.77 of the demo's, 0.83-0.90 of the woman's, and 1.33 of the sweater's on one side. The
+Gaussians bound to it read the photo where the template reaches, so a wider face's cheeks were
+drawn on a flat fin at the template's outline (the far cheek seen from 30°: a flat plate), and a
+narrower face painted its hair or the room onto the template's cheeks.
 
-Here, at the row of each point of MediaPipe's face oval between the jaw and the eyes, the
-template's outline there in the photo (its outermost vertex in front of the ears, on that
-point's side) is compared with the point, as distances from the template's midline. Their ratio,
-a function of the canonical height on each side, moves the head's canonical Gaussians
-outward or inward beyond the eyes and the mouth corners (`INNER`: the fit has placed those),
-the ears and the back of the head with them, fading out below the jaw and toward the crown;
-each Gaussian's shape is stretched with the space around it. This happens before the
-reconstructor reads the photo at the Gaussians.
+Here, at the row of each point of MediaPipe's face oval from the mouth's corners to the eyes,
+the template's outline there in the photo (the outermost crossing of its mesh's edges with that
+row in front of the ears, on that point's side) is compared with the point, as distances from
+the template's midline. Their ratio, a function of the canonical height on each side, moves the
+head's canonical Gaussians outward or inward beyond the eyes and the mouth corners (`INNER`:
+the fit has placed those), the ears and the back of the head with them, fading out below the
+mouth and toward the crown; each Gaussian's shape is stretched with the space around it. This
+happens before the reconstructor reads the photo at the Gaussians.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def measure_outline(template: BodyTemplate, shape: Tensor, posed_vertices: Tenso
                     face_px: np.ndarray) -> Outline | None:  # fmt: skip
     """The template (rest shape `shape`, posed `posed_vertices` [V, 3] seen by `cam`) against the
     photo's face mesh (`face_px` [478, 2] in the camera's pixels): at each row of an oval point
-    between the jaw and the eyes, the template's outermost vertex on that side. None when a side
-    has no such point (a face turned too far for its oval to be its outline)."""
+    from the mouth's corners to the eyes, the template's outermost point on that side. None when
+    a side has no such point (a face turned too far for its oval to be its outline)."""
     with torch.no_grad():
         rest = template(shape[None].float())
     v, joints = rest.rest_vertices[0], rest.joints[0]
@@ -108,28 +108,19 @@ def measure_outline(template: BodyTemplate, shape: Tensor, posed_vertices: Tenso
     return Outline((points[0], points[1]), float(v[head, 1].max()))
 
 
-def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
-    """Piecewise-linear `ys` [P] over ascending `xs` [P] at `x` [N], held beyond the ends."""
-    xs = xs.contiguous()
-    i = torch.searchsorted(xs, x).clamp(1, max(len(xs) - 1, 1))
-    if len(xs) == 1:
-        return ys.expand_as(x)
-    x0, x1 = xs[i - 1], xs[i]
-    w = ((x - x0) / (x1 - x0).clamp_min(1e-9)).clamp(0, 1)
-    return ys[i - 1] * (1 - w) + ys[i] * w
-
-
 def fit_outline(g: Gaussians, outline: Outline) -> Gaussians:
     """Canonical Gaussians `g` moved sideways (x) by the outline's ratios: beyond `INNER` the
-    distance from the midline is stretched so that each band's template outline lands on the
-    photo's; the stretch fades to none over `FADE` below the lowest band and from the highest
-    band to the crown. Shapes go with it (the covariance under the same map's Jacobian)."""
+    distance from the midline is stretched so that the template's outline at each measured
+    height lands on the photo's; the stretch fades to none over `FADE` below the lowest point
+    and from the highest to the crown. Shapes go with it (the covariance under the same map's
+    Jacobian)."""
     x, y = g.means[:, 0], g.means[:, 1]
     left = x >= 0
     ratio, width = torch.empty_like(x), torch.empty_like(x)
-    for mask, p in zip((left, ~left), outline.sides, strict=True):
-        ratio[mask] = _interp(y[mask], p[:, 0], p[:, 1])
-        width[mask] = _interp(y[mask], p[:, 0], p[:, 2])
+    for mask, p in zip((left, ~left), outline.sides, strict=True):  # held beyond the ends
+        at, p = y[mask].cpu().numpy(), p.numpy()
+        ratio[mask] = torch.from_numpy(np.interp(at, p[:, 0], p[:, 1])).to(x)
+        width[mask] = torch.from_numpy(np.interp(at, p[:, 0], p[:, 2])).to(x)
     low = min(float(p[0, 0]) for p in outline.sides)
     high = max(float(p[-1, 0]) for p in outline.sides)
     fade = torch.minimum(((y - (low - FADE)) / FADE).clamp(0, 1),
