@@ -242,8 +242,9 @@ def shaded_skin(rgb: Tensor, skin: Tensor) -> Tensor:
 def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> Hair | None:
     """The photo's `Hair` from the face's landmarks `face_uv` [P, 2] (image pixels): the crown
     above the face, and the person's non-skin pixels in bands beside the face (0.4 of its width
-    each side, found on both sides) from the eyes down; below the chin, the rows where those
-    bands still hold that colour give the hair's length. None when the photo cuts the head off."""
+    each side, found on both sides) from the eyes down, that colour beside the temples too;
+    below the chin, the rows where those bands still hold it give the hair's length. None when
+    the photo cuts the head off."""
     import cv2
 
     crown = hair_colour(image, mask, face_uv)
@@ -274,11 +275,19 @@ def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> 
     if len(beside) < 10:
         return Hair(crown)
     # two colours beside the face: the skin of ears and neck (lit or shaded), and the hair,
-    # which hangs on both sides (a raised hand or a scarf beside the face is on one)
+    # which hangs on both sides (a raised hand or a scarf beside the face is on one), down
+    # from the temples: it is there above the eyes too (a shirt's shoulders can reach up beside
+    # the eyes of a head held low, not above them: a footballer's red jersey and a white
+    # T-shirt read as hair hanging to the chin)
     centres, labels = _two_means(beside)
     k = int((centres - skin).norm(dim=-1).argmax())
     side = left[None, :].expand_as(band)[eyes:chin][band[eyes:chin]]
     both = all((labels[s] == k).sum() >= max(5, 0.15 * s.sum()) for s in (side, ~side))
+    temples = band[int(lo[1] + 0.2 * fh) : eyes]
+    near = (image[int(lo[1] + 0.2 * fh) : eyes] - centres[k]).norm(dim=-1) < HAIR_NEAR
+    for s in (left, right):
+        there = temples & s[None, :]
+        both &= bool((near & there).sum() >= max(3, 0.15 * there.sum()))
     if shaded_skin(centres[k], skin) or not both:
         return Hair(crown)
     hanging = beside[labels == k].median(0).values
@@ -506,15 +515,16 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
 def _garment(refs: Tensor, x: Tensor, photo_rgb: Tensor, skin_rgb: Tensor | None) -> Tensor:
     """`refs` [N] bool, of the torso, without the middle of its front (within 40% of its half
     width of its centre line, `x` [N, 3] the Gaussians' positions: a neckline, a shirt and tie
-    in a jacket's opening, a print) and without skin-coloured ones (`skin_like` `skin_rgb` [3]),
-    when at least a tenth of them and 10 Gaussians are left: a torso's unseen back is its garment,
-    as its sides show it."""
+    in a jacket's opening, a print) and without skin-coloured ones (`skin_like` or `shaded_skin`
+    `skin_rgb` [3]), when at least a tenth of them and 10 Gaussians are left: a torso's unseen
+    back is its garment, as its sides show it. A V-neck's shaded skin at a portrait's edge was a
+    white T-shirt's only sides left: its back went tan."""
     keep = refs.clone()
     if refs.any():
         centre = x[refs, 0].median()
         keep &= (x[:, 0] - centre).abs() > 0.4 * (x[refs, 0] - centre).abs().max()
     if skin_rgb is not None:
-        keep &= ~skin_like(photo_rgb, skin_rgb)
+        keep &= ~(skin_like(photo_rgb, skin_rgb) | shaded_skin(photo_rgb, skin_rgb))
     return _if_enough(keep, refs)
 
 

@@ -160,7 +160,7 @@ def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     """Hair that hangs below the chin covers the back and sides of the neck and the top of the
     back; the rest of the back is the top's colour, though the front's rim at the neckline shows
-    skin (a skin-coloured back under a hairline reads as a face from behind)."""
+    skin, lit or in shade (a skin-coloured back under a hairline reads as a face from behind)."""
     from reconstruct.canonical import PART_CODES
     from reconstruct.complete import Hair, complete_colours, hair_regions
     from render.rotations import quat_to_rotmat
@@ -189,6 +189,9 @@ def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     back = (cos > 0.5) & torso & ~hanging & (x[:, 1] > top - 0.15)
     assert back.sum() > 50
     assert (rgb[back] - RED).norm(dim=-1).median() < 0.05  # the top, not the neckline's skin
+    photo[torso & (x[:, 1] > top - 0.25)] = torch.tensor([0.6, 0.4, 0.28])  # in shade
+    rgb = complete_colours(g, b, template, photo, cos, seen, Hair(crown, dark, 1.0))
+    assert (rgb[back] - RED).norm(dim=-1).median() < 0.05
 
 
 def test_hair_hanging_beside_the_face_covers_its_sides(scene):
@@ -222,7 +225,8 @@ def test_hair_hanging_beside_the_face_covers_its_sides(scene):
 
 def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
     """A hat on top, dark hair beside the face down to 1.5 face heights below the chin; or hair
-    tied back, with ears and neck beside the face: no hanging hair."""
+    tied back, with ears and neck beside the face: no hanging hair; nor where a shirt reaches
+    up beside the face to the eyes but not the temples (Messi's jersey read as red hair)."""
     from reconstruct.complete import hair_from_photo
 
     hat, dark = torch.tensor([0.8, 0.7, 0.5]), torch.tensor([0.15, 0.1, 0.08])
@@ -245,6 +249,9 @@ def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
     assert hair_from_photo(image, mask, face).hanging is None
     image[80:230, 180:210] = dark
     assert torch.allclose(hair_from_photo(image, mask, face).hanging, dark)
+    low = image.clone()  # a head held low: a jersey's shoulders up beside its eyes, hair above
+    low[107:230, 90:120] = low[107:230, 180:210] = torch.tensor([0.1, 0.2, 0.7])
+    assert hair_from_photo(low, mask, face).hanging is None
     image[110:140, 120:180] = 0.08  # a black face mask over the cheeks: no skin to tell hair by
     assert hair_from_photo(image, mask, face).hanging is None
     assert hair_from_photo(image, mask, None) is None
