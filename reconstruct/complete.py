@@ -20,7 +20,8 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
 - **its mirror image**: a point of the face, head, neck or torso whose mirror image (x → -x)
   the photo sees well takes its colour: a cheek turned away from the camera looks like the one
   it shows, in its own side's light (the ratio between the two sides where the photo sees
-  both: a face lit from one side does not copy its lit cheek onto the shaded one);
+  both, per channel for the face's skin, which shade saturates: a face lit from one side does
+  not copy its lit cheek onto the shaded one);
 - **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
   (x → -x, left ↔ right) where that one is seen;
 - **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
@@ -389,25 +390,29 @@ def scalp_colour(canonical: Gaussians, binding: Binding, photo_rgb: Tensor,
     return photo_rgb[scalp].median(0).values
 
 
+def nearest(points: Tensor, refs: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Each of `points` [P, 3]'s k nearest of `refs` [R, 3] (fewer when R < k), nearest first:
+    distances and indices [P, k], in chunks of points (a P x R distance matrix at once is
+    gigabytes for a whole body)."""
+    found = [torch.cdist(points[s : s + chunk], refs).topk(min(k, len(refs)), dim=1, largest=False)
+             for s in range(0, max(len(points), 1), chunk)]  # fmt: skip
+    return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
+
+
 def _nearest_median(points: Tensor, refs: Tensor, colours: Tensor, k: int = K_NEAREST,
                     blend: bool = True) -> Tensor:  # fmt: skip
     """Per channel, the median colour of each point's k nearest references; within NEAR of
     the nearest one, blended toward its closest few (a pattern continues across the rim), unless
     not `blend`."""
-    out = []
-    for s in range(0, len(points), 2048):
-        dist, idx = torch.cdist(points[s : s + 2048], refs).topk(
-            min(k, len(refs)), dim=1, largest=False
-        )
-        far = colours[idx].median(1).values
-        near = colours[idx[:, :4]].mean(1)
-        w = (1 - dist[:, :1] / NEAR).clamp(0, 1) if blend else torch.zeros_like(dist[:, :1])
-        out.append(w * near + (1 - w) * far)
-    return torch.cat(out) if out else colours.new_zeros(0, 3)
+    dist, idx = nearest(points, refs, k)
+    far = colours[idx].median(1).values
+    near = colours[idx[:, :4]].mean(1)
+    w = (1 - dist[:, :1] / NEAR).clamp(0, 1) if blend else torch.zeros_like(dist[:, :1])
+    return w * near + (1 - w) * far
 
 
 def _in_own_light(colour: Tensor, here: Tensor, refs: Tensor, ref_rgb: Tensor,
-                  mirrored: Tensor) -> Tensor:  # fmt: skip
+                  mirrored: Tensor, per_channel: bool = False) -> Tensor:  # fmt: skip
     """Mirrored colours [M, 3] in the light of where they go, `here` [M, 3]: times the median
     ratio of brightness between the well-seen Gaussians nearest `here` whose mirror image the
     photo sees well too and that mirror image (`refs` [R, 3] their positions, `ref_rgb` [R, 3]
@@ -415,17 +420,15 @@ def _in_own_light(colour: Tensor, here: Tensor, refs: Tensor, ref_rgb: Tensor,
     of the same point show the same skin: what differs is the light. A face lit from one side
     copied its lit cheek onto the shaded one: a pale stripe down the cheek the photo turns away,
     seen from the side. One ratio for all three channels, DARK added to both sides: per
-    channel, the ratios of dark hair's few levels reddened strands of it."""
-    partner, dist = [], []
-    for s in range(0, len(refs), 2048):
-        d, j = torch.cdist(mirrored[s : s + 2048], refs).min(dim=1)
-        partner.append(j)
-        dist.append(d)
-    paired = torch.cat(dist) < MIRROR_NEAR
+    channel, the ratios of dark hair's few levels reddened strands of it. `per_channel` for
+    skin, which shade saturates: one ratio left the sweater's far cheek a band of grey skin
+    (saturation 0.29) between the photo's shaded skin around it (0.43)."""
+    dist, partner = nearest(mirrored, refs, 1)
+    paired = dist[:, 0] < MIRROR_NEAR
     if not paired.any():
         return colour
-    light = ref_rgb.mean(-1, keepdim=True) + DARK
-    ratio = (light[paired] / light[torch.cat(partner)[paired]]).clamp(1 / LIGHT_RATIO, LIGHT_RATIO)
+    light = (ref_rgb if per_channel else ref_rgb.mean(-1, keepdim=True)) + DARK
+    ratio = (light[paired] / light[partner[paired, 0]]).clamp(1 / LIGHT_RATIO, LIGHT_RATIO)
     gain = _nearest_median(here, refs[paired], ratio.expand(-1, 3), k=K_PAIRS, blend=False)
     return (colour * gain).clamp(0, 1)
 
@@ -485,14 +488,13 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
         if "." not in name:
             need, refs = todo & (seg == i), well & (seg == i)
             if need.any() and refs.any():
-                dist, idx = torch.cdist(mirrored[need], x[refs]).topk(
-                    min(4, int(refs.sum())), dim=1, largest=False
-                )
+                dist, idx = nearest(mirrored[need], x[refs], 4)
                 hit = dist[:, 0] < MIRROR_NEAR
                 rows = torch.nonzero(need)[:, 0][hit]
                 if len(rows):
                     rgb[rows] = _in_own_light(photo_rgb[refs][idx[hit]].mean(1), x[rows],
-                                              x[refs], photo_rgb[refs], mirrored[refs])  # fmt: skip
+                                              x[refs], photo_rgb[refs], mirrored[refs],
+                                              per_channel=name == "face")  # fmt: skip
                 todo[rows] = False
     skin = binding.parts == PART_CODES["face"]
     skin_rgb = photo_rgb[well & skin].median(0).values if (well & skin).any() else None

@@ -135,8 +135,9 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
 def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
     """A face lit from one side: the photo shows its shaded cheek only near the middle, and the
     cheek's turned-away part copies its mirror image from the lit side. It takes the shade its
-    own side shows there (the ratio between the two sides where the photo sees both), not the
-    lit cheek's brightness: a pale stripe down the shaded cheek from the side."""
+    own side shows there (the ratio between the two sides where the photo sees both, per
+    channel: shade saturates skin), not the lit cheek's brightness or hue: a pale stripe, or a
+    grey one, down the shaded cheek from the side."""
     from reconstruct.canonical import PART_CODES
     from reconstruct.complete import Hair, complete_colours
 
@@ -151,10 +152,14 @@ def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
     assert cheek.sum() > 30
     assert (rgb[cheek] - SKIN * 0.7).norm(dim=-1).median() < 0.03
     hue = torch.nn.functional.cosine_similarity(rgb[cheek], SKIN[None], dim=-1)
-    assert hue.min() > 0.999  # darker, the same skin: one ratio for the three channels
+    assert hue.min() > 0.999  # darker, the same skin
     even = complete_colours(g, b, template, photo.where(~face[:, None], SKIN), cos, seen & ~hidden,
                             Hair(HAIR))  # fmt: skip
     assert (even[cheek] - SKIN).norm(dim=-1).median() < 0.03  # evenly lit: the same skin
+    shade = SKIN * torch.tensor([0.75, 0.6, 0.5])  # shade saturates skin: darker and redder
+    photo[face & (x > 0)] = shade
+    rgb = complete_colours(g, b, template, photo, cos, seen & ~hidden, Hair(HAIR))
+    assert (rgb[cheek] - shade).norm(dim=-1).median() < 0.05  # not the lit hue, greyed (0.13)
 
 
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
