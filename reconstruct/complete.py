@@ -284,8 +284,9 @@ def hair_from_photo(image: Tensor, mask: Tensor, face_uv: np.ndarray | None) -> 
     k = int((centres - skin).norm(dim=-1).argmax())
     side = left[None, :].expand_as(band)[eyes:chin][band[eyes:chin]]
     both = all((labels[s] == k).sum() >= max(5, 0.15 * s.sum()) for s in (side, ~side))
-    temples = band[int(lo[1] + 0.2 * fh) : eyes]
-    near = (image[int(lo[1] + 0.2 * fh) : eyes] - centres[k]).norm(dim=-1) < HAIR_NEAR
+    temple_rows = slice(int(lo[1] + 0.2 * fh), eyes)
+    temples = band[temple_rows]
+    near = (image[temple_rows] - centres[k]).norm(dim=-1) < HAIR_NEAR
     for s in (left, right):
         there = temples & s[None, :]
         both &= bool((near & there).sum() >= max(3, 0.15 * there.sum()))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,22 @@ SHARED_DATA = Path(
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def avatar_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`avatar ARGS` run by the console script's own `main()` in this process, its exit code and
+    output as `subprocess.run` gives them: for refusals, which end before any work, where a new
+    process per case spent its 2-3 s importing torch. An exception `main` lets through fails the
+    test with its traceback; `test_untrusted` runs each command in a real process."""
+    from avatar.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["avatar", *args], code, out.getvalue(), err.getvalue())
 
 
 def random_scene(n: int = 200, sh_degree: int | None = 1, feature_dim: int = 0, seed: int = 0,

@@ -14,6 +14,8 @@ import pytest
 from avatar.scenes import person_scene
 from render import save_ply
 
+from .helpers import avatar_in_process
+
 
 def run_avatar(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "avatar", *args], capture_output=True, text=True,
@@ -77,7 +79,7 @@ def test_render_bad_inputs_exit_2_without_traceback(person_ply, tmp_path):
         (["render", str(person_ply), "-o", str(tmp_path / "x.mp4"), "--size", "0"], "at least 1"),
     ]
     for args, message in cases:
-        res = run_avatar(*args)
+        res = avatar_in_process(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not list(tmp_path.glob("x.*")) and not list(tmp_path.glob(".*partial*"))
@@ -86,10 +88,10 @@ def test_render_bad_inputs_exit_2_without_traceback(person_ply, tmp_path):
 def test_render_refuses_to_overwrite_without_force(person_ply, tmp_path):
     out = tmp_path / "keep.png"
     out.write_bytes(b"precious")
-    res = run_avatar("render", str(person_ply), "-o", str(out), "--size", "32")
+    res = avatar_in_process("render", str(person_ply), "-o", str(out), "--size", "32")
     assert res.returncode == 2 and "--force" in res.stderr
     assert out.read_bytes() == b"precious"
-    res = run_avatar("render", str(person_ply), "-o", str(out), "--size", "32", "--force")
+    res = avatar_in_process("render", str(person_ply), "-o", str(out), "--size", "32", "--force")
     assert res.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
 
 

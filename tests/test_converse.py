@@ -27,6 +27,7 @@ from deform.voice import conversation_tracks, phrases, speech_probability
 from distill import converse_measures as cm
 from distill.phones import espeak_available
 
+from .helpers import avatar_in_process
 from .test_drive import run_avatar, video_info
 
 DEMO_SPEECH = Path(__file__).resolve().parent.parent / "avatar" / "data" / "demo_speech.flac"
@@ -443,7 +444,7 @@ def test_converse_bad_input_writes_nothing(small, tmp_path, speech):
         (("--audio", str(own), "--partner", str(tmp_path / "none.wav")), "no such file"),
     ]  # fmt: skip
     for args, message in cases:
-        res = run_avatar("converse", str(small), *args, "-o", str(out), "--size", "32")
+        res = avatar_in_process("converse", str(small), *args, "-o", str(out), "--size", "32")
         assert res.returncode != 0 and message in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
         assert not out.exists() and not list(tmp_path.glob(".x*"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, avatar_in_process
 
 pytest.importorskip("anny", reason="create needs the Anny template")
 pytest.importorskip("mediapipe", reason="create needs person parsing")
@@ -152,7 +152,7 @@ def test_create_bad_inputs(tmp_path):
     ]
     for photo, message in cases:
         out = tmp_path / "out.avatar"
-        res = run_avatar("create", str(photo), "-o", str(out), *SMALL)
+        res = avatar_in_process("create", str(photo), "-o", str(out), *SMALL)
         assert res.returncode == 2, res.stderr[-2000:]
         assert message in res.stderr and "Traceback" not in res.stderr
         assert not out.exists() and not list(tmp_path.glob(".*partial*"))
@@ -163,7 +163,7 @@ def test_existing_avatar_is_not_overwritten(small_avatar, tmp_path):
     out = tmp_path / "keep.avatar"
     out.mkdir()
     (out / "mine.txt").write_text("precious")
-    res = run_avatar(
+    res = avatar_in_process(
         "create", str(SHARED_DATA / "person_sweater_fullbody.png"), "-o", str(out), *SMALL
     )
     assert res.returncode == 2 and "--force" in res.stderr
@@ -237,7 +237,7 @@ def test_feed_forward_alone_and_the_reconstructor_choice(tmp_path):
         (tmp_path / "bad.safetensors", "bad.json"),
     ):
         out = tmp_path / "x.avatar"
-        res = run_avatar("create", photo, "-o", str(out), *fast, "--reconstructor", str(bad))
+        res = avatar_in_process("create", photo, "-o", str(out), *fast, "--reconstructor", str(bad))
         assert res.returncode == 2 and "--reconstructor" in res.stderr and message in res.stderr
         assert "Traceback" not in res.stderr and not out.exists()
 

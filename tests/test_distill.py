@@ -18,7 +18,7 @@ from distill.losses import ArapGraph, Weight, loss_arap, loss_keypoints, loss_li
 from distill.trainer import TrainConfig, load_checkpoint_info, train
 from render.rotations import axis_angle_to_rotmat
 
-from .helpers import template_avatar, tiny_wav2vec
+from .helpers import avatar_in_process, template_avatar, tiny_wav2vec
 from .test_deformer import speechlike
 from .test_drive import run_avatar, write_wav
 
@@ -314,7 +314,7 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
 )
 def test_finetune_bad_arguments(tiny, tmp_path, extra, message):
     out = tmp_path / "x.avatar"
-    r = run_avatar("finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--size",
+    r = avatar_in_process("finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--size",
                    "64", "-o", str(out), *extra)  # fmt: skip
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
@@ -324,9 +324,9 @@ def test_finetune_bad_audio_and_avatar(tiny, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
     out = tmp_path / "x.avatar"
-    r = run_avatar("finetune", str(tiny / "t.avatar"), "--audio", str(bad), "-o", str(out))
+    r = avatar_in_process("finetune", str(tiny / "t.avatar"), "--audio", str(bad), "-o", str(out))
     assert r.returncode != 0 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
-    r = run_avatar("finetune", str(tmp_path / "none.avatar"), "--audio", str(tiny / "a.wav"))
+    r = avatar_in_process("finetune", str(tmp_path / "none.avatar"), "--audio", str(tiny / "a.wav"))
     assert r.returncode != 0 and "no such avatar" in r.stderr
     assert not out.exists()
 

@@ -14,7 +14,7 @@ import torch
 from deform.audio import load_audio
 from render import has_gsplat
 
-from .helpers import requires_cuda, template_avatar
+from .helpers import avatar_in_process, requires_cuda, template_avatar
 from .test_deformer import speechlike
 
 pytest.importorskip("anny", reason="drive needs the Anny template")
@@ -138,7 +138,9 @@ def test_views_and_framings(small, tmp_path):
         assert video_info(out)[0] == 8
         with av.open(str(out)) as c:  # --height 0 is square
             assert (c.streams.video[0].width, c.streams.video[0].height) == (64, height or 64)
-    res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "no.mp4"), "--height", "-2")
+    res = run_avatar(
+        "drive", str(small), str(wav), "-o", str(tmp_path / "no.mp4"), "--height", "-2"
+    )
     assert res.returncode == 2 and "--height" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -165,33 +167,33 @@ def test_bad_audio_is_a_clear_error_and_writes_nothing(small, tmp_path, content)
 
 def test_bad_arguments(small, tmp_path):
     wav = write_wav(tmp_path / "s.wav", speechlike(0.2).numpy())
-    res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "x.gif"))
+    res = avatar_in_process("drive", str(small), str(wav), "-o", str(tmp_path / "x.gif"))
     assert res.returncode == 2 and ".mp4" in res.stderr
-    res = run_avatar(
+    res = avatar_in_process(
         "drive", str(small), str(wav), "-o", str(tmp_path / "x.mp4"), "--view", "sideways"
     )
     assert res.returncode == 2 and "--view" in res.stderr
-    res = run_avatar(
+    res = avatar_in_process(
         "drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"), "--framing", "feet"
     )
     assert res.returncode == 2 and "--framing 'feet'" in res.stderr
     assert not (tmp_path / "z.mp4").exists()
-    res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"),
+    res = avatar_in_process("drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"),
                      "--audio-encoder", str(tmp_path))  # fmt: skip
     assert res.returncode == 2 and "trained on log-mel features" in res.stderr
     assert not (tmp_path / "z.mp4").exists()
-    res = run_avatar(
+    res = avatar_in_process(
         "drive", str(tmp_path / "nobody.avatar"), str(wav), "-o", str(tmp_path / "y.mp4")
     )
     assert res.returncode == 2 and "no such avatar" in res.stderr
     if not torch.cuda.is_available():  # asked for a GPU that is not there: said, nothing written
-        res = run_avatar("drive", str(small), str(wav), "-o", str(tmp_path / "g.mp4"),
+        res = avatar_in_process("drive", str(small), str(wav), "-o", str(tmp_path / "g.mp4"),
                          "--device", "cuda")  # fmt: skip
         assert (
             res.returncode == 2 and "--device cuda: this machine's torch sees no CUDA" in res.stderr
         )
         assert not (tmp_path / "g.mp4").exists()
-    res = run_avatar(
+    res = avatar_in_process(
         "drive", str(small), str(wav), "-o", str(tmp_path / "g.mp4"), "--device", "tpu"
     )
     assert res.returncode == 2 and "--device 'tpu': use auto, cpu or cuda[:N]" in res.stderr
