@@ -136,7 +136,7 @@ def test_broken_avatars_give_clear_errors(small_avatar, tmp_path):
     (tmp_path / "fake.zip").write_bytes(b"PK not really")
     with pytest.raises(AvatarFileError, match="not an avatar"):
         Avatar.load(tmp_path / "fake.zip")
-    res = run_avatar("render", str(broken), "-o", str(tmp_path / "x.png"))
+    res = avatar_in_process("render", str(broken), "-o", str(tmp_path / "x.png"))
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -291,7 +291,7 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert load_checkpoint_info(work)["step"] == 3
     # a different run may not continue from this work directory
-    r = run_avatar(*args[:-1], str(tmp_path / "other.avatar"), "--work", str(work), "--resume",
+    r = avatar_in_process(*args[:-1], str(tmp_path / "other.avatar"), "--work", str(work), "--resume",
                    "--steps", "4", "--lambda-img", "0.5")  # fmt: skip
     assert r.returncode != 0 and "different run" in r.stderr and "config" in r.stderr
     assert not (tmp_path / "other.avatar").exists()

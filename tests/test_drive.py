@@ -138,7 +138,7 @@ def test_views_and_framings(small, tmp_path):
         assert video_info(out)[0] == 8
         with av.open(str(out)) as c:  # --height 0 is square
             assert (c.streams.video[0].width, c.streams.video[0].height) == (64, height or 64)
-    res = run_avatar(
+    res = avatar_in_process(
         "drive", str(small), str(wav), "-o", str(tmp_path / "no.mp4"), "--height", "-2"
     )
     assert res.returncode == 2 and "--height" in res.stderr and "Traceback" not in res.stderr
@@ -159,7 +159,7 @@ def test_bad_audio_is_a_clear_error_and_writes_nothing(small, tmp_path, content)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(content)
     out = tmp_path / "out.mp4"
-    res = run_avatar("drive", str(small), str(bad), "-o", str(out), "--size", "64")
+    res = avatar_in_process("drive", str(small), str(bad), "-o", str(out), "--size", "64")
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and "bad.wav" in res.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav"]
@@ -217,9 +217,9 @@ def test_eval_sync_cli_on_a_driven_video(small, tmp_path):
     if doc["sync"]["face_found_fraction"] < 0.9:  # the grey template: a hint, not silence
         assert "--framing face" in res.stderr
     # the grey template avatar has no face a detector finds: a clear error, not a traceback
-    res = run_avatar("eval", "sync", str(out), "--avatar", str(small), "--size", "128")
+    res = avatar_in_process("eval", "sync", str(out), "--avatar", str(small), "--size", "128")
     assert res.returncode == 2 and "no face" in res.stderr and "Traceback" not in res.stderr
-    res = run_avatar("eval", "sync", str(tmp_path / "s.wav"))
+    res = avatar_in_process("eval", "sync", str(tmp_path / "s.wav"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
 
