@@ -91,7 +91,7 @@ def test_render_refuses_to_overwrite_without_force(person_ply, tmp_path):
     res = avatar_in_process("render", str(person_ply), "-o", str(out), "--size", "32")
     assert res.returncode == 2 and "--force" in res.stderr
     assert out.read_bytes() == b"precious"
-    res = avatar_in_process("render", str(person_ply), "-o", str(out), "--size", "32", "--force")
+    res = run_avatar("render", str(person_ply), "-o", str(out), "--size", "32", "--force")
     assert res.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -512,8 +512,8 @@ def test_converse_takes_a_speaker_of_a_mixed_recording(small, tmp_path, real_voi
     own = np.array(report["own_speech_probability"])  # the avatar is the second voice
     assert own[: int(0.9 * 25)].max() < 0.5 and own.max() > 0.9
     alone = write_wav(tmp_path / "alone.wav", first)
-    res = avatar_in_process("converse", str(small), "--audio", str(alone), "--speaker", "1", "-o",
-                     str(tmp_path / "y.mp4"), "--size", "32")  # fmt: skip
+    res = avatar_in_process("converse", str(small), "--audio", str(alone), "--speaker", "1",
+                            "-o", str(tmp_path / "y.mp4"), "--size", "32")  # fmt: skip
     assert res.returncode != 0 and "found one speaker" in res.stderr
     assert not (tmp_path / "y.mp4").exists()
 
@@ -565,8 +565,9 @@ def test_two_avatars_in_one_scene(small, tmp_path, speech):
     frame = next(iter(read_frames(out)))
     dark = (frame.mean(-1) < 200).nonzero()[1]  # both bodies: one left, one right of the middle
     assert (dark < 28).any() and (dark > 36).any()
-    res = avatar_in_process("converse", str(small), "--audio", str(stereo), "--channel", "left",
-                     "--layout", "side by side", "-o", str(tmp_path / "x.mp4"))  # fmt: skip
+    res = avatar_in_process("converse", str(small), "--audio", str(stereo), "--channel",
+                            "left", "--layout", "side by side",
+                            "-o", str(tmp_path / "x.mp4"))  # fmt: skip
     assert res.returncode != 0 and "give two" in res.stderr
 
 

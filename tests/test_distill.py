@@ -291,8 +291,8 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert load_checkpoint_info(work)["step"] == 3
     # a different run may not continue from this work directory
-    r = avatar_in_process(*args[:-1], str(tmp_path / "other.avatar"), "--work", str(work), "--resume",
-                   "--steps", "4", "--lambda-img", "0.5")  # fmt: skip
+    r = avatar_in_process(*args[:-1], str(tmp_path / "other.avatar"), "--work", str(work),
+                          "--resume", "--steps", "4", "--lambda-img", "0.5")  # fmt: skip
     assert r.returncode != 0 and "different run" in r.stderr and "config" in r.stderr
     assert not (tmp_path / "other.avatar").exists()
 
@@ -314,8 +314,8 @@ def test_finetune_cli_writes_a_new_avatar_and_resumes(tiny, tmp_path):
 )
 def test_finetune_bad_arguments(tiny, tmp_path, extra, message):
     out = tmp_path / "x.avatar"
-    r = avatar_in_process("finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"), "--size",
-                   "64", "-o", str(out), *extra)  # fmt: skip
+    r = avatar_in_process("finetune", str(tiny / "t.avatar"), "--audio", str(tiny / "a.wav"),
+                          "--size", "64", "-o", str(out), *extra)  # fmt: skip
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
