@@ -13,7 +13,7 @@ from avatar import api
 from avatar.pipelines.drive import frame_count
 from render.io import load_splats
 
-from .helpers import template_avatar
+from .helpers import avatar_in_process, template_avatar
 from .test_cli import run_avatar
 
 trimesh = pytest.importorskip("trimesh")
@@ -130,13 +130,12 @@ def test_ply_sequence_follows_the_speech(small, tmp_path):
     assert max((m - moved[0]).abs().max() for m in moved[1:]) > 1e-3  # the avatar moves
 
 
-def test_bad_exports_are_clear_errors_that_write_nothing(small, tmp_path, capsys):
-    from avatar.cli import main
+def test_bad_exports_are_clear_errors_that_write_nothing(small, tmp_path):
     from avatar.scenes import demo_speech
 
-    def run(*argv):  # in-process: the same main() the console script runs
-        code = main(["export", *argv])
-        return code, capsys.readouterr().err
+    def run(*argv):
+        res = avatar_in_process("export", *argv)
+        return res.returncode, res.stderr
 
     cases = [
         (["-o", str(tmp_path / "a.obj")], "unknown output type"),
