@@ -179,7 +179,7 @@ def test_bad_arguments(small, tmp_path):
     assert res.returncode == 2 and "--framing 'feet'" in res.stderr
     assert not (tmp_path / "z.mp4").exists()
     res = avatar_in_process("drive", str(small), str(wav), "-o", str(tmp_path / "z.mp4"),
-                     "--audio-encoder", str(tmp_path))  # fmt: skip
+                            "--audio-encoder", str(tmp_path))  # fmt: skip
     assert res.returncode == 2 and "trained on log-mel features" in res.stderr
     assert not (tmp_path / "z.mp4").exists()
     res = avatar_in_process(
@@ -188,7 +188,7 @@ def test_bad_arguments(small, tmp_path):
     assert res.returncode == 2 and "no such avatar" in res.stderr
     if not torch.cuda.is_available():  # asked for a GPU that is not there: said, nothing written
         res = avatar_in_process("drive", str(small), str(wav), "-o", str(tmp_path / "g.mp4"),
-                         "--device", "cuda")  # fmt: skip
+                                "--device", "cuda")  # fmt: skip
         assert (
             res.returncode == 2 and "--device cuda: this machine's torch sees no CUDA" in res.stderr
         )
