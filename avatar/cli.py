@@ -39,6 +39,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2`: distinct integers, at least one."""
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each seed once")
+    return seeds
+
+
 def _resolve_device(name: str) -> str:
     from render import pick_device
 
@@ -282,7 +293,13 @@ def cmd_bench_create(args: argparse.Namespace) -> int:
     from .bench import bench_create
     from .pipelines.create import CreateConfig
 
-    _print_result(bench_create(args.photo, config_from_args(CreateConfig, args)), args.json)
+    cfg = config_from_args(CreateConfig, args)
+    if args.seeds:
+        from .bench import bench_create_seeds
+
+        _print_result(bench_create_seeds(args.photo, cfg, args.seeds), args.json)
+    else:
+        _print_result(bench_create(args.photo, cfg), args.json)
     return 0
 
 
@@ -393,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("create", help="time and quality of avatar create on one photo")
     b.add_argument("--photo", help="the photo (default: the built-in demo photo)")
     add_config_args(b, CreateConfig)
+    b.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                   help="create once per sampling seed (in place of --seed) and report each "
+                        "figure's mean, sd, min and max over them")  # fmt: skip
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench_create)
     b = bench.add_parser("drive", help="speed and memory of avatar drive (10 s of speech)")

