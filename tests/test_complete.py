@@ -380,6 +380,42 @@ def test_refinement_does_not_slide_or_grow_gaussians_along_the_photos_rays():
     assert grow == pytest.approx(float(want), rel=1e-3)
 
 
+def test_refinement_grows_no_needles_and_keeps_colours_in_range():
+    """Fitting one photo, a Gaussian could stretch into a needle (2 cm by 1.5 mm, seen across
+    its length from the side) and its colour run past white or below black (layered Gaussians
+    adding up to the photo's colour): both are penalised, needles past `max_needle` times their
+    second axis, colours by how far they leave [0, 1]."""
+    from dataclasses import replace
+
+    from reconstruct.refine import RefineConfig, appearance_loss
+    from render.sh import rgb_to_sh0
+
+    g, b, cam, transforms = front_view()
+    image, mask = torch.ones(64, 64, 3), torch.zeros(64, 64)
+    cfg = RefineConfig()
+    free = appearance_loss(g, b, transforms, cam, image, mask,
+                           replace(cfg, lambda_needle=0.0, lambda_range=0.0))  # fmt: skip
+    held = appearance_loss(g, b, transforms, cam, image, mask, cfg)
+    zero = torch.zeros_like(g.means)
+
+    def extra(x) -> float:
+        return float(held(x, zero)[0] - free(x, zero)[0])
+
+    flat = g.replace(log_scales=torch.full_like(g.log_scales, math.log(0.002)),
+                     sh=rgb_to_sh0(torch.full((len(g), 3), 0.5))[:, None])  # fmt: skip
+    assert extra(flat) == pytest.approx(0.0, abs=1e-7)
+    needle = flat.log_scales.clone()
+    needle[0, 1] += math.log(5.0)  # 5x its second axis: 2 over the limit
+    assert extra(flat.replace(log_scales=needle)) == pytest.approx(
+        cfg.lambda_needle * (5.0 - cfg.max_needle) / len(g), rel=1e-2
+    )
+    bright = flat.sh.clone()
+    bright[0, 0] = rgb_to_sh0(torch.tensor([1.2, 0.5, -0.1]))
+    assert extra(flat.replace(sh=bright)) == pytest.approx(
+        cfg.lambda_range * 0.3 / len(g), rel=1e-2
+    )
+
+
 def front_view(n: int = 3000):
     """The template's Gaussians and binding (`n` Gaussians), a 64-px camera in front of it and
     its rest pose's transforms."""
