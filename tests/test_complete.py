@@ -416,6 +416,45 @@ def test_refinement_grows_no_needles_and_keeps_colours_in_range():
     )
 
 
+def test_colours_the_photo_hardly_judges_stay_near_its_pixel():
+    """Adam scales each colour's step by its own gradient's size: a Gaussian the photo sees but
+    that draws a few thousandths of a pixel (behind others at an ear, at a glancing angle) moves as
+    fast as one that draws a tenth, and its colour ran to red, green or white, shown from every
+    other side. Every seen colour is also held to its start (the photo's pixel there) by
+    `lambda_prior_seen`: the photo still moves the ones it judges, not the rest."""
+    from dataclasses import replace
+
+    from reconstruct.refine import RefineConfig, appearance_loss, refine_appearance
+    from render import rasterize
+    from render.sh import SH_C0, sh0_to_rgb
+
+    g, b, cam, transforms = front_view()
+    grey = torch.full((len(g), 3), 0.5)
+    g = g.replace(sh=(grey[:, None] - 0.5) / SH_C0)
+    sh = g.sh.clone().requires_grad_()
+    out = rasterize(g.replace(sh=sh), cam, background=1.0)
+    (out.rgb.sum()).backward()
+    drawn = sh.grad[:, 0].abs().sum(-1) * SH_C0 / 3  # pixels' worth each Gaussian draws
+    mask = (out.alpha[0, ..., 0] > 0.5).float().detach()
+    pattern = torch.rand(64, 64, 1, generator=torch.Generator().manual_seed(0))
+    image = (0.5 + 0.4 * (pattern - 0.5)).expand(64, 64, 3).contiguous()
+    cfg = RefineConfig(steps=60)
+    seen = appearance_loss(g, b, transforms, cam, image, mask, cfg, prior=grey).seen
+    faint = seen & (drawn > 0) & (drawn < 0.005)
+    strong = seen & (drawn > 0.06)
+    assert faint.sum() > 20 and strong.sum() > 20
+
+    def moved(c: RefineConfig) -> tuple[float, float]:
+        rgb = sh0_to_rgb(refine_appearance(g, b, transforms, cam, image, mask, c, progress=False,
+                                           prior=grey).sh[:, 0])  # fmt: skip
+        d = (rgb - grey).abs().amax(-1)
+        return float(d[faint].median()), float(d[strong].median())
+
+    held, free = moved(cfg), moved(replace(cfg, lambda_prior_seen=0.0))
+    assert free[0] > 2 * held[0], (held, free)  # faint ones wander without it
+    assert held[1] > 0.5 * free[1], (held, free)  # the photo still moves the ones it judges
+
+
 def front_view(n: int = 3000):
     """The template's Gaussians and binding (`n` Gaussians), a 64-px camera in front of it and
     its rest pose's transforms."""
