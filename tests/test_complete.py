@@ -426,14 +426,14 @@ def test_colours_the_photo_hardly_judges_stay_near_its_pixel():
 
     from reconstruct.refine import RefineConfig, appearance_loss, refine_appearance
     from render import rasterize
-    from render.sh import SH_C0, sh0_to_rgb
+    from render.sh import SH_C0, rgb_to_sh0, sh0_to_rgb
 
     g, b, cam, transforms = front_view()
     grey = torch.full((len(g), 3), 0.5)
-    g = g.replace(sh=(grey[:, None] - 0.5) / SH_C0)
+    g = g.replace(sh=rgb_to_sh0(grey)[:, None])
     sh = g.sh.clone().requires_grad_()
     out = rasterize(g.replace(sh=sh), cam, background=1.0)
-    (out.rgb.sum()).backward()
+    out.rgb.sum().backward()
     drawn = sh.grad[:, 0].abs().sum(-1) * SH_C0 / 3  # pixels' worth each Gaussian draws
     mask = (out.alpha[0, ..., 0] > 0.5).float().detach()
     pattern = torch.rand(64, 64, 1, generator=torch.Generator().manual_seed(0))
