@@ -21,7 +21,10 @@ edge-on at the outline reads a pixel smeared along it (streaks from the side). I
   the photo sees well takes its colour: a cheek turned away from the camera looks like the one
   it shows, in its own side's light (the ratio between the two sides where the photo sees
   both, per channel for the face's skin, which shade saturates: a face lit from one side does
-  not copy its lit cheek onto the shaded one);
+  not copy its lit cheek onto the shaded one); so does a point of the face the photo sees at a
+  graze (turned more than 60° from it) whose mirror image it sees nearly face-on (`grazed_face`):
+  the far cheek of a turned head is a few smeared pixels in the photo, the near one the same
+  skin, sharp;
 - **mirrored**: a segment the photo hardly sees (an arm behind the back) copies its mirror image
   (x → -x, left ↔ right) where that one is seen;
 - **up the body**: failing both, the segment it hangs from (a hidden shin from the thigh, then
@@ -47,6 +50,8 @@ from .canonical import PART_CODES, Binding
 
 WELL_SEEN = -0.3  # cosine between a Gaussian's normal and the viewing ray, at most
 RIM = -0.75  # well seen, but turned at least 41° from the camera: the sides the photo shows
+GRAZED = -0.5  # a face Gaussian turned more than 60° from the camera is seen at a graze ...
+FACE_ON = -0.7  # ... and its mirror image, turned less than 45°, nearly face-on
 MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour itself
 HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
 NEAR = 0.03  # metres
@@ -94,6 +99,22 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     if face_uv is not None and len(face_uv) >= 3:
         seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)
     return seen
+
+
+def grazed_face(canonical: Gaussians, binding: Binding, cos: Tensor, well: Tensor) -> Tensor:
+    """[N] bool: the face's Gaussians the photo sees well (`well` [N]) but at a graze (`cos` [N],
+    `facing`, above GRAZED) whose mirror image (x -> -x in the canonical space: the nearest
+    well-seen face Gaussian to it, within MIRROR_NEAR) it sees nearly face-on (at most FACE_ON): the far cheek of a turned head, a few
+    smeared pixels in the photo, where the near cheek shows the same skin sharp. They are left to
+    the mirror (`complete_colours`)."""
+    face = face_parts(binding) & well
+    grazed = face & (cos > GRAZED)
+    out = torch.zeros_like(well)
+    if grazed.any():
+        mirrored = canonical.means[grazed] * torch.tensor([-1.0, 1.0, 1.0])
+        dist, idx = nearest(mirrored, canonical.means[face], 1)
+        out[grazed] = (dist[:, 0] < MIRROR_NEAR) & (cos[face][idx[:, 0]] <= FACE_ON)
+    return out
 
 
 def judged_hands(landmarks: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -582,6 +603,7 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
         posed = apply_blend(canonical, posed_blend(binding, transforms))
         pixels = photo_pixels(posed, cam, image, mask)
         well = well_seen(posed, cam, binding, landmarks)
+        well &= ~grazed_face(canonical, binding, facing(posed, cam), well)
         well &= ~hand_strays(posed, cam, binding, landmarks, pixels, well)
         hair = hair_from_photo(image, mask, landmarks.get("face"))  # else the scalp it sees
         if hair is None and (scalp := scalp_colour(canonical, binding, pixels, well)) is not None:

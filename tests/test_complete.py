@@ -162,6 +162,36 @@ def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
     assert (rgb[cheek] - shade).norm(dim=-1).median() < 0.05  # not the lit hue, greyed (0.13)
 
 
+def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
+    """A head turned to one side: the photo sees its far cheek at a graze (turned 66° from the
+    camera), a few pixels smeared over it, and the near one face-on. The far cheek takes the near
+    one's colour in its own light, not its smeared pixels; a face seen evenly from the front
+    keeps every pixel it sees, grazed or not."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import Hair, complete_colours, face_parts, grazed_face
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means[:, 0]
+    face = b.parts == PART_CODES["face"]
+    far, near = face & (x > 0.035), face & (x < -0.035)
+    turned = cos.clone()
+    turned[far], turned[near] = -0.4, -0.9
+    grazed = grazed_face(g, b, turned, seen)
+    assert grazed[far & seen].float().mean() > 0.8
+    assert not grazed[~face_parts(b) | near].any()  # the near cheek and the rest keep theirs
+    # seen from straight ahead, a cheek's mirror image is turned as far as it is
+    front = grazed_face(g, b, cos, seen)
+    assert front.sum() <= 0.05 * (face_parts(b) & seen & (cos > -0.5)).sum()
+
+    photo = photo.clone()
+    photo[face & (x > 0)] = SKIN * 0.8  # its own side, in shade
+    photo[far] = GREEN  # what the graze smears over the far cheek
+    rgb = complete_colours(g, b, template, photo, turned, seen & ~grazed, Hair(HAIR))
+    cheek = far & grazed
+    assert (rgb[cheek] - SKIN * 0.8).norm(dim=-1).median() < 0.08
+    assert (rgb[cheek] - GREEN).norm(dim=-1).min() > 0.3
+
+
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     """Hair that hangs below the chin covers the back and sides of the neck and the top of the
     back; the rest of the back is the top's colour, though the front's rim at the neckline shows
