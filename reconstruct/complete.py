@@ -77,8 +77,8 @@ def facing(posed: Gaussians, cam: Cameras) -> Tensor:
 
 
 def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
-              landmarks: dict[str, np.ndarray] | None = None,
-              depth: Tensor | None = None) -> Tensor:  # fmt: skip
+              landmarks: dict[str, np.ndarray] | None = None, depth: Tensor | None = None,
+              canonical: Gaussians | None = None) -> Tensor:  # fmt: skip
     """[N] bool: the Gaussians whose colour the photo judges: inside its frame, unhidden, facing
     its camera (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline
     (the hull of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that
@@ -86,7 +86,8 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     end up on the cheek; one outside the frame (the hands and legs below a portrait's edge) would
     read the edge's pixels, smeared down the limbs. `depth` [H, W]: the camera's render of
     `posed` (rendered here when None); what the photo shows there may rule out more
-    (`hand_strays`)."""
+    (`hand_strays`). `canonical`: the same Gaussians at rest; with them, the face's Gaussians
+    it sees at a graze where their mirror image is seen face-on are not (`grazed_face`)."""
     from render import rasterize
 
     from .refine import visible_in
@@ -94,19 +95,22 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
     seen = visible_in(posed, cam, depth)
-    seen &= facing(posed, cam) <= WELL_SEEN
+    cos = facing(posed, cam)
+    seen &= cos <= WELL_SEEN
     face_uv = (landmarks or {}).get("face")
     if face_uv is not None and len(face_uv) >= 3:
         seen &= ~face_parts(binding) | inside_outline(cam, cam.project(posed.means)[0], face_uv)
+    if canonical is not None:
+        seen &= ~grazed_face(canonical, binding, cos, seen)
     return seen
 
 
 def grazed_face(canonical: Gaussians, binding: Binding, cos: Tensor, well: Tensor) -> Tensor:
     """[N] bool: the face's Gaussians the photo sees well (`well` [N]) but at a graze (`cos` [N],
     `facing`, above GRAZED) whose mirror image (x -> -x in the canonical space: the nearest
-    well-seen face Gaussian to it, within MIRROR_NEAR) it sees nearly face-on (at most FACE_ON): the far cheek of a turned head, a few
-    smeared pixels in the photo, where the near cheek shows the same skin sharp. They are left to
-    the mirror (`complete_colours`)."""
+    well-seen face Gaussian to it, within MIRROR_NEAR) it sees nearly face-on (at most
+    FACE_ON): the far cheek of a turned head, a few smeared pixels in the photo, where the near
+    cheek shows the same skin sharp. They are left to the mirror (`complete_colours`)."""
     face = face_parts(binding) & well
     grazed = face & (cos > GRAZED)
     out = torch.zeros_like(well)
@@ -602,8 +606,7 @@ def colour_prior(canonical: Gaussians, binding: Binding, template: BodyTemplate,
     with torch.no_grad():
         posed = apply_blend(canonical, posed_blend(binding, transforms))
         pixels = photo_pixels(posed, cam, image, mask)
-        well = well_seen(posed, cam, binding, landmarks)
-        well &= ~grazed_face(canonical, binding, facing(posed, cam), well)
+        well = well_seen(posed, cam, binding, landmarks, canonical=canonical)
         well &= ~hand_strays(posed, cam, binding, landmarks, pixels, well)
         hair = hair_from_photo(image, mask, landmarks.get("face"))  # else the scalp it sees
         if hair is None and (scalp := scalp_colour(canonical, binding, pixels, well)) is not None:

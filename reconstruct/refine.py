@@ -346,14 +346,13 @@ def appearance_loss(canonical: Gaussians, binding: Binding, transforms: Tensor, 
     the body's own Gaussians outside the mask from floaters there. `cover`: with the cover
     terms of the head and of the face's own layer (`reconstruct.cover`; create's decoder
     personalisation goes without)."""
-    from .complete import facing, grazed_face, hand_strays, well_seen
+    from .complete import hand_strays, well_seen
 
     blend = posed_blend(binding, transforms).detach()
     with torch.no_grad():
         posed = apply_blend(canonical, blend)
         depth = rasterize(posed, cam).depth[0, ..., 0]
-        seen = well_seen(posed, cam, binding, landmarks, depth)
-        seen &= ~grazed_face(canonical, binding, facing(posed, cam), seen)
+        seen = well_seen(posed, cam, binding, landmarks, depth, canonical)
         strays = hand_strays(posed, cam, binding, landmarks, photo_pixels(posed, cam, image, mask),
                              seen)  # fmt: skip
         seen &= ~strays
