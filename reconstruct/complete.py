@@ -107,18 +107,28 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
 
 def grazed_face(canonical: Gaussians, binding: Binding, cos: Tensor, well: Tensor) -> Tensor:
     """[N] bool: the face's Gaussians the photo sees well (`well` [N]) but at a graze (`cos` [N],
-    `facing`, above GRAZED) whose mirror image (x -> -x in the canonical space: the nearest
-    well-seen face Gaussian to it, within MIRROR_NEAR) it sees nearly face-on (at most
-    FACE_ON): the far cheek of a turned head, a few smeared pixels in the photo, where the near
-    cheek shows the same skin sharp. They are left to the mirror (`complete_colours`)."""
+    `facing`, above GRAZED) whose mirror image (the nearest well-seen face Gaussian to it in
+    `mirror_space`, within MIRROR_NEAR) it sees nearly face-on (at most FACE_ON): the far cheek
+    of a turned head, a few smeared pixels in the photo, where the near cheek shows the same
+    skin sharp. They are left to the mirror (`complete_colours`)."""
     face = face_parts(binding) & well
     grazed = face & (cos > GRAZED)
     out = torch.zeros_like(well)
     if grazed.any():
-        mirrored = canonical.means[grazed] * torch.tensor([-1.0, 1.0, 1.0])
-        dist, idx = nearest(mirrored, canonical.means[face], 1)
+        x, mirrored = mirror_space(canonical.means)
+        dist, idx = nearest(mirrored[grazed], x[face], 1)
         out[grazed] = (dist[:, 0] < MIRROR_NEAR) & (cos[face][idx[:, 0]] <= FACE_ON)
     return out
+
+
+def mirror_space(means: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, mirrored) [N, 3]: canonical `means` with heights weighted by HEIGHT_WEIGHT (neighbours
+    at the same height count first), and their mirror images (x -> -x): the one space where
+    `grazed_face` decides that a cheek has a mirror image and `complete_colours` then colours
+    it from that mirror image (apart, a grazed cheek found its mirror within MIRROR_NEAR in one
+    and not in the other, and fell to its part's median colour)."""
+    x = means * torch.tensor([1.0, HEIGHT_WEIGHT, 1.0], dtype=means.dtype)
+    return x, x * torch.tensor([-1.0, 1.0, 1.0], dtype=means.dtype)
 
 
 def judged_hands(landmarks: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -508,8 +518,7 @@ def complete_colours(canonical: Gaussians, binding: Binding, template: BodyTempl
     if not well.any():
         return rgb
     seg, names = segments(template, binding)
-    x = canonical.means * torch.tensor([1.0, HEIGHT_WEIGHT, 1.0])  # garments run around the body
-    mirrored = x * torch.tensor([-1.0, 1.0, 1.0])
+    x, mirrored = mirror_space(canonical.means)  # garments run around the body
     for i, name in enumerate(names):  # a cheek turned away looks like the one the photo shows
         if "." not in name:
             need, refs = todo & (seg == i), well & (seg == i)

@@ -192,6 +192,33 @@ def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
     assert (rgb[cheek] - GREEN).norm(dim=-1).min() > 0.3
 
 
+def test_every_cheek_left_to_the_mirror_has_one_where_it_is_coloured(scene):
+    """`grazed_face` leaves a far cheek to its mirror image only where `complete_colours` finds
+    one (a well-seen Gaussian of its part within MIRROR_NEAR in `mirror_space`), here with the
+    near cheek seen in patches, its Gaussians 1-2 cm apart: found apart (plain distances for
+    one, heights weighted for the other), 77 of 293 had none and took their part's median."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import MIRROR_NEAR, grazed_face, mirror_space, nearest, segments
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means[:, 0]
+    face = b.parts == PART_CODES["face"]
+    far, near = face & (x > 0.035), face & (x < -0.035)
+    turned = cos.clone()
+    turned[far], turned[near] = -0.4, -0.9
+    patches = torch.rand(len(g), generator=torch.Generator().manual_seed(0)) < 0.9
+    well = seen & ~(near & patches)
+    grazed = grazed_face(g, b, turned, well)
+    assert grazed.sum() >= 10
+    well &= ~grazed
+    seg, _ = segments(template, b)
+    at, mirrored = mirror_space(g.means)
+    for i in seg[grazed].unique():
+        refs = well & (seg == i)
+        dist, _ = nearest(mirrored[grazed & (seg == i)], at[refs], 1)
+        assert (dist[:, 0] < MIRROR_NEAR).all()
+
+
 def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     """Hair that hangs below the chin covers the back and sides of the neck and the top of the
     back; the rest of the back is the top's colour, though the front's rim at the neckline shows
