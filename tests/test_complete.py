@@ -162,20 +162,30 @@ def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
     assert (rgb[cheek] - shade).norm(dim=-1).median() < 0.05  # not the lit hue, greyed (0.13)
 
 
-def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
-    """A head turned to one side: the photo sees its far cheek at a graze (turned 66° from the
-    camera), a few pixels smeared over it, and the near one face-on. The far cheek takes the near
-    one's colour in its own light, not its smeared pixels; a face seen evenly from the front
-    keeps every pixel it sees, grazed or not."""
+def turned_head(g, b, cos):
+    """The scene's head turned to one side: (face, far cheek, near cheek) [N] bool and the
+    cosines `facing` gives, the far cheek seen at a graze (66° from the camera), the near one
+    face-on (26°)."""
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import Hair, complete_colours, face_parts, grazed_face
 
-    g, b, template, name, photo, cos, seen, _ = scene
     x = g.means[:, 0]
     face = b.parts == PART_CODES["face"]
     far, near = face & (x > 0.035), face & (x < -0.035)
     turned = cos.clone()
     turned[far], turned[near] = -0.4, -0.9
+    return face, far, near, turned
+
+
+def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
+    """A head turned to one side: the photo sees its far cheek at a graze (turned 66° from the
+    camera), a few pixels smeared over it, and the near one face-on. The far cheek takes the near
+    one's colour in its own light, not its smeared pixels; a face seen evenly from the front
+    keeps every pixel it sees, grazed or not."""
+    from reconstruct.complete import Hair, complete_colours, face_parts, grazed_face
+
+    g, b, template, name, photo, cos, seen, _ = scene
+    x = g.means[:, 0]
+    face, far, near, turned = turned_head(g, b, cos)
     grazed = grazed_face(g, b, turned, seen)
     assert grazed[far & seen].float().mean() > 0.8
     assert not grazed[~face_parts(b) | near].any()  # the near cheek and the rest keep theirs
@@ -195,17 +205,13 @@ def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
 def test_every_cheek_left_to_the_mirror_has_one_where_it_is_coloured(scene):
     """`grazed_face` leaves a far cheek to its mirror image only where `complete_colours` finds
     one (a well-seen Gaussian of its part within MIRROR_NEAR in `mirror_space`), here with the
-    near cheek seen in patches, its Gaussians 1-2 cm apart: found apart (plain distances for
-    one, heights weighted for the other), 77 of 293 had none and took their part's median."""
-    from reconstruct.canonical import PART_CODES
+    near cheek seen in patches (a mirror image up to 2 cm from the nearest seen Gaussian): found
+    apart (plain distances for one, heights weighted for the other), 77 of 293 had none and took
+    their part's median."""
     from reconstruct.complete import MIRROR_NEAR, grazed_face, mirror_space, nearest, segments
 
     g, b, template, name, photo, cos, seen, _ = scene
-    x = g.means[:, 0]
-    face = b.parts == PART_CODES["face"]
-    far, near = face & (x > 0.035), face & (x < -0.035)
-    turned = cos.clone()
-    turned[far], turned[near] = -0.4, -0.9
+    _, _, near, turned = turned_head(g, b, cos)
     patches = torch.rand(len(g), generator=torch.Generator().manual_seed(0)) < 0.9
     well = seen & ~(near & patches)
     grazed = grazed_face(g, b, turned, well)
