@@ -153,3 +153,44 @@ def test_native_kernel_is_the_same_on_any_number_of_threads():
         timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+# One Gaussian of a create's render (the man's photo, seed 0, the personalisation's last step)
+# whose conic came out one last bit apart with `project_fwd` compiled in the process and loaded
+# from numba's cache, under `fastmath`; a first create then differed from every later one.
+ONE_GAUSSIAN = """
+import sys
+import numpy as np
+from render._native.projection import project_fwd
+f = np.float32
+args = [np.array([[0.12749706208705902, -0.44221627712249756, -1.2053922414779663]], f),
+        np.array([[0.9372730255126953, 0.08200549334287643, 0.3189350366592407,
+                   -0.11434460431337357]], f),
+        np.array([[0.006577382329851389, 0.004844440147280693, 0.0023597253020852804]], f),
+        np.array([0.8202064633369446], f),
+        np.diag([1.0, -1.0, -1.0, 1.0]).astype(f)[None],
+        np.array([[[703.354248046875, 0, 240.05999755859375], [0, 703.354248046875, 256.0],
+                   [0, 0, 1]]], f),
+        452, 512, 0.3, 0.01, 1e10]
+out = [np.zeros((1, 1, 2), f), np.zeros((1, 1, 3), f), np.zeros((1, 1), f),
+       np.zeros((1, 1, 2), np.int32)]
+project_fwd(*args, *out)
+print("loaded" if project_fwd.stats.cache_hits else "compiled",
+      b"".join(a.tobytes() for a in out).hex())
+"""
+
+
+def test_the_projection_kernel_is_the_same_compiled_and_loaded_from_the_cache(tmp_path):
+    """A kernel loaded from numba's on-disk cache must compute what it computed when compiled,
+    or a fresh install's first create differs from its later ones. `project_fwd` under
+    `fastmath` did not (the Gaussian above, on this project's x86-64 machine)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", ONE_GAUSSIAN], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
+    (first, bits_first), (second, bits_second) = (r.stdout.split() for r in runs)
+    assert (first, second) == ("compiled", "loaded")
+    assert bits_first == bits_second
