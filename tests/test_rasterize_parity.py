@@ -117,6 +117,12 @@ def test_native_sh_colors_match_torch(degree):
         assert ((a.grad - b.grad).norm() / b.grad.norm()) < 1e-4
 
 
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -c CODE` in the repository's root with `env` added to this process's."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
 def same_on_one_and_two_threads() -> None:
     """Render and backpropagate one scene on 1 and on 2 numba threads; assert equal bits."""
     import numba
@@ -146,12 +152,8 @@ def test_native_kernel_is_the_same_on_any_number_of_threads():
     if numba.config.NUMBA_NUM_THREADS >= 2:
         same_on_one_and_two_threads()
         return
-    res = subprocess.run(
-        [sys.executable, "-c", "from tests.test_rasterize_parity import same_on_one_and_two_threads"
-         " as check; check()"],
-        cwd=ROOT, env={**os.environ, "NUMBA_NUM_THREADS": "2"}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    check = "from tests.test_rasterize_parity import same_on_one_and_two_threads as c; c()"
+    res = python(check, NUMBA_NUM_THREADS="2")
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -159,7 +161,6 @@ def test_native_kernel_is_the_same_on_any_number_of_threads():
 # whose conic came out one last bit apart with `project_fwd` compiled in the process and loaded
 # from numba's cache, under `fastmath`; a first create then differed from every later one.
 ONE_GAUSSIAN = """
-import sys
 import numpy as np
 from render._native.projection import project_fwd
 f = np.float32
@@ -184,12 +185,7 @@ def test_the_projection_kernel_is_the_same_compiled_and_loaded_from_the_cache(tm
     """A kernel loaded from numba's on-disk cache must compute what it computed when compiled,
     or a fresh install's first create differs from its later ones. `project_fwd` under
     `fastmath` did not (the Gaussian above, on this project's x86-64 machine)."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    runs = [
-        subprocess.run([sys.executable, "-c", ONE_GAUSSIAN], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-        for _ in range(2)
-    ]  # fmt: skip
+    runs = [python(ONE_GAUSSIAN, NUMBA_CACHE_DIR=str(tmp_path)) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
     (first, bits_first), (second, bits_second) = (r.stdout.split() for r in runs)
     assert (first, second) == ("compiled", "loaded")
