@@ -170,3 +170,39 @@ def test_an_avatars_template_needs_no_anny_import_once_baked(tpl):
             "print(sorted(m for m in ('anny', 'roma', 'torch._dynamo') if m in sys.modules))\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_anny_cache_file_cut_short_is_built_again_whole(tpl, tmp_path):
+    """Anny writes its cache in place: a first run killed while writing left a file that no
+    later run could read. `_build_anny` builds what does not read in a staging folder and
+    renames it into place; what reads is linked, not built again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deform.templates.anny import _reads, anny_cache_dir
+
+    (compact,) = anny_cache_dir().glob("v*/build_compact_model_data*.safetensors")  # tpl built it
+    (tmp_path / compact.parent.name).mkdir()
+    for done in compact.parent.glob("*.safetensors"):
+        here = tmp_path / done.parent.name / done.name
+        if done == compact:  # the half that was written before the kill
+            here.write_bytes(done.read_bytes()[: done.stat().st_size // 2])
+        else:
+            try:
+                os.link(done, here)
+            except OSError:
+                shutil.copy2(done, here)
+    cut = tmp_path / compact.parent.name / compact.name
+    assert not _reads(cut)
+    res = subprocess.run(
+        [sys.executable, "-c", "from deform.templates.anny import _build_anny; _build_anny()"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ANNY_CACHE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "does not read" in res.stderr and "building it again" in res.stderr
+    assert _reads(cut) and cut.stat().st_size == compact.stat().st_size
+    assert not list(tmp_path.glob(".building-*"))  # the staging folder is gone

@@ -15,6 +15,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -68,21 +71,80 @@ def anny_cache_dir() -> Path:
     return Path(os.environ.get("ANNY_CACHE_DIR") or Path.home() / ".cache" / "gsavatar" / "anny")
 
 
+STALE_BUILD_S = 3600  # a staging folder this old is a killed build's (a build takes about a minute)
+
+
 @functools.lru_cache(maxsize=1)
 def _build_anny():
-    """Construct (or load from cache) the Anny model once per process, in float32 on CPU."""
+    """Construct (or load from cache) the Anny model once per process, in float32 on CPU.
+
+    Anny writes its cache files in place, so a first run killed while writing one, or another
+    process reading one meanwhile, left a file no later run could read. A build therefore goes
+    to a staging folder inside the cache and each file is renamed into place whole, and a cache
+    file that does not read is built again."""
+    import anny.paths
+    from safetensors import SafetensorError
+
+    cache = anny_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    if any(cache.glob("*/build_compact_model_data*")):
+        try:
+            return _construct_anny(cache)
+        except (OSError, ValueError, SafetensorError) as exc:
+            log.warning("Anny's cache in %s does not read (%s): building it again", cache, exc)
+    else:
+        log.warning("building the Anny body template (first run only, about a minute; "
+                    "cached in %s)", cache)  # fmt: skip
+    _sweep_stale_builds(cache)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    try:
+        for done in cache.glob("v*/*.safetensors"):  # what reads is not built again
+            if _reads(done):
+                (staging / done.parent.name).mkdir(exist_ok=True)
+                try:
+                    os.link(done, staging / done.parent.name / done.name)
+                except OSError:  # no hard links on this file system
+                    shutil.copy2(done, staging / done.parent.name / done.name)
+        model = _construct_anny(staging)
+        for built in sorted(p for p in staging.rglob("*") if p.is_file()):
+            whole = cache / built.relative_to(staging)
+            whole.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(built, whole)
+    finally:
+        anny.paths.set_anny_cache_path(cache)
+        shutil.rmtree(staging, ignore_errors=True)
+    return model
+
+
+def _construct_anny(cache: Path):
     import anny
     import anny.paths
 
-    cache = anny_cache_dir()
-    if not any(cache.glob("*/build_compact_model_data*")):
-        log.warning("building the Anny body template (first run only, about a minute; "
-                    "cached in %s)", cache)  # fmt: skip
-    cache.mkdir(parents=True, exist_ok=True)
     anny.paths.set_anny_cache_path(cache)
     model = anny.Anny(rig="anny", topology="anny", facial_actions="all", phenotypes="default",
                       pose_parameterization="local-ref", skinning_method="lbs")  # fmt: skip
     return model.to(torch.float32).eval()
+
+
+def _reads(path: Path) -> bool:
+    """Whether a safetensors file's header and extent read (a file cut short does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+def _sweep_stale_builds(cache: Path) -> None:
+    """Remove the staging folders of builds killed more than STALE_BUILD_S ago."""
+    for old in cache.glob(".building-*"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass  # another process swept it first
 
 
 class AnnyBase(BodyTemplate):
