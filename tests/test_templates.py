@@ -177,12 +177,11 @@ def test_an_anny_cache_file_cut_short_is_built_again_whole(tpl, tmp_path):
     later run could read. `_build_anny` builds what does not read in a staging folder and
     renames it into place; what reads is linked, not built again."""
     import os
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    from deform.templates.anny import _reads, anny_cache_dir
+    from deform.templates.anny import _reads, anny_cache_dir, link_or_copy
 
     (compact,) = anny_cache_dir().glob("v*/build_compact_model_data*.safetensors")  # tpl built it
     (tmp_path / compact.parent.name).mkdir()
@@ -191,10 +190,7 @@ def test_an_anny_cache_file_cut_short_is_built_again_whole(tpl, tmp_path):
         if done == compact:  # the half that was written before the kill
             here.write_bytes(done.read_bytes()[: done.stat().st_size // 2])
         else:
-            try:
-                os.link(done, here)
-            except OSError:
-                shutil.copy2(done, here)
+            link_or_copy(done, here)
     cut = tmp_path / compact.parent.name / compact.name
     assert not _reads(cut)
     res = subprocess.run(

@@ -101,10 +101,7 @@ def _build_anny():
         for done in cache.glob("v*/*.safetensors"):  # what reads is not built again
             if _reads(done):
                 (staging / done.parent.name).mkdir(exist_ok=True)
-                try:
-                    os.link(done, staging / done.parent.name / done.name)
-                except OSError:  # no hard links on this file system
-                    shutil.copy2(done, staging / done.parent.name / done.name)
+                link_or_copy(done, staging / done.parent.name / done.name)
         model = _construct_anny(staging)
         for built in sorted(p for p in staging.rglob("*") if p.is_file()):
             whole = cache / built.relative_to(staging)
@@ -124,6 +121,14 @@ def _construct_anny(cache: Path):
     model = anny.Anny(rig="anny", topology="anny", facial_actions="all", phenotypes="default",
                       pose_parameterization="local-ref", skinning_method="lbs")  # fmt: skip
     return model.to(torch.float32).eval()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to `src` at `dst`; a copy where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _reads(path: Path) -> bool:
