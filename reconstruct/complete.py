@@ -55,6 +55,8 @@ FACE_ON = -0.7  # ... and its mirror image, turned less than 45°, nearly face-o
 MIN_SEEN = 0.05  # fraction of a segment that must be well seen for it to colour itself
 HEIGHT_WEIGHT = 2.0  # neighbours at the same height count first: a collar stays at the neck
 NEAR = 0.03  # metres
+FACE_HIDDEN = 0.01  # metres behind the photo's surface past which the face's skin is hidden
+MOUTH_LINING = 0.01  # metres from the lips within which the face's skin lines the mouth
 MIRROR_NEAR = 0.015  # metres: how far a mirror image may be from a well-seen Gaussian
 LIGHT_RATIO = 2.0  # the most a mirrored colour is brightened or darkened to its side's light
 K_PAIRS = 32  # mirror pairs whose median ratio is the light's difference between two sides
@@ -81,10 +83,10 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
               canonical: Gaussians | None = None) -> Tensor:  # fmt: skip
     """[N] bool: the Gaussians whose colour the photo judges: inside its frame, unhidden, facing
     its camera (cosine ≤ WELL_SEEN), and, for the face's own Gaussians, inside the face's outline
-    (the hull of its landmarks in image pixels, `landmarks["face"]` [P, 2]). A face Gaussian that
-    projects outside it sees the hair or the background beside a turned cheek, which must not
-    end up on the cheek; one outside the frame (the hands and legs below a portrait's edge) would
-    read the edge's pixels, smeared down the limbs. `depth` [H, W]: the camera's render of
+    (the hull of its landmarks in image pixels, `landmarks["face"]` [P, 2]), and for the face's
+    skin not `hidden_skin`. One that projects outside the outline sees the hair or the background
+    beside a turned cheek, which must not end up on the cheek; one outside the frame (the hands
+    and legs below a portrait's edge) would read the edge's pixels, smeared down the limbs. `depth` [H, W]: the camera's render of
     `posed` (rendered here when None); what the photo shows there may rule out more
     (`hand_strays`). `canonical`: the same Gaussians at rest; with them, the face's Gaussians
     it sees at a graze where their mirror image is seen face-on are not (`grazed_face`)."""
@@ -95,6 +97,7 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     if depth is None:
         depth = rasterize(posed, cam).depth[0, ..., 0]
     seen = visible_in(posed, cam, depth)
+    seen &= ~hidden_skin(posed, cam, binding, depth)
     cos = facing(posed, cam)
     seen &= cos <= WELL_SEEN
     face_uv = (landmarks or {}).get("face")
@@ -103,6 +106,23 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     if canonical is not None:
         seen &= ~grazed_face(canonical, binding, cos, seen)
     return seen
+
+
+def hidden_skin(posed: Gaussians, cam: Cameras, binding: Binding, depth: Tensor) -> Tensor:
+    """[N] bool: the face's skin more than FACE_HIDDEN behind the surface the camera renders
+    (`depth` [H, W]), where the rest of the body is hidden only past 3 cm (clothes over skin).
+    Behind the nose of a turned head the far cheek read the nose's pixels: a second nose from the
+    other side. Not the mouth's lining (within MOUTH_LINING of the lips): hidden by the closed
+    lips, it read their pixels, which is what an open mouth shows; completed as skin, an open
+    mouth was pale inside and read as nearly shut."""
+    from .refine import unoccluded
+
+    out = (binding.parts == PART_CODES["face"]) & ~unoccluded(posed, cam, depth, FACE_HIDDEN)
+    lips = binding.parts == PART_CODES["lips"]
+    if out.any() and lips.any():
+        dist, _ = nearest(posed.means[out], posed.means[lips], 1)
+        out[torch.nonzero(out)[:, 0][dist[:, 0] < MOUTH_LINING]] = False
+    return out
 
 
 def grazed_face(canonical: Gaussians, binding: Binding, cos: Tensor, well: Tensor) -> Tensor:

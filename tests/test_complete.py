@@ -349,6 +349,47 @@ def test_face_gaussians_outside_the_face_outline_are_not_judged():
     assert torch.equal(judged[~face], everywhere[~face])  # the rest of the body as before
 
 
+def test_face_skin_behind_the_nose_is_not_judged_and_the_mouths_lining_is():
+    """A head turned from the camera hides the far cheek behind the nose by 1-3 cm, within the
+    3 cm the rest of the body allows for layers (clothes over skin): skin there read the nose's
+    pixels, and seen from the other side it drew a second nose on the cheek. Skin more than
+    FACE_HIDDEN behind the photo's surface is not judged (its mirror image colours it), except
+    the mouth's lining, hidden by the closed lips, whose pixels are what an open mouth shows;
+    the face the camera sees is judged as before."""
+    from reconstruct.canonical import PART_CODES
+    from reconstruct.complete import (
+        FACE_HIDDEN,
+        MOUTH_LINING,
+        WELL_SEEN,
+        face_parts,
+        facing,
+        nearest,
+        well_seen,
+    )
+    from reconstruct.refine import sample_image, visible_in
+    from render import fit_to_points, rasterize, scene_points
+
+    avatar = template_avatar(30000)
+    g, b = avatar.gaussians, avatar.binding
+    skin, lips = (b.parts == PART_CODES[p] for p in ("face", "lips"))
+    to_lips = torch.full((len(g),), math.inf)
+    to_lips[skin] = nearest(g.means[skin], g.means[lips], 1)[0][:, 0]
+    for yaw, far_behind, lining in ((40.0, 30, 3), (0.0, 10, 5)):
+        cam = fit_to_points(scene_points(g[face_parts(b)]), 256, 256,
+                            torch.tensor([yaw], dtype=torch.float64), 0.0, 30.0, 0.6)[0]  # fmt: skip
+        depth = rasterize(g, cam).depth[0, ..., 0]
+        view = cam.viewmats[0]
+        gap = g.means @ view[2, :3] + view[2, 3]
+        gap = gap - sample_image(depth[..., None], cam.project(g.means)[0])[:, 0]
+        old = visible_in(g, cam, depth) & (facing(g, cam) <= WELL_SEEN)  # within 3 cm, facing it
+        judged = well_seen(g, cam, b, depth=depth)
+        behind = skin & old & (gap > FACE_HIDDEN)
+        away, lines = behind & (to_lips > MOUTH_LINING), behind & (to_lips < MOUTH_LINING)
+        assert away.sum() >= far_behind and lines.sum() >= lining
+        assert not judged[away].any() and judged[lines].all()
+        assert torch.equal(judged[~behind], old[~behind])  # the rest as before
+
+
 def test_a_hands_gaussians_take_only_what_the_photo_shows_of_that_hand():
     """The template's hand, posed from 21 landmarks, misses the photo's by a few pixels, and
     the misses read the shirt behind it (shards of shirt around the hand from the side): a hand
@@ -505,7 +546,8 @@ def test_colours_the_photo_hardly_judges_stay_near_its_pixel():
     seen = appearance_loss(g, b, transforms, cam, image, mask, cfg, prior=grey).seen
     faint = seen & (drawn > 0) & (drawn < 0.005)
     strong = seen & (drawn > 0.06)
-    assert faint.sum() > 20 and strong.sum() > 20
+    # faint: 21 here; 70 while the face's skin hidden 1-3 cm behind others was still judged
+    assert faint.sum() > 15 and strong.sum() > 20
 
     def moved(c: RefineConfig) -> tuple[float, float]:
         rgb = sh0_to_rgb(refine_appearance(g, b, transforms, cam, image, mask, c, progress=False,
