@@ -86,10 +86,11 @@ def well_seen(posed: Gaussians, cam: Cameras, binding: Binding,
     (the hull of its landmarks in image pixels, `landmarks["face"]` [P, 2]), and for the face's
     skin not `hidden_skin`. One that projects outside the outline sees the hair or the background
     beside a turned cheek, which must not end up on the cheek; one outside the frame (the hands
-    and legs below a portrait's edge) would read the edge's pixels, smeared down the limbs. `depth` [H, W]: the camera's render of
-    `posed` (rendered here when None); what the photo shows there may rule out more
-    (`hand_strays`). `canonical`: the same Gaussians at rest; with them, the face's Gaussians
-    it sees at a graze where their mirror image is seen face-on are not (`grazed_face`)."""
+    and legs below a portrait's edge) would read the edge's pixels, smeared down the limbs.
+    `depth` [H, W]: the camera's render of `posed` (rendered here when None); what the photo
+    shows there may rule out more (`hand_strays`). `canonical`: the same Gaussians at rest; with
+    them, the face's Gaussians it sees at a graze where their mirror image is seen face-on are
+    not (`grazed_face`)."""
     from render import rasterize
 
     from .refine import visible_in

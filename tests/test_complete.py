@@ -532,7 +532,8 @@ def test_colours_the_photo_hardly_judges_stay_near_its_pixel():
     from render import rasterize
     from render.sh import SH_C0, rgb_to_sh0, sh0_to_rgb
 
-    g, b, cam, transforms = front_view()
+    # 5,000: at 3,000, 49 of its 70 faint seen Gaussians were face skin now hidden (21 left)
+    g, b, cam, transforms = front_view(5000)
     grey = torch.full((len(g), 3), 0.5)
     g = g.replace(sh=rgb_to_sh0(grey)[:, None])
     sh = g.sh.clone().requires_grad_()
@@ -546,8 +547,7 @@ def test_colours_the_photo_hardly_judges_stay_near_its_pixel():
     seen = appearance_loss(g, b, transforms, cam, image, mask, cfg, prior=grey).seen
     faint = seen & (drawn > 0) & (drawn < 0.005)
     strong = seen & (drawn > 0.06)
-    # faint: 21 here; 70 while the face's skin hidden 1-3 cm behind others was still judged
-    assert faint.sum() > 15 and strong.sum() > 20
+    assert faint.sum() > 20 and strong.sum() > 20
 
     def moved(c: RefineConfig) -> tuple[float, float]:
         rgb = sh0_to_rgb(refine_appearance(g, b, transforms, cam, image, mask, c, progress=False,
