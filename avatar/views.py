@@ -7,6 +7,14 @@ with models that had no part in making the avatar:
   between the face in the photo and the avatar's face close-up (drive's `--framing face`) at
   yaw 0 and ±30°: the paper's CSIM. Target ≥ 0.6 at yaw 0 and 30 (SFace's own same-person
   threshold is 0.363).
+- **the same head, turned** (`self_identity`): SFace between the avatar's own close-up from
+  where the photo's camera saw its head (`photo_view`; that camera's yaw and elevation in
+  `photo_view_deg`) and its close-ups at yaw 0 and ±30°. It splits identity in two:
+  `identity.photo_view` (that close-up against the photo) is how like the person the avatar is
+  where the photo judged it, `self_identity` how much of its own likeness survives the turn
+  (SFace's own sensitivity to a turn, and whatever the avatar has wrong on the side turned to:
+  it cannot tell those apart). Identity close to `self_identity` says the turn, not the
+  likeness at the photo's view, is what was lost. A figure to read identity by, not a target.
 - **back of the head**: YuNet's best face score anywhere in full-body renders and face
   close-ups at yaw 150, 180 and 210°. The back of a head is hair or a hat, never a face:
   target < 0.5. At 150° and 210° the cheek and ear show; `avatar bench unseen` puts the same
@@ -18,6 +26,7 @@ with models that had no part in making the avatar:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -38,11 +47,13 @@ BACK_YAWS = (150.0, 180.0, 210.0)
 TARGETS = {"identity": 0.6, "back_face_score": 0.5}
 
 
-def cameras_around(points: Tensor, framing: str, yaws, size: int) -> Cameras:
-    """Square cameras at `yaws` (degrees) around `points` [P, 3], which fill the frame as
-    `FRAMINGS[framing]` says: drive's `--framing` and `--view yaw=`."""
-    return fit_to_points(points, size, size, torch.tensor(yaws, dtype=torch.float64), 0.0, 30.0,
-                         FRAMINGS[framing])  # fmt: skip
+def cameras_around(points: Tensor, framing: str, yaws, size: int,
+                   elevation: float = 0.0) -> Cameras:  # fmt: skip
+    """Square cameras at `yaws` (degrees; `elevation` degrees above the points) around `points`
+    [P, 3], which fill the frame as `FRAMINGS[framing]` says: drive's `--framing` and
+    `--view yaw=`."""
+    return fit_to_points(points, size, size, torch.tensor(yaws, dtype=torch.float64), elevation,
+                         30.0, FRAMINGS[framing])  # fmt: skip
 
 
 def render_around(g: Gaussians, points: Tensor, framing: str, yaws, size: int) -> list[np.ndarray]:
@@ -79,25 +90,55 @@ def eyes_over_head(landmarks: np.ndarray, head_uv: Tensor) -> float | None:
     return float(np.linalg.norm(landmarks[0] - landmarks[1]) / max(float(hi - lo), 1e-6))
 
 
-def off_photo(avatar: Avatar, rig: SpeechRig, yaws) -> list[float]:
-    """Degrees between the way the photo's camera saw the head and the way each face close-up
-    from `yaws` (`view_metrics`') sees it, both in the head bone's own frame: the photo's pose
-    and camera against the rig's still pose. 0 is the photo's view; a close-up "from yaw 30" of
-    a head the photo caught turned from its shoulders, or looking down (the rig lifts it), sees
-    the face from further than 30° off what the photo showed, or nearer."""
-    template, head = rig.template, rig.template.bone_names.index("head")
-
-    def seen_from(pose: Tensor, translation: Tensor, cams: Cameras) -> Tensor:  # [C, 3]
-        out = template(rig.shape[None].float(), pose=pose[None].float(),
+def _head_frame(rig: SpeechRig, pose: Tensor, translation: Tensor) -> tuple[Tensor, Tensor]:
+    """The head bone's rotation [3, 3] and position [3] with the rig's body in `pose` [J, 3] at
+    `translation` [3]."""
+    head = rig.template.bone_names.index("head")
+    out = rig.template(rig.shape[None].float(), pose=pose[None].float(),
                        translation=translation[None].float())  # fmt: skip
-        rotation, at = out.transforms[0, head, :3, :3], out.joints[0, head]
-        return F.normalize(cams.centers.float() - at, dim=-1) @ rotation  # R^T (c - p)
+    return out.transforms[0, head, :3, :3], out.joints[0, head]
 
+
+def _photo_direction(avatar: Avatar, rig: SpeechRig) -> Tensor:
+    """[3] the unit direction from the head toward the photo's camera, in the head bone's frame."""
+    rotation, at = _head_frame(rig, avatar.photo_pose, avatar.photo_translation)
+    return F.normalize(avatar.camera.centers[0].float() - at, dim=0) @ rotation  # R^T (c - p)
+
+
+def off_photo(avatar: Avatar, rig: SpeechRig, yaws, elevation: float = 0.0) -> list[float]:
+    """Degrees between the way the photo's camera saw the head and the way each face close-up
+    from `yaws` (`view_metrics`'; `elevation` degrees above) sees it, both in the head bone's
+    own frame: the photo's pose and camera against the rig's still pose. 0 is the photo's view;
+    a close-up "from yaw 30" of a head the photo caught turned from its shoulders, or looking
+    down (the rig lifts it), sees the face from further than 30° off what the photo showed, or
+    nearer."""
     with torch.no_grad():
-        photo = seen_from(avatar.photo_pose, avatar.photo_translation, avatar.camera)[0]
-        cams = cameras_around(rig.framing_points("face"), "face", yaws, 64)
-        views = seen_from(rig.base_pose, torch.zeros(3), cams)
+        photo = _photo_direction(avatar, rig)
+        rotation, at = _head_frame(rig, rig.base_pose, torch.zeros(3))
+        cams = cameras_around(rig.framing_points("face"), "face", yaws, 64, elevation)
+        views = F.normalize(cams.centers.float() - at, dim=-1) @ rotation
         return torch.rad2deg(torch.acos((views @ photo).clamp(-1, 1))).tolist()
+
+
+def photo_view(avatar: Avatar, rig: SpeechRig) -> tuple[float, float]:
+    """(yaw, elevation) in degrees of the face close-up camera (`cameras_around`, "face") that
+    sees the rig's still head from where the photo's camera saw it, in the head bone's frame
+    (`off_photo` 0 there): the close-up on the sphere of cameras around the face's framing whose
+    ray to the head runs along the photo's."""
+    with torch.no_grad():
+        rotation, at = _head_frame(rig, rig.base_pose, torch.zeros(3))
+        toward = rotation @ _photo_direction(avatar, rig)  # from the still head, in the world
+        points = rig.framing_points("face").float()
+        centre = (points.min(0).values + points.max(0).values) / 2
+        radius = (cameras_around(points, "face", (0.0,), 64).centers[0].float() - centre).norm()
+        # the camera at `at + t toward`, t > 0, on the sphere |eye - centre| = radius
+        rel = at - centre
+        b = toward @ rel
+        t = -b + torch.sqrt((b * b - rel @ rel + radius * radius).clamp_min(0))
+        eye = rel + t * toward  # from the centre
+        yaw = math.degrees(math.atan2(float(eye[0]), float(eye[2])))
+        elevation = math.degrees(math.asin(float((eye[1] / radius).clamp(-1, 1))))
+    return yaw, elevation
 
 
 def photo_face(path: str | os.PathLike, size: int = 512) -> np.ndarray:
@@ -128,7 +169,8 @@ def photo_face(path: str | os.PathLike, size: int = 512) -> np.ndarray:
 def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 512,
                  save: str | os.PathLike | None = None) -> dict:  # fmt: skip
     """Identity (with a photo), how far each face close-up is from the photo's view of the head
-    (`off_photo`), and the back-of-head face score; `save`: a folder for the renders as PNG
+    (`off_photo`), the avatar's likeness to itself seen from that view (`photo_view`,
+    `self_identity`), and the back-of-head face score; `save`: a folder for the renders as PNG
     files, to look at."""
     from .pipelines.drive import speech_rig
 
@@ -146,27 +188,41 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
         still = rig.still()
     head = still.means[head_gaussians(avatar.gaussians, avatar.binding)]
 
-    def shoot(framing: str, yaws) -> Cameras:  # renders into `images`, returns the cameras
-        cams = cameras_around(rig.framing_points(framing), framing, yaws, size)
+    def shoot(framing: str, yaws, names=None, elevation: float = 0.0) -> Cameras:
+        """Renders into `images` (as `names`, else "{framing}_{yaw}"); returns the cameras."""
+        cams = cameras_around(rig.framing_points(framing), framing, yaws, size, elevation)
         with torch.no_grad():
             shots = render_with(still, cams)
-        images.update({f"{framing}_{y:g}": im for y, im in zip(yaws, shots, strict=True)})
+        names = names or [f"{framing}_{y:g}" for y in yaws]
+        images.update(dict(zip(names, shots, strict=True)))
         return cams
 
     shoot("face", IDENTITY_YAWS)
     back_cams = {framing: shoot(framing, BACK_YAWS) for framing in ("full", "face")}
+    view_yaw, view_elevation = photo_view(avatar, rig)  # where the photo saw the head from
+    shoot("face", (view_yaw,), ["face_photo_view"], view_elevation)
     result: dict = {"identity": None}
     off = off_photo(avatar, rig, IDENTITY_YAWS)
     result["off_photo_deg"] = {
         f"yaw_{y:g}": round(a, 1) for y, a in zip(IDENTITY_YAWS, off, strict=True)
     }
+    result["photo_view_deg"] = {"yaw": round(view_yaw, 1), "elevation": round(view_elevation, 1)}
+    vecs = {key: ident.embed(images[key])
+            for key in [f"face_{y:g}" for y in IDENTITY_YAWS] + ["face_photo_view"]}  # fmt: skip
+
+    def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+        return None if a is None or b is None else round(float(a @ b), 4)
+
+    def against(vec: np.ndarray | None) -> dict:  # each close-up's cosine with `vec`
+        return {f"yaw_{y:g}": cosine(vecs[f"face_{y:g}"], vec) for y in IDENTITY_YAWS}
+
+    own = vecs["face_photo_view"]
+    result["self_identity"] = against(own)
     if ref is not None:
-        sims = {}
-        for yaw in IDENTITY_YAWS:
-            vec = ident.embed(images[f"face_{yaw:g}"])
-            sims[f"yaw_{yaw:g}"] = None if vec is None else round(float(vec @ ref), 4)
+        sims = against(ref)
         judged = [sims[f"yaw_{y:g}"] for y in IDENTITY_YAWS[:2]]
         sims["min_yaw_0_30"] = min((v if v is not None else 0.0) for v in judged)
+        sims["photo_view"] = cosine(own, ref)
         result["identity"] = sims
     scores, sizes = {}, {}
     for framing, cams in back_cams.items():

@@ -812,6 +812,9 @@ def test_eval_views_measures_identity_and_the_back(tmp_path):
     assert set(sizes) == set(out["back_face_score"]) - {"max"}
     assert all(v is not None and v >= 0 for v in sizes.values())
     assert (tmp_path / "face_0.png").is_file() and (tmp_path / "photo_face.png").is_file()
+    assert (tmp_path / "face_photo_view.png").is_file()
+    assert set(out["photo_view_deg"]) == {"yaw", "elevation"}
+    assert set(out["self_identity"]) == {"yaw_0", "yaw_30", "yaw_-30"}
 
 
 def test_eyes_over_head_compares_a_face_with_the_head_it_is_on():
@@ -841,6 +844,27 @@ def test_off_photo_says_how_far_each_close_up_is_from_what_the_photo_saw():
     avatar.photo_pose[0] = torch.tensor([0.0, math.radians(20.0), 0.0])  # toward its left
     turned = off_photo(avatar, speech_rig(avatar), (0.0, 30.0, -30.0))
     assert abs(turned[0] - 21.5) < 3 and abs(turned[1] - 50) < 3 and abs(turned[2] - 10) < 3
+
+
+def test_photo_view_is_the_close_up_that_sees_the_head_as_the_photo_did():
+    """The close-up from `photo_view` is 0° off the photo's view; for a body the photo caught
+    turned 20° toward its left, that camera stands at yaw -20 (the close-up from -30 was 10°
+    off), and from a photo taken from above, above the head."""
+    from avatar.pipelines.drive import speech_rig
+    from avatar.views import off_photo, photo_view
+
+    avatar = template_avatar(3000)
+    rig = speech_rig(avatar)
+    yaw, elevation = photo_view(avatar, rig)
+    assert abs(yaw) < 3 and off_photo(avatar, rig, (yaw,), elevation)[0] < 0.1
+    avatar.photo_pose = avatar.photo_pose.clone()
+    avatar.photo_pose[0] = torch.tensor([0.0, math.radians(20.0), 0.0])
+    turned, turned_up = photo_view(avatar, speech_rig(avatar))
+    assert abs(turned + 20) < 2 and abs(turned_up - elevation) < 2
+    assert off_photo(avatar, speech_rig(avatar), (turned,), turned_up)[0] < 0.1
+    avatar.photo_pose[0] = torch.tensor([math.radians(25.0), 0.0, 0.0])  # leaning toward it
+    _, above = photo_view(avatar, speech_rig(avatar))
+    assert above > elevation + 15
 
 
 def test_gaussians_outside_the_photos_frame_are_not_seen():

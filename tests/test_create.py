@@ -105,6 +105,24 @@ def test_render_avatar_views(small_avatar, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_eval_views_reads_identity_against_the_same_head_turned(small_avatar):
+    """`avatar eval views` finds where the photo's camera saw the head and compares the avatar
+    with itself from there: near that view the same head is plainly the same person, and a
+    close-up further from it is less like it (what the turn costs), which is what identity off
+    the photo's view is read against."""
+    photo = str(SHARED_DATA / "person_sweater_fullbody.png")
+    res = run_avatar(
+        "eval", "views", str(small_avatar), "--photo", photo, "--size", "256", "--json"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    off, own = out["off_photo_deg"], out["self_identity"]
+    assert out["identity"]["photo_view"] > 0.6
+    near, far = min(off, key=off.get), max(off, key=off.get)
+    assert off[far] > off[near] + 15
+    assert own[near] > 0.6 and own[near] > own[far] + 0.1
+
+
 def test_avatar_zip_round_trip_and_overwrite_rules(small_avatar, tmp_path):
     from avatar.asset import Avatar
     from avatar.errors import AvatarError
