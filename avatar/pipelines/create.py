@@ -7,7 +7,7 @@ import datetime
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,14 @@ from reconstruct.fit import Crop, FitConfig, fit_template, photo_camera
 from reconstruct.losses import masked_quality
 from reconstruct.outline import fit_outline, measure_outline
 from reconstruct.parsing import NoPersonError, PersonParser
-from reconstruct.refine import RefineConfig, View, crop_image, dematte, posed_blend
+from reconstruct.refine import (
+    RefineConfig,
+    View,
+    crop_image,
+    dematte,
+    matte_face_outline,
+    posed_blend,
+)
 from render import Gaussians, rasterize
 
 from .. import __version__
@@ -113,6 +120,8 @@ def create_avatar(photo_path: str | Path, cfg: CreateConfig | None = None,
                                   fit.crop.to_crop(parse.face))  # fmt: skip
         if outline is not None:
             canonical = fit_outline(canonical, outline)
+    if parse.face is not None and parse.face_detected:  # a light room spilled past the cheek
+        parse = replace(parse, mask=matte_face_outline(photo.rgb, parse.mask, parse.face))
     image = crop_image(photo.rgb, fit.crop)
     mask = crop_image(parse.mask, fit.crop)
     times.sample_s = time.perf_counter() - t0
