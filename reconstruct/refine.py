@@ -205,13 +205,24 @@ def dematte(image: Tensor, mask: Tensor) -> Tensor:
     photo stays as it is: a soft mask there is the segmenter's doubt (hair), not the room. The
     refinement draws the person on white; fitted to a dark room's share of the outline's pixels,
     Gaussians there went black (strokes along a jaw and a neck, seen from the side)."""
+    room = room_behind(image, mask)
+    if room is None:
+        return image
+    back, near = room
+    return torch.where(near[..., None], (image + (1 - mask[..., None]) * (1 - back)).clamp(0, 1),
+                       image)  # fmt: skip
+
+
+def room_behind(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """What is behind the person in photo `image` [H, W, 3] (person mask [H, W]): the room's
+    colour B [H, W, 3] estimated from the pixels outside the person (normalised convolution,
+    sigma 1% of the height), and [H, W] bool where that estimate holds, within a few sigma of
+    them; None when the person fills the photo."""
     behind = torch.from_numpy(shrink((mask.numpy() < 0.5).astype(np.uint8), 1))
     if not behind.any():
-        return image
+        return None
     num, den = _normalised_blur(image, behind, 0.01)
-    back = num / den.clamp_min(1e-6)
-    near = den > 0.05  # within a few sigma of the background
-    return torch.where(near, (image + (1 - mask[..., None]) * (1 - back)).clamp(0, 1), image)
+    return num / den.clamp_min(1e-6), den[..., 0] > 0.05
 
 
 def matte_face_outline(image: np.ndarray, mask: np.ndarray, face: np.ndarray) -> np.ndarray:
@@ -221,7 +232,7 @@ def matte_face_outline(image: np.ndarray, mask: np.ndarray, face: np.ndarray) ->
     are the room's. `dematte` leaves a light room light, and the refinement, fitting the spill's
     alpha and its near-white colour, turned the cheek's outline Gaussians white: a white streak
     down the far cheek from the side. Within FACE_MATTE_MARGIN of the face mesh's hull, on the
-    mask's soft edge near the room (`dematte`'s estimate B), the alpha the colours say, (P - B)
+    mask's soft edge near the room (`room_behind`'s estimate B), the alpha the colours say, (P - B)
     · (F - B) / |F - B|², F the face's skin (the median inside the hull), caps the mask. Only
     against a room lighter than the skin by LIGHT_ROOM: in a darker room, shaded skin (an ear,
     the jaw's underside) is as dark as the room, and the colours cannot tell them apart."""
@@ -231,17 +242,16 @@ def matte_face_outline(image: np.ndarray, mask: np.ndarray, face: np.ndarray) ->
     hull = np.zeros(mask.shape, np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(np.round(face).astype(np.int32)), 1)
     inside = hull.astype(bool) & (mask > 0.98)
-    behind = torch.from_numpy(shrink((mask < 0.5).astype(np.uint8), 1))
-    if inside.sum() < 20 or not behind.any():
+    found = room_behind(torch.from_numpy(img), torch.from_numpy(mask))
+    if inside.sum() < 20 or found is None:
         return mask
+    room, near = found[0].numpy(), found[1].numpy()
     skin = np.median(img[inside], 0)
-    num, den = _normalised_blur(torch.from_numpy(img), behind, 0.01)
-    room = (num / den.clamp_min(1e-6)).numpy()
     towards = skin - room
     spread = (towards * towards).sum(-1)
     alpha = ((img - room) * towards).sum(-1) / np.maximum(spread, 1e-6)
     grown = shrink(hull, -round(FACE_MATTE_MARGIN * float(np.ptp(face, 0).max()))).astype(bool)
-    judged = (grown & (den.numpy()[..., 0] > 0.05) & (mask > 0.02) & (mask < 0.98)
+    judged = (grown & near & (mask > 0.02) & (mask < 0.98)
               & (room.mean(-1) > skin.mean() + LIGHT_ROOM) & (spread > 0.2**2))  # fmt: skip
     out = mask.copy()
     out[judged] = np.minimum(mask[judged], np.clip(alpha[judged], 0, 1))
