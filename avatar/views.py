@@ -188,7 +188,9 @@ def view_metrics(avatar: Avatar, photo: str | os.PathLike | None, size: int = 51
         still = rig.still()
     head = still.means[head_gaussians(avatar.gaussians, avatar.binding)]
 
-    def shoot(framing: str, yaws, names=None, elevation: float = 0.0) -> Cameras:
+    def shoot(
+        framing: str, yaws, names: list[str] | None = None, elevation: float = 0.0
+    ) -> Cameras:
         """Renders into `images` (as `names`, else "{framing}_{yaw}"); returns the cameras."""
         cams = cameras_around(rig.framing_points(framing), framing, yaws, size, elevation)
         with torch.no_grad():

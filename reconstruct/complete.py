@@ -197,14 +197,10 @@ def inside_outline(cam: Cameras, uv: Tensor, points: np.ndarray, margin: float =
     """[N] bool: image points `uv` [N, 2] inside the convex hull of landmarks `points` [P, 2],
     shrunk by `margin` of its size (a face's outline pixels mix face and surroundings), or grown
     by -margin (a hand's landmarks are its joints, inside its outline)."""
-    import cv2
-
-    from .refine import shrink
+    from .refine import hull_region, shrink
 
     h, w = cam.height, cam.width
-    hull = np.zeros((h, w), np.uint8)
-    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(points).astype(np.int32)), 1)
-    hull = shrink(hull, int(round(margin * float(np.ptp(points, 0).max()))))
+    hull = shrink(hull_region(points, (h, w)), int(round(margin * float(np.ptp(points, 0).max()))))
     px = uv.round().long()
     ok = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
     out = torch.zeros(len(uv), dtype=torch.bool)

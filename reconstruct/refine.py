@@ -169,6 +169,15 @@ def shrink(region: np.ndarray, px: int) -> np.ndarray:
     return cv2.erode(region, kernel) if px > 0 else cv2.dilate(region, kernel)
 
 
+def hull_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 region [H, W] (`shape`), 1 inside the convex hull of image points [P, 2]."""
+    import cv2
+
+    region = np.zeros(shape, np.uint8)
+    cv2.fillConvexPoly(region, cv2.convexHull(np.round(points).astype(np.int32)), 1)
+    return region
+
+
 def inside_mask(posed: Gaussians, cam: Cameras, mask: Tensor, margin: int = OUTLINE_PX) -> Tensor:
     """[N] bool: Gaussians projecting inside the person `mask` [H, W], at least `margin` pixels
     from its outline (a negative `margin`: or at most -margin pixels outside it)."""
@@ -236,11 +245,8 @@ def matte_face_outline(image: np.ndarray, mask: np.ndarray, face: np.ndarray) ->
     · (F - B) / |F - B|², F the face's skin (the median inside the hull), caps the mask. Only
     against a room lighter than the skin by LIGHT_ROOM: in a darker room, shaded skin (an ear,
     the jaw's underside) is as dark as the room, and the colours cannot tell them apart."""
-    import cv2
-
     img = image.astype(np.float32) / 255.0
-    hull = np.zeros(mask.shape, np.uint8)
-    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(face).astype(np.int32)), 1)
+    hull = hull_region(face, mask.shape)
     inside = hull.astype(bool) & (mask > 0.98)
     found = room_behind(torch.from_numpy(img), torch.from_numpy(mask))
     if inside.sum() < 20 or found is None:
