@@ -51,6 +51,14 @@ class Binding:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def face_parts(binding: Binding) -> Tensor:
+    """[N] bool: the face's skin, lips and lids."""
+    codes = torch.tensor(
+        [PART_CODES[p] for p in ("face", "lips", "eyelids")], dtype=binding.parts.dtype
+    )
+    return torch.isin(binding.parts, codes)
+
+
 def triangle_parts(template: BodyTemplate) -> dict[str, Tensor]:
     """Per-triangle part masks: a triangle belongs to a part when all its vertices do."""
     return {name: mask[template.faces].all(-1) for name, mask in template.part_masks().items()}

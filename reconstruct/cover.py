@@ -40,7 +40,7 @@ from render import Gaussians, fit_to_points, rasterize
 from render.rotations import quat_to_rotmat
 
 from .canonical import PART_CODES, Binding
-from .complete import near_head_axis
+from .hair import near_head_axis
 
 COVER_YAWS = tuple(range(0, 360, 45))  # degrees, about the world's up
 COVER_ELEVATIONS = (0.0, 45.0)  # level, and from above (the crown)

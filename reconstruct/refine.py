@@ -58,8 +58,7 @@ from deform.skinning import apply_blend, apply_transforms, blend_transforms
 from render import Cameras, Gaussians, rasterize
 from render.sh import rgb_to_sh0, sh0_to_rgb
 
-from .canonical import Binding
-from .complete import face_parts
+from .canonical import Binding, face_parts
 from .cover import HeadCover, head_gaussians
 from .losses import loss_dssim, loss_l1, on_white, psnr
 

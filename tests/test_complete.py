@@ -46,7 +46,8 @@ def scene():
 
 
 def test_unseen_colours_come_from_parts_like_them(scene):
-    from reconstruct.complete import Hair, complete_colours, hair_region
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair, hair_region
 
     g, b, template, name, photo, cos, seen, hidden_arm = scene
     rgb = complete_colours(g, b, template, photo, cos, seen, Hair(HAIR))
@@ -70,7 +71,8 @@ def test_unseen_colours_come_from_parts_like_them(scene):
 
 def test_hidden_legs_continue_the_clothes_above(scene):
     """A portrait shows no legs: they take the colour of what they hang from, not skin."""
-    from reconstruct.complete import Hair, complete_colours
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair
 
     g, b, template, name, photo, cos, seen, _ = scene
     legs = torch.tensor([n.startswith(("upperleg", "lowerleg", "foot")) for n in name])
@@ -81,7 +83,8 @@ def test_hidden_legs_continue_the_clothes_above(scene):
 def test_a_hidden_forearm_takes_its_hand_at_the_wrist_and_its_sleeve_at_the_elbow(scene):
     """A gesture toward the camera hides both forearms behind the hands: each forearm
     Gaussian takes the colour of the nearer of its hand (skin) and its upper arm (a sleeve)."""
-    from reconstruct.complete import Hair, complete_colours
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair
 
     g, b, template, name, photo, cos, seen, _ = scene
     forearms = torch.tensor([n.startswith("lowerarm") for n in name])
@@ -117,7 +120,8 @@ def test_a_turned_away_cheek_takes_the_cheek_the_photo_shows(scene):
     """The face turned to one side: its hidden cheek copies its mirror image, not the
     nose and lips beside it."""
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import Hair, complete_colours
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair
 
     g, b, template, name, photo, cos, seen, _ = scene
     x = g.means[:, 0]
@@ -139,7 +143,8 @@ def test_a_cheek_copied_from_the_other_side_keeps_its_own_light(scene):
     channel: shade saturates skin), not the lit cheek's brightness or hue: a pale stripe, or a
     grey one, down the shaded cheek from the side."""
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import Hair, complete_colours
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair
 
     g, b, template, name, photo, cos, seen, _ = scene
     x = g.means[:, 0]
@@ -181,7 +186,9 @@ def test_a_cheek_the_photo_sees_at_a_graze_takes_its_mirror_seen_face_on(scene):
     camera), a few pixels smeared over it, and the near one face-on. The far cheek takes the near
     one's colour in its own light, not its smeared pixels; a face seen evenly from the front
     keeps every pixel it sees, grazed or not."""
-    from reconstruct.complete import Hair, complete_colours, face_parts, grazed_face
+    from reconstruct.canonical import face_parts
+    from reconstruct.complete import complete_colours, grazed_face
+    from reconstruct.hair import Hair
 
     g, b, template, name, photo, cos, seen, _ = scene
     x = g.means[:, 0]
@@ -230,7 +237,8 @@ def test_the_back_is_hair_and_garment_not_the_fronts_skin(scene):
     back; the rest of the back is the top's colour, though the front's rim at the neckline shows
     skin, lit or in shade (a skin-coloured back under a hairline reads as a face from behind)."""
     from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import Hair, complete_colours, hair_regions
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair, hair_regions
     from render.rotations import quat_to_rotmat
 
     g, b, template, name, photo, cos, seen, _ = scene
@@ -266,8 +274,9 @@ def test_hair_hanging_beside_the_face_covers_its_sides(scene):
     """Hair seen hanging beside the face also covers the face's own Gaussians turned sideways
     (temples, ears and, hanging below the chin, the jaw's back): they were skin, a bald cheek
     from the side; the face's front and tied-back hair's face stay skin."""
-    from reconstruct.canonical import PART_CODES
-    from reconstruct.complete import Hair, complete_colours, face_parts, hair_regions
+    from reconstruct.canonical import PART_CODES, face_parts
+    from reconstruct.complete import complete_colours
+    from reconstruct.hair import Hair, hair_regions
     from render.rotations import quat_to_rotmat
 
     g, b, template, name, photo, cos, seen, _ = scene
@@ -295,7 +304,7 @@ def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
     """A hat on top, dark hair beside the face down to 1.5 face heights below the chin; or hair
     tied back, with ears and neck beside the face: no hanging hair; nor where a shirt reaches
     up beside the face to the eyes but not the temples (Messi's jersey read as red hair)."""
-    from reconstruct.complete import hair_from_photo
+    from reconstruct.hair import hair_from_photo
 
     hat, dark = torch.tensor([0.8, 0.7, 0.5]), torch.tensor([0.15, 0.1, 0.08])
     image, mask = torch.ones(400, 300, 3), torch.zeros(400, 300)
@@ -328,7 +337,8 @@ def test_hair_from_the_photo_finds_the_hat_the_hair_and_its_length():
 def test_face_gaussians_outside_the_face_outline_are_not_judged():
     """A face Gaussian that projects outside the face's outline in the photo sees hair or the
     background beside a turned cheek: its colour is not taken from there."""
-    from reconstruct.complete import face_parts, well_seen
+    from reconstruct.canonical import face_parts
+    from reconstruct.complete import well_seen
     from render import fit_to_points, scene_points
 
     avatar = template_avatar(12000)
@@ -356,12 +366,11 @@ def test_face_skin_behind_the_nose_is_not_judged_and_the_mouths_lining_is():
     FACE_HIDDEN behind the photo's surface is not judged (its mirror image colours it), except
     the mouth's lining, hidden by the closed lips, whose pixels are what an open mouth shows;
     the face the camera sees is judged as before."""
-    from reconstruct.canonical import PART_CODES
+    from reconstruct.canonical import PART_CODES, face_parts
     from reconstruct.complete import (
         FACE_HIDDEN,
         MOUTH_LINING,
         WELL_SEEN,
-        face_parts,
         facing,
         nearest,
         well_seen,
@@ -651,8 +660,7 @@ def test_the_faces_own_layer_stays_closed():
     from dataclasses import replace
 
     from deform.skinning import apply_blend
-    from reconstruct.canonical import Binding
-    from reconstruct.complete import face_parts
+    from reconstruct.canonical import Binding, face_parts
     from reconstruct.refine import RefineConfig, appearance_loss, posed_blend, refine_appearance
     from render import Gaussians
     from render.rotations import quat_to_rotmat
@@ -742,7 +750,7 @@ def test_the_refinement_poses_like_apply_blend_with_its_orientations_cached():
 
 
 def test_hair_colour_is_the_hair_around_the_face():
-    from reconstruct.complete import hair_colour
+    from reconstruct.hair import hair_colour
 
     image = torch.ones(200, 160, 3)  # white background
     mask = torch.zeros(200, 160)
