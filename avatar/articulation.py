@@ -12,6 +12,12 @@ shares no signal with what drove the mouth (loudness drives `jawOpen`; these loo
 - **speaking over pause**: the mean inner-lip gap while speaking over the mean in pauses of at
   least `PAUSE_S`. Target ≥ 2.
 
+- **lips crossing** (`LipGap`, from the posed Gaussians, not the frames): how far the lower lip
+  comes up past the upper one beyond where they meet (at rest, less a photo's parted lips'
+  painted gap), millimetres between the two lips' middles, the 95th percentile over the frames. MediaPipe's mesh reads a lower lip risen over
+  the upper one as lips closed (closure about 0), and the frames showed its red over the upper
+  lip, up to the nose. Target ≤ 3 mm (lips pressed, not passed through each other).
+
 Spans come from phones (`distill.phones.align_phones` on a transcript) or, for speech made
 word by word, from the words' own phones placed at known times (`word_spans`).
 """
@@ -21,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 ROUND, SPREAD, BILABIAL = ("UW", "OW"), ("IY", "IH"), ("P", "B", "M")
 WORD_S = 0.2  # seconds each side of a closure that count as its word
 PAUSE_S = 0.25  # a silence at least this long is a pause
-TARGETS = {"rounding": 0.85, "closure": 0.15, "speaking_over_pause": 2.0}
+TARGETS = {"rounding": 0.85, "closure": 0.15, "speaking_over_pause": 2.0, "lips_cross_mm": 3.0}
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,29 @@ def articulation(gap: np.ndarray, width: np.ndarray, spans: list[Span], fps: flo
         "speaking_over_pause": bool(out["speaking_over_pause"] >= TARGETS["speaking_over_pause"]),
     }
     return out
+
+
+class LipGap:
+    """The distance between the lips' middles in a posed frame: the mean height of the upper lip's
+    Gaussians in the mouth's middle over the lower lip's (`drive.lip_middles`), in metres;
+    `rest`: where they look met, the rest less the gap `painted` on them (`drive.lips_at_rest`)."""
+
+    def __init__(self, avatar, rig, painted: float = 0.0) -> None:
+        from .pipelines.drive import lip_middles
+
+        self.upper, self.lower = lip_middles(avatar, rig)
+        with torch.no_grad():  # where they look met: a photo's parted lips, painted, closed
+            self.rest = self(rig.still()) - painted
+
+    def __call__(self, g) -> float:
+        y = g.means[:, 1].cpu()
+        return float(y[self.upper].mean() - y[self.lower].mean())
+
+
+def lips_cross_mm(gaps: np.ndarray, rest: float) -> float:
+    """How far the lower lip came up past the upper one beyond their rest (`LipGap` of each
+    frame, `gaps` [T] metres): the 95th percentile over the frames of rest - gap, millimetres."""
+    return float(np.percentile((rest - gaps) * 1000, 95))
 
 
 def phone_spans(samples: np.ndarray, transcript: str) -> list[Span]:
@@ -238,8 +268,12 @@ def measure_avatar(avatar, seed: int = 0, size: int = 256, *, fps: float = 25.0,
     # on the CPU wherever it runs: the figures must not depend on the machine's GPU
     face = Driver(avatar, DriveConfig(size=size, fps=fps, framing="face", particles=particles,
                                       device="cpu"))  # fmt: skip
-    track = mouth_track(keep_some(face.frames(samples, num, progress=False)))
+    lips, gaps = LipGap(avatar, face.rig, face.lips_gap), []
+    track = mouth_track(keep_some(face.frames(samples, num, progress=False,
+                                              seen=lambda g: gaps.append(lips(g)))))  # fmt: skip
     out = articulation(track["opening"], track["width"], spans, fps)
+    out["lips_cross_mm"] = lips_cross_mm(np.array(gaps), lips.rest)
+    out["pass"]["lips_cross"] = bool(out["lips_cross_mm"] <= TARGETS["lips_cross_mm"])
     if ident is not None:
         sims = [float(v @ ref) for v in map(ident.embed, kept) if v is not None]
         out["identity"] = float(np.mean(sims)) if sims else float("nan")

@@ -74,6 +74,29 @@ def check_template(template) -> None:
 LIPS_MEET = {"mouthClose": VISEME_LIPS["closed"]["mouthClose"]}
 
 
+# The closed shape (/p b m/) raises the lower lip to meet the upper one against a parted jaw:
+# its `mouthClose` is ARKit's, which closes as far as `jawOpen` opens (at equal weights the lips
+# meet: on Anny the lower lip rises 17.3 mm per unit of it, the jaw parts the lips 17.4 mm per
+# unit). Over a jaw nearly shut it drove the lower lip up through the upper one: at full
+# strength with the jaw at 0.05 the lower lip's red rose 12 mm, over the upper lip to the nose,
+# in every closure. So the closed shape is made only as far as the jaw lets its lips travel, and
+# CLOSE_PAST_JAW of `mouthClose` beyond: lips pressed a few millimetres. A photo's parted lips
+# are painted on the template's closed ones: they travel that gap too (`apart`).
+CLOSE_PAST_JAW = 0.1
+
+
+def close_on_jaw(weights: Tensor, jaw: Tensor, apart: float = 0.0) -> Tensor:
+    """Viseme weights `weights` [T, len(VISEMES)] with the closed shape's at most (`jaw` [T],
+    jawOpen's weight, + `apart`, the lips' gap at rest in units of mouthClose, +
+    CLOSE_PAST_JAW) over its `mouthClose`. Scaled as a whole: a lip basis learned from whole
+    shapes moves the lips the same for each of a shape's actions."""
+    i = VISEMES.index("closed")
+    most = (jaw + apart + CLOSE_PAST_JAW) / VISEME_LIPS["closed"]["mouthClose"]
+    out = weights.clone()
+    out[:, i] = weights[:, i] * most.clamp(max=1)
+    return out
+
+
 def lip_actions(weights: dict[str, float]) -> Tensor:
     """[len(PARTICLE_ACTIONS)]: fine lip action weights by name."""
     out = torch.zeros(len(PARTICLE_ACTIONS))

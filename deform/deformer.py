@@ -11,7 +11,10 @@ Per video frame t (all of it causal, with the audio encoder's fixed look-ahead):
     H^gau = CrossAttn(Q_n, [D_t−W+1 .. D_t])     per Gaussian n that the face's expressions move
     Δp, Δs, Δα, Δc = heads(H^gau),   Δp += B_n · lips_t
     B_n   = MLP_B(PE((a_n − c) / r) ⊕ part_n) · (1 − |a_n − c|² / (R r)²)₊²      [3, L]
-    lips_t = sharpen_k(softmax(visemes(GRU(D_≤t)))) · VISEME_LIPS  L fine lip actions, p^k/Σp^k
+    lips_t = close(sharpen_k(softmax(visemes(GRU(D_≤t)))), jaw_t) · VISEME_LIPS   L fine lip
+             actions; p^k/Σp^k; `close`: the closed shape's weight at most (jaw_t + g + c)/0.6
+             (`controls.close_on_jaw`: its lips travel as far as jawOpen_t parts them, and the
+             photo's own gap g, `AvatarTokens.lips_apart`)
     controls_t = Linear(GRU(D_≤t))                                template bones + large actions
     bones_t   = bones_t−1 + r_t · (raw_t − bones_t−1),  r_t = r_pause + (r_speak − r_pause) · a_t
                a_t ∈ [0, 1]: speech activity (300-3000 Hz loudness against its running peak)
@@ -54,6 +57,7 @@ from .controls import (
     PARTICLE_ACTIONS,
     TEMPLATE_ACTIONS,
     VISEMES,
+    close_on_jaw,
     lip_actions,
     viseme_basis,
 )
@@ -154,6 +158,7 @@ class AvatarTokens:
     particle_queries: Tensor  # [M, d]  Proj_P(Q0)
     gauss_queries: Tensor  # [N, g]  per-Gaussian query tokens (projected)
     lip_bases: Tensor  # [N, 3 * L]  B_n, each Gaussian's lip basis (flattened)
+    lips_apart: float = 0.0  # the lips' gap at rest, in units of mouthClose (`close_on_jaw`)
 
 
 @dataclass
@@ -381,10 +386,6 @@ class SpeechDeformer(nn.Module):
         out, hidden = self.rnn(drive[None], state.hidden)
         controls = self.controls(out[0])
         visemes = torch.softmax(self.visemes(out[0]), -1)  # [T, V]
-        lips = sharpened(visemes, cfg.viseme_sharpness) @ self.viseme_lips  # [T, L]
-        if closed is not None:
-            c = closed.to(lips)[:, None]
-            lips = (1 - c) * lips + c * self.lips_meet
         n_bones = 3 * len(DRIVEN_BONES)
         bones = controls[:, :n_bones]
         # causal smoothing of the pose: no jitter while speaking, and in pauses the pose
@@ -402,6 +403,12 @@ class SpeechDeformer(nn.Module):
             rows.append(prev)
         bones = torch.stack(rows)
         controls = torch.cat([bones, torch.sigmoid(controls[:, n_bones:])], -1)
+        jaw = controls[:, n_bones + TEMPLATE_ACTIONS.index("jawOpen")]
+        shapes = close_on_jaw(sharpened(visemes, cfg.viseme_sharpness), jaw, tokens.lips_apart)
+        lips = shapes @ self.viseme_lips  # [T, L]
+        if closed is not None:
+            c = closed.to(lips)[:, None]
+            lips = (1 - c) * lips + c * self.lips_meet
 
         # motion head: all frames' attention at once, then the recurrence
         heads, d = cfg.heads, cfg.dim

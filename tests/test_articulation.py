@@ -192,5 +192,6 @@ def test_eval_speech_drives_known_words_and_measures_them(tmp_path):
                      "--face-only", "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert {"rounding", "closure", "speaking_over_pause", "identity"} <= set(out), out
+    assert {"rounding", "closure", "speaking_over_pause", "identity", "lips_cross_mm"} <= set(out)
+    assert "lips_cross" in out["pass"], out
     assert out["round_vowels"] == out["spread_vowels"] == out["bilabials"] == 4

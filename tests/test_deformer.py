@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from deform.audio_features import LOOKAHEAD_S, LogMel, LogMelEncoder, mel_centre_index
-from deform.controls import PARTICLE_ACTIONS
+from deform.controls import PARTICLE_ACTIONS, TEMPLATE_ACTIONS, close_on_jaw
 from deform.deformer import (
     DEFAULT_CHECKPOINT,
     GAUSS_BLOCK,
@@ -325,4 +325,52 @@ def test_the_lips_make_the_sharpened_visemes_shape():
     with torch.no_grad():
         motion, _ = model(speechlike(0.6), tokens, model.start(tokens), 8, FPS)
     k = model.cfg.viseme_sharpness
-    assert torch.allclose(motion.lips, sharpened(motion.visemes, k) @ model.viseme_lips, atol=1e-6)
+    jaw = motion.actions[:, TEMPLATE_ACTIONS.index("jawOpen")]
+    shapes = close_on_jaw(sharpened(motion.visemes, k), jaw)
+    assert torch.allclose(motion.lips, shapes @ model.viseme_lips, atol=1e-6)
+
+
+def test_the_closed_shape_goes_as_far_as_the_jaw_parts_the_lips():
+    """/p b m/ over a jaw nearly shut drove the lower lip up through the upper one (its red to
+    the nose): the closed shape's weight is at most (jawOpen + CLOSE_PAST_JAW) over its
+    mouthClose; the other shapes, and a closed shape the jaw has room for, are left alone."""
+    from deform.controls import CLOSE_PAST_JAW, VISEME_LIPS, VISEMES, close_on_jaw
+
+    w = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.2, 0.3, 0.1, 0.3], [0.0, 0.0, 0.0, 0.0, 1.0]]
+    )
+    jaw = torch.tensor([0.05, 0.0, 0.9])
+    out = close_on_jaw(w, jaw)
+    closed, full = VISEMES.index("closed"), VISEME_LIPS["closed"]["mouthClose"]
+    assert out[0, closed] == pytest.approx((0.05 + CLOSE_PAST_JAW) / full)
+    assert out[1, closed] == pytest.approx(0.3 * CLOSE_PAST_JAW / full)
+    assert out[2, closed] == 1.0  # the jaw open: the lips travel the whole shape to meet
+    keep = [i for i in range(len(VISEMES)) if i != closed]
+    assert torch.equal(out[:, keep], w[:, keep])
+    apart = close_on_jaw(w, jaw, apart=0.3)  # a photo's parted lips: the gap painted on them too
+    assert apart[0, closed] == pytest.approx((0.05 + 0.3 + CLOSE_PAST_JAW) / full)
+
+
+def test_mouth_close_closes_what_the_jaw_opens_on_anny():
+    """The premise of `close_on_jaw` (ARKit's): on the Anny template a unit of mouthClose closes
+    the inner lips' gap as far as a unit of jawOpen opens it, so at equal weights they meet."""
+    pytest.importorskip("anny", reason="needs the Anny template")
+    from deform.templates import load_template
+
+    t = load_template("anny")
+    lm = {k: t.face_landmarks[k] for k in ("upper_lip_inner", "lower_lip_inner")}
+    names = t.expression_names
+    shape = t.default_shape()[None].float()
+
+    def gap(**weights) -> float:  # metres between the inner lips' middles
+        e = torch.zeros(1, len(names))
+        for k, v in weights.items():
+            e[0, names.index(k)] = v
+        upper, lower = t.landmarks(t(shape, expression=e), lm)[0]
+        return float(upper[1] - lower[1])
+
+    rest = gap()
+    opened = gap(jawOpen=1.0) - rest
+    closed = rest - gap(mouthClose=1.0)
+    assert opened > 0.01 and closed == pytest.approx(opened, rel=0.15), (opened, closed)
+    assert abs(gap(jawOpen=0.5, mouthClose=0.5) - rest) < 0.15 * opened

@@ -363,3 +363,33 @@ def test_the_rig_reads_lip_bases_at_the_gaussians_places_on_the_template(small):
     with torch.no_grad():
         assert torch.allclose(m.rig.tokens(m.model).lip_bases, d.tokens.lip_bases, atol=1e-6)
         assert d.tokens.lip_bases.abs().max() > 1e-3
+
+
+def test_closed_lips_meet_and_do_not_pass_through_each_other(small, monkeypatch):
+    """/p b m/ over a jaw nearly shut drove the lower lip up through the upper one (its red over
+    the upper lip, to the nose): the closed shape is made only as far as the jaw parts the lips
+    (`controls.close_on_jaw`). The deformer made to hear nothing but /p b m/ over silence (the
+    jaw shut): the lips' middles come closer than at rest by a few millimetres (pressed), where
+    the shape made whole brought the lower lip four times as far (3.97 and 17.6 mm)."""
+    import deform.controls as controls
+    from avatar.articulation import LipGap
+    from avatar.asset import Avatar
+    from avatar.pipelines.drive import DriveConfig, Driver
+    from deform.controls import VISEMES
+
+    avatar = Avatar.load(small)
+
+    def crossing() -> float:  # millimetres past meeting, the most over a second of silence
+        drv = Driver(avatar, DriveConfig(size=64, framing="face"))
+        with torch.no_grad():  # every frame heard as the closed shape
+            drv.model.visemes.weight.zero_()
+            drv.model.visemes.bias.fill_(-20.0)
+            drv.model.visemes.bias[VISEMES.index("closed")] = 20.0
+        lips = LipGap(avatar, drv.rig, drv.lips_gap)
+        assert lips.upper.any() and lips.lower.any()
+        return 1000 * (lips.rest - min(lips(g) for g in drv.posed(np.zeros(16000, np.float32), 25)))
+
+    capped = crossing()
+    monkeypatch.setattr(controls, "CLOSE_PAST_JAW", 100.0)  # the whole shape, whatever the jaw
+    whole = crossing()
+    assert 0.5 < capped < 5.0 and whole > 3 * capped, (capped, whole)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -154,6 +154,49 @@ def find_eyes(rig: SpeechRig) -> EyeCover | None:
     return eye_cover(posed, centres, cam, image, landmarks, lids)
 
 
+LIP_MIDDLE = 0.015  # metres either side of the mouth's middle where the two lips are compared
+
+
+def lip_middles(avatar: Avatar, rig: SpeechRig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] bool twice: the lips' Gaussians within LIP_MIDDLE of the mouth's middle, above and
+    below the slit between them (by their places on the template, `SpeechRig.anchors`)."""
+    from .create import inner_lips
+
+    lips = avatar.binding.parts == PART_CODES["lips"]
+    if not lips.any():
+        return lips, lips
+    _, slit = inner_lips(rig.template, avatar.shape, avatar.binding)
+    at = rig.anchors.cpu()
+    middle = lips & ((at[:, 0] - at[lips, 0].median()).abs() < LIP_MIDDLE)
+    return middle & (at[:, 1] > slit), middle & (at[:, 1] <= slit)
+
+
+def lips_at_rest(avatar: Avatar, rig: SpeechRig) -> tuple[float, float]:
+    """(how far apart the avatar's lips look at rest, how far a unit of mouthClose brings the
+    lips' middles together), metres. A photo's parted lips are painted on the template's closed
+    ones, and its closed shape must travel that gap too: MediaPipe's inner-lip gap (landmarks
+    13, 14) on the front face close-up, at the lips' depth; 0 where it finds no face."""
+    from reconstruct.parsing import FaceMesh
+
+    upper, lower = lip_middles(avatar, rig)
+    if not (upper.any() and lower.any()):
+        return 0.0, 0.0
+    with torch.no_grad():
+        close = torch.zeros(len(rig.gaussians))
+        close[rig.moving] = rig.basis[rig.template.expression_names.index("mouthClose")][:, 1].cpu()
+        travel = float(close[lower].mean() - close[upper].mean())
+    posed, cam, image = front_face(rig)
+    with FaceMesh(still=True) as mesh:
+        points = mesh(image)
+    if points is None:
+        return 0.0, travel
+    with torch.no_grad():
+        mouth = posed.means[upper | lower].mean(0)
+        depth = float((cam.viewmats[0, :3, :3] @ mouth + cam.viewmats[0, :3, 3])[2])
+    gap = max(float(points[14][1] - points[13][1]), 0.0) * depth / float(cam.Ks[0, 0, 0])
+    return gap, travel
+
+
 class Driver:
     """Everything drive needs for one avatar, built once; `frames` streams a clip."""
 
@@ -169,8 +212,10 @@ class Driver:
         self.rig.hands.seed = cfg.seed
         self.model = load_motion_model(avatar, cfg).to(self.device)
         self.rig.to(self.device)
+        self.lips_gap, travel = lips_at_rest(avatar, self.rig)
+        apart = min(self.lips_gap / travel, 1.0) if travel > 1e-4 else 0.0
         with torch.no_grad():
-            self.tokens = self.rig.tokens(self.model)
+            self.tokens = replace(self.rig.tokens(self.model), lips_apart=apart)
 
     def cameras(self, num_frames: int) -> Cameras:
         cfg = self.cfg
@@ -234,13 +279,21 @@ class Driver:
 
     @torch.no_grad()
     def frames(
-        self, samples: np.ndarray, num_frames: int, progress: bool = True, listener=None
+        self,
+        samples: np.ndarray,
+        num_frames: int,
+        progress: bool = True,
+        listener=None,
+        seen: Callable[[Gaussians], object] | None = None,
     ) -> Iterator[np.ndarray]:
-        """The video's frames (`posed`, rendered by the configured camera)."""
+        """The video's frames (`posed`, rendered by the configured camera); `seen` is called
+        with each posed frame before it is rendered (a measure of the geometry)."""
         cams = self.cameras(num_frames)
         bg = torch.ones(3, device=self.device)
         with tqdm(total=num_frames, unit="frame", desc="drive", disable=not progress) as bar:
             for i, g in enumerate(self.posed(samples, num_frames, listener)):
+                if seen is not None:
+                    seen(g)
                 cam = cams[min(i, len(cams) - 1)]
                 with stage("render"):
                     frame = to_uint8(rasterize(g, cam, background=bg).rgb[0, ..., :3])
