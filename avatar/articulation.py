@@ -11,12 +11,12 @@ shares no signal with what drove the mouth (loudness drives `jawOpen`; these loo
   about 0. Target ≤ 0.15.
 - **speaking over pause**: the mean inner-lip gap while speaking over the mean in pauses of at
   least `PAUSE_S`. Target ≥ 2.
-
 - **lips crossing** (`LipGap`, from the posed Gaussians, not the frames): how far the lower lip
   comes up past the upper one beyond where they meet (at rest, less a photo's parted lips'
-  painted gap), millimetres between the two lips' middles, the 95th percentile over the frames. MediaPipe's mesh reads a lower lip risen over
-  the upper one as lips closed (closure about 0), and the frames showed its red over the upper
-  lip, up to the nose. Target ≤ 3 mm (lips pressed, not passed through each other).
+  painted gap), millimetres between the two lips' middles, the 95th percentile over the
+  frames. MediaPipe's mesh reads a lower lip risen over the upper one as lips closed (closure
+  about 0), and the frames showed its red over the upper lip, up to the nose. Target ≤ 3 mm
+  (lips pressed, not passed through each other).
 
 Spans come from phones (`distill.phones.align_phones` on a transcript) or, for speech made
 word by word, from the words' own phones placed at known times (`word_spans`).

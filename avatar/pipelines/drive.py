@@ -210,10 +210,10 @@ class Driver:
         self.rig = speech_rig(avatar)
         self.rig.eyes = avatar_eyes(avatar, self.rig)
         self.rig.hands.seed = cfg.seed
+        self.lips_gap, travel = lips_at_rest(avatar, self.rig)  # on the CPU, as the eyes
+        apart = min(self.lips_gap / travel, 1.0) if travel > 1e-4 else 0.0
         self.model = load_motion_model(avatar, cfg).to(self.device)
         self.rig.to(self.device)
-        self.lips_gap, travel = lips_at_rest(avatar, self.rig)
-        apart = min(self.lips_gap / travel, 1.0) if travel > 1e-4 else 0.0
         with torch.no_grad():
             self.tokens = replace(self.rig.tokens(self.model), lips_apart=apart)
 
